@@ -1,0 +1,33 @@
+"""molf: Mixture of LoRA and Full fine-tuning.
+
+model = molf.wrap(model, molf.MoLFConfig(lora_ranks=(128,)))
+opt = molf.MoLFAdamW(model, lr_fft=5e-5, lr_lora=5e-5)
+... loss.backward(); opt.step(); opt.zero_grad() ...
+plain = molf.merge_and_unload(model)
+"""
+
+from molf.config import MoLFConfig
+from molf.errors import MolfError
+from molf.export import export_peft_lora, merge_and_unload
+from molf.layer import MoLFLinear, molf_modules, wrap
+from molf.optimizer import MoLFAdamW
+from molf.routing import RoutingLog
+from molf.scores import SCORES, Score, get_score, register_score
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "MoLFConfig",
+    "MolfError",
+    "MoLFLinear",
+    "MoLFAdamW",
+    "RoutingLog",
+    "SCORES",
+    "Score",
+    "export_peft_lora",
+    "get_score",
+    "merge_and_unload",
+    "molf_modules",
+    "register_score",
+    "wrap",
+]

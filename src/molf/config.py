@@ -1,0 +1,106 @@
+"""MoLFConfig: which linears to wrap and what experts each one gets."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from molf.errors import MolfError
+
+
+@dataclass
+class MoLFConfig:
+    """How `molf.wrap` turns each target `nn.Linear` into `W x + b + sum_i s_i B_i A_i dropout(x)`.
+
+    Attributes:
+        lora_ranks: rank of each LoRA expert; `(128,)` is the paper's MoLF, `(32, 128)` MoLF-E.
+        lora_alphas: alpha of each expert (same length as `lora_ranks`); default 16 for every one.
+        use_rslora: scale s_i = alpha_i / sqrt(r_i) (rsLoRA, the paper's choice) instead of alpha_i / r_i.
+        lora_dropout: dropout on the LoRA input; one sample is shared by all experts.
+        target_modules: "all-linear", a list of module names (a name matches itself and any module
+            whose dotted name ends with ".<name>"), or a regular expression matched against the
+            full dotted name.
+        exclude_modules: names excluded even when targeted (same matching as a list target).
+        train_base: keep W and b trainable as expert 0 (MoLF). False freezes them (MoLF-E).
+        freeze_non_wrapped: freeze every parameter outside the wrapped linears (embeddings, norms,
+            lm_head). None means "when train_base is False", so MoLF-E is a pure adapter method.
+    """
+
+    lora_ranks: Sequence[int] = (128,)
+    lora_alphas: Sequence[float] | None = None
+    use_rslora: bool = True
+    lora_dropout: float = 0.05
+    target_modules: str | Sequence[str] = "all-linear"
+    exclude_modules: Sequence[str] = field(default_factory=lambda: ("lm_head",))
+    train_base: bool = True
+    freeze_non_wrapped: bool | None = None
+
+    def __post_init__(self) -> None:
+        self.lora_ranks = tuple(int(r) for r in self.lora_ranks)
+        if self.lora_alphas is None:
+            self.lora_alphas = tuple(16.0 for _ in self.lora_ranks)
+        self.lora_alphas = tuple(float(a) for a in self.lora_alphas)
+        if not isinstance(self.target_modules, str):
+            self.target_modules = tuple(self.target_modules)
+        self.exclude_modules = tuple(self.exclude_modules)
+        self.validate()
+
+    def validate(self) -> None:
+        """Raise MolfError (a ValueError) naming the first bad field."""
+        for r in self.lora_ranks:
+            if r <= 0:
+                raise MolfError(f"MoLFConfig.lora_ranks: every rank must be > 0, got {r}")
+        if len(self.lora_alphas) != len(self.lora_ranks):
+            raise MolfError(
+                f"MoLFConfig.lora_alphas: {len(self.lora_alphas)} alphas for "
+                f"{len(self.lora_ranks)} lora_ranks; give one alpha per rank"
+            )
+        for a in self.lora_alphas:
+            if not math.isfinite(a) or a <= 0:
+                raise MolfError(f"MoLFConfig.lora_alphas: every alpha must be > 0, got {a}")
+        if not 0.0 <= self.lora_dropout < 1.0:
+            raise MolfError(f"MoLFConfig.lora_dropout: must be in [0, 1), got {self.lora_dropout}")
+        if not self.train_base and not self.lora_ranks:
+            raise MolfError(
+                "MoLFConfig.train_base: False needs at least one LoRA expert (lora_ranks is empty)"
+            )
+        if isinstance(self.target_modules, str):
+            if not self.target_modules:
+                raise MolfError("MoLFConfig.target_modules: empty")
+        elif not self.target_modules:
+            raise MolfError("MoLFConfig.target_modules: empty list")
+
+    @property
+    def n_experts(self) -> int:
+        """Experts per wrapped module: the FFT expert (if train_base) plus the LoRA experts."""
+        return len(self.lora_ranks) + int(self.train_base)
+
+    @property
+    def scalings(self) -> tuple[float, ...]:
+        """s_i for each LoRA expert."""
+        return tuple(
+            a / (math.sqrt(r) if self.use_rslora else r)
+            for r, a in zip(self.lora_ranks, self.lora_alphas)
+        )
+
+    @property
+    def expert_names(self) -> tuple[str, ...]:
+        """Readable expert names, e.g. ("fft", "lora_r128") or ("lora_r32", "lora_r128")."""
+        names = ["fft"] if self.train_base else []
+        counts: dict[int, int] = {}
+        for r in self.lora_ranks:
+            counts[r] = counts.get(r, 0) + 1
+        seen: dict[int, int] = {}
+        for r in self.lora_ranks:
+            if counts[r] > 1:
+                seen[r] = seen.get(r, 0) + 1
+                names.append(f"lora{seen[r]}_r{r}")
+            else:
+                names.append(f"lora_r{r}")
+        return tuple(names)
+
+    @property
+    def freezes_non_wrapped(self) -> bool:
+        """Whether parameters outside the wrapped linears are frozen (resolves the None default)."""
+        return (not self.train_base) if self.freeze_non_wrapped is None else self.freeze_non_wrapped
