@@ -1,0 +1,186 @@
+"""The `molf` command: train, eval, compare.
+
+Every user error (bad config, missing file, unknown name) is printed as one line
+`molf: error: ...` with exit code 2; an interrupted run exits 130 (SIGINT) or 143 (SIGTERM)
+after writing a checkpoint.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import warnings
+from typing import Any
+
+from molf.errors import MolfError
+
+
+def _train(args: argparse.Namespace) -> int:
+    from molf.runconfig import dump_config, load_config
+
+    explicit = {
+        "method": args.method,
+        "task": args.task,
+        "model": args.model,
+        "output_dir": args.output_dir,
+        "data": args.data,
+    }
+    cfg = load_config(args.config, args.overrides, **explicit)
+    if args.print_config:
+        print(dump_config(cfg), end="")
+        return 0
+    from molf.train import run
+
+    summary = run(cfg, resume=args.resume, overwrite=args.overwrite)
+    print(format_summary(summary))
+    return 0
+
+
+def format_summary(summary: dict[str, Any]) -> str:
+    """A short before/after table of the run's metrics and where its artefacts are."""
+    before, after = summary.get("before") or {}, summary["after"]
+    lines = [
+        f"{summary['method']} on {summary['task']} ({summary['model']}), {summary['steps']} steps, "
+        f"{summary['wall_seconds']:.0f} s"
+    ]
+    width = max(len(k) for k in after)
+    lines.append(f"  {'metric':<{width}}  {'before':>8}  {'after':>8}")
+    for k, v in after.items():
+        b = before.get(k)
+        bs = f"{b:8.3f}" if isinstance(b, (int, float)) else f"{'-':>8}"
+        lines.append(f"  {k:<{width}}  {bs}  {v:8.3f}")
+    if summary.get("routing"):
+        overall = summary["routing"]["overall"]
+        lines.append("  routing: " + ", ".join(f"{e} {v:.1%}" for e, v in overall.items()))
+    for name, path in summary["artefacts"].items():
+        lines.append(f"  {name}: {path}")
+    return "\n".join(lines)
+
+
+def _eval(args: argparse.Namespace) -> int:
+    from molf.evaluate import evaluate_path
+
+    result = evaluate_path(
+        args.model,
+        args.task,
+        data=args.data,
+        seed=args.seed,
+        n_test=args.n_test,
+        batch_size=args.batch_size,
+        trust_remote_code=args.trust_remote_code,
+    )
+    if args.json:
+        print(json.dumps(result, indent=1))
+    else:
+        print(f"{result['task']} on {result['model']} ({result['n_records']} held-out records)")
+        for k, v in result["metrics"].items():
+            print(f"  {k:<22} {v:.4f}")
+    return 0
+
+
+def _compare(args: argparse.Namespace) -> int:
+    from molf.compare import run_compare
+
+    run_compare(args)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="molf", description="MoLF: Mixture of LoRA and Full fine-tuning"
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    t = sub.add_parser("train", help="fine-tune a model with fft, lora, adalora, molf or molf-e")
+    t.add_argument(
+        "config",
+        nargs="?",
+        help="YAML file or bundled config name (fft, lora, adalora, molf, molf-e, demo)",
+    )
+    t.add_argument(
+        "overrides", nargs="*", help="key=value overrides, e.g. lr_fft=1e-4 max_steps=50"
+    )
+    t.add_argument("--method", choices=["fft", "lora", "adalora", "molf", "molf-e"])
+    t.add_argument(
+        "--task",
+        help="fact-geo, med-icd10, spider-dev, counterfact, medmcqa, gretel, fact, med, sql",
+    )
+    t.add_argument("--data", help="data file or hub id for counterfact / medmcqa / gretel")
+    t.add_argument(
+        "--model", help="smollm2-135m, gemma3-270m, tiny-llama, a local path or a hub id"
+    )
+    t.add_argument("--output-dir")
+    t.add_argument(
+        "--resume",
+        default="none",
+        help="'auto' (latest good checkpoint of the output dir) or a checkpoint path",
+    )
+    t.add_argument(
+        "--overwrite", action="store_true", help="replace a finished run in the output dir"
+    )
+    t.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    t.set_defaults(func=_train)
+
+    e = sub.add_parser(
+        "eval", help="evaluate a base model, a saved model or a PEFT adapter on a task"
+    )
+    e.add_argument("--task", required=True)
+    e.add_argument("--model", required=True)
+    e.add_argument("--data")
+    e.add_argument(
+        "--seed", type=int, default=None, help="default: the seed the model was trained with"
+    )
+    e.add_argument("--n-test", type=int, default=None)
+    e.add_argument("--batch-size", type=int, default=16)
+    e.add_argument("--trust-remote-code", action="store_true")
+    e.add_argument("--json", action="store_true", help="print the metrics as JSON")
+    e.set_defaults(func=_eval)
+
+    c = sub.add_parser("compare", help="run a grid of methods x tasks and write a results report")
+    c.add_argument("--model", default=None)
+    c.add_argument("--tasks", default="fact-geo,med-icd10,spider-dev")
+    c.add_argument("--methods", default="fft,lora,adalora,molf,molf-e")
+    c.add_argument("--budget", default="small", choices=["smoke", "small", "paper"])
+    c.add_argument("--output-dir", default=None)
+    c.add_argument("--seed", type=int, default=0)
+    c.add_argument("overrides", nargs="*", help="key=value overrides applied to every cell")
+    c.set_defaults(func=_compare)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the `molf` console script."""
+    parser = build_parser()
+    # key=value overrides may come after options; argparse leaves those in `extra`
+    args, extra = parser.parse_known_args(argv)
+    unknown = [
+        x for x in extra if x.startswith("-") or "=" not in x or not hasattr(args, "overrides")
+    ]
+    if unknown:
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+    if extra:
+        args.overrides = list(args.overrides or []) + extra
+    if getattr(args, "config", None) and "=" in args.config:
+        args.overrides = [args.config, *args.overrides]
+        args.config = None
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    from molf.train import Interrupted
+
+    try:
+        return args.func(args)
+    except MolfError as e:
+        print(f"molf: error: {e}", file=sys.stderr)
+        return 2
+    except Interrupted as e:
+        print(f"molf: {e}", file=sys.stderr)
+        return e.code
+    except KeyboardInterrupt:
+        print("molf: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,278 @@
+"""TrainConfig: every setting of `molf train`, from YAML plus `key=value` overrides, validated
+before any compute is spent (unknown keys get the closest valid one suggested)."""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import math
+import types
+import typing
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from molf.errors import MolfError
+
+METHODS = ("fft", "lora", "adalora", "molf", "molf-e")
+CONFIG_DIR = Path(__file__).parent / "configs"
+
+
+@dataclass
+class TrainConfig:
+    """Settings of one fine-tuning run. Defaults follow the paper (method.md section 1) where it
+    has one; sizes default to a CPU-sized run."""
+
+    # what
+    model: str = "smollm2-135m"
+    task: str = "fact-geo"
+    data: str | None = None
+    method: str = "molf"
+    output_dir: str | None = None
+    # data
+    seed: int = 0
+    n_train: int | None = 256
+    n_val: int = 32
+    n_test: int = 64
+    max_length: int = 256
+    too_long: str = "truncate"
+    # schedule
+    epochs: float = 2.0
+    max_steps: int | None = None
+    batch_size: int = 8
+    grad_accum: int = 4
+    schedule: str = "cosine"
+    warmup_ratio: float = 0.1
+    max_grad_norm: float = 1.0
+    # optimiser: FFT and LoRA learning rates and weight decays (paper: MoLF 5e-5 both, wd 0.1/0.01)
+    lr_fft: float = 5e-5
+    lr_lora: float = 5e-5
+    weight_decay_fft: float = 0.1
+    weight_decay_lora: float = 0.01
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
+    score: str = "epd"
+    top_k: int = 1
+    # adapters
+    lora_rank: int = 128
+    molf_e_ranks: tuple[int, ...] = (32, 128)
+    lora_alpha: float = 16.0
+    lora_dropout: float = 0.05
+    use_rslora: bool = True
+    target_modules: str | list[str] = "all-linear"
+    # numerics and memory
+    dtype: str = "float32"
+    gradient_checkpointing: bool = False
+    # evaluation
+    eval_batch_size: int = 16
+    eval_before: bool = True
+    # bookkeeping
+    log_every: int = 1
+    save_every: int = 0
+    keep_checkpoints: int = 2
+    max_bad_steps: int = 5
+    logger: str = "none"
+    progress: bool = True
+    distributed: str = "none"
+    trust_remote_code: bool = False
+
+    # -- derived ---------------------------------------------------------------------------------
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.output_dir or f"runs/{self.task}-{self.method}")
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["betas"] = list(self.betas)
+        d["molf_e_ranks"] = list(self.molf_e_ranks)
+        return d
+
+    def validate(self) -> None:
+        """Range and choice checks; raise MolfError naming the key."""
+        choices = {
+            "method": METHODS,
+            "too_long": ("truncate", "refuse"),
+            "schedule": ("cosine", "linear", "constant"),
+            "dtype": ("float32", "bfloat16"),
+            "logger": ("none", "tensorboard", "wandb"),
+            "distributed": ("none", "ddp", "fsdp2"),
+        }
+        for key, allowed in choices.items():
+            if getattr(self, key) not in allowed:
+                raise MolfError(
+                    f"config key '{key}': must be one of {', '.join(allowed)}, got {getattr(self, key)!r}"
+                )
+        positive = [
+            "batch_size",
+            "grad_accum",
+            "max_length",
+            "lora_rank",
+            "eval_batch_size",
+            "log_every",
+            "n_test",
+            "top_k",
+        ]
+        for key in positive:
+            if getattr(self, key) <= 0:
+                raise MolfError(f"config key '{key}': must be > 0, got {getattr(self, key)}")
+        for key in ("n_val", "save_every", "max_bad_steps", "keep_checkpoints"):
+            if getattr(self, key) < 0:
+                raise MolfError(f"config key '{key}': must be >= 0, got {getattr(self, key)}")
+        if self.n_train is not None and self.n_train <= 0:
+            raise MolfError(f"config key 'n_train': must be > 0 or null, got {self.n_train}")
+        if self.max_steps is not None and self.max_steps <= 0:
+            raise MolfError(f"config key 'max_steps': must be > 0 or null, got {self.max_steps}")
+        if not self.epochs > 0:
+            raise MolfError(f"config key 'epochs': must be > 0, got {self.epochs}")
+        for key in (
+            "lr_fft",
+            "lr_lora",
+            "weight_decay_fft",
+            "weight_decay_lora",
+            "max_grad_norm",
+            "lora_alpha",
+        ):
+            value = getattr(self, key)
+            if not math.isfinite(value) or value < 0:
+                raise MolfError(f"config key '{key}': must be a finite number >= 0, got {value}")
+        if not 0 <= self.warmup_ratio < 1:
+            raise MolfError(
+                f"config key 'warmup_ratio': must be in [0, 1), got {self.warmup_ratio}"
+            )
+        if not 0 <= self.lora_dropout < 1:
+            raise MolfError(
+                f"config key 'lora_dropout': must be in [0, 1), got {self.lora_dropout}"
+            )
+        if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
+            raise MolfError(f"config key 'betas': two numbers in [0, 1), got {list(self.betas)}")
+        if not self.molf_e_ranks or any(r <= 0 for r in self.molf_e_ranks):
+            raise MolfError(
+                f"config key 'molf_e_ranks': ranks must be > 0, got {list(self.molf_e_ranks)}"
+            )
+        n_experts = {"molf": 2, "molf-e": len(self.molf_e_ranks)}.get(self.method)
+        if n_experts is not None and self.top_k > n_experts:
+            raise MolfError(
+                f"config key 'top_k': at most {n_experts} experts for {self.method}, got {self.top_k}"
+            )
+
+
+_FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
+_HINTS = typing.get_type_hints(TrainConfig)
+
+
+def _coerce(key: str, value: Any) -> Any:
+    """Check `value` against the field's type (YAML already typed it; CLI strings are parsed as YAML)."""
+    hint = _HINTS[key]
+    args = typing.get_args(hint)
+    optional = type(None) in args
+    if value is None:
+        if optional:
+            return None
+        raise MolfError(f"config key '{key}': may not be null")
+    base = (
+        [a for a in args if a is not type(None)]
+        if args and (typing.get_origin(hint) in (typing.Union, types.UnionType))
+        else [hint]
+    )
+    for t in base:
+        origin = typing.get_origin(t) or t
+        if origin is bool and isinstance(value, bool):
+            return value
+        if origin is int and isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if origin is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if origin is float and isinstance(value, str):
+            # YAML 1.1 reads "1e-3" (no dot) as a string; accept any float literal
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        if origin is str and isinstance(value, str):
+            return value
+        if origin in (tuple, list) and isinstance(value, (list, tuple)):
+            inner = typing.get_args(t)[0] if typing.get_args(t) else None
+            items = list(value)
+            if inner is float and all(
+                isinstance(v, (int, float)) and not isinstance(v, bool) for v in items
+            ):
+                return (
+                    tuple(float(v) for v in items) if origin is tuple else [float(v) for v in items]
+                )
+            if inner is int and all(isinstance(v, int) and not isinstance(v, bool) for v in items):
+                return tuple(items) if origin is tuple else items
+            if inner is str and all(isinstance(v, str) for v in items):
+                return items
+        if origin is dict and isinstance(value, dict):
+            return value
+    expected = " or ".join(getattr(t, "__name__", str(t)) for t in base) + (
+        " or null" if optional else ""
+    )
+    raise MolfError(
+        f"config key '{key}': expected {expected}, got {type(value).__name__} {value!r}"
+    )
+
+
+def _check_key(key: str) -> None:
+    if key not in _FIELDS:
+        close = difflib.get_close_matches(key, list(_FIELDS), n=1)
+        hint = f" (did you mean '{close[0]}'?)" if close else ""
+        raise MolfError(f"unknown config key '{key}'{hint}")
+
+
+def resolve_config_path(name: str) -> Path:
+    """A YAML path, or the name of a bundled config (e.g. 'molf-e', 'demo')."""
+    path = Path(name)
+    if path.exists():
+        return path
+    bundled = CONFIG_DIR / f"{name}.yaml"
+    if bundled.exists():
+        return bundled
+    names = ", ".join(sorted(p.stem for p in CONFIG_DIR.glob("*.yaml")))
+    raise MolfError(f"config '{name}': no such file, and not a bundled config ({names})")
+
+
+def load_config(
+    path: str | None = None, overrides: list[str] | None = None, **explicit: Any
+) -> TrainConfig:
+    """Build a TrainConfig from an optional YAML file, `key=value` overrides and keyword values."""
+    values: dict[str, Any] = {}
+    if path is not None:
+        file = resolve_config_path(path)
+        try:
+            loaded = yaml.safe_load(file.read_text())
+        except yaml.YAMLError as e:
+            mark = getattr(e, "problem_mark", None)
+            where = f" line {mark.line + 1}" if mark else ""
+            raise MolfError(
+                f"config {file}:{where} malformed YAML ({getattr(e, 'problem', e)})"
+            ) from None
+        if loaded is None:
+            loaded = {}
+        if not isinstance(loaded, dict):
+            raise MolfError(
+                f"config {file}: expected a mapping of key: value, got {type(loaded).__name__}"
+            )
+        values.update(loaded)
+    for item in overrides or []:
+        if "=" not in item:
+            raise MolfError(f"override '{item}': expected key=value")
+        key, raw = item.split("=", 1)
+        try:
+            values[key.strip()] = yaml.safe_load(raw) if raw != "" else None
+        except yaml.YAMLError:
+            values[key.strip()] = raw
+    values.update({k: v for k, v in explicit.items() if v is not None})
+    for key in values:
+        _check_key(key)
+    typed = {key: _coerce(key, value) for key, value in values.items()}
+    cfg = TrainConfig(**typed)
+    cfg.validate()
+    return cfg
+
+
+def dump_config(cfg: TrainConfig) -> str:
+    """The resolved config as YAML (what `--print-config` shows)."""
+    return yaml.safe_dump(cfg.to_dict(), sort_keys=False)
