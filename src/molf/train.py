@@ -547,7 +547,8 @@ def finalize(s: Setup) -> tuple[nn.Module, dict[str, Path]]:
 
         def fill_adapter(tmp: Path) -> None:
             model.peft_config["default"].base_model_name_or_path = cfg.model
-            model.save_pretrained(tmp)
+            # save_embedding_layers=False: embeddings are not trained, and "auto" looks up the hub
+            model.save_pretrained(tmp, save_embedding_layers=False)
             _save_run_info(tmp, cfg)
 
         paths["adapter"] = ckpt.atomic_directory(final / "adapter", fill_adapter)
@@ -611,6 +612,12 @@ def run(cfg: TrainConfig, resume: str = "none", overwrite: bool = False) -> dict
         _write_json_atomic(run_dir / "routing_summary.json", routing_summary)
     plain, paths = finalize(s)
     after = evaluate(s.task, plain, s.tokenizer, s.splits.test, cfg.eval_batch_size)
+    # validation metrics are what a learning-rate search may look at; test metrics never are
+    validation = (
+        evaluate(s.task, plain, s.tokenizer, s.splits.validation, cfg.eval_batch_size)
+        if s.splits.validation
+        else {}
+    )
     summary = {
         "method": cfg.method,
         "task": cfg.task,
@@ -618,6 +625,7 @@ def run(cfg: TrainConfig, resume: str = "none", overwrite: bool = False) -> dict
         "headline_metric": s.task.headline,
         "before": s.before,
         "after": after,
+        "validation": validation,
         "steps": s.total_steps,
         "resumed_from_step": start,
         "skipped_steps": stats["skipped_steps"],

@@ -1,0 +1,198 @@
+"""The whole path (train, save, reload, eval) for every method and task on a tiny model."""
+
+import json
+
+import pytest
+import torch
+
+from molf.cli import main
+from molf.evaluate import evaluate_path
+
+TINY = [
+    "n_train=8",
+    "n_val=0",
+    "n_test=3",
+    "max_steps=2",
+    "batch_size=2",
+    "grad_accum=2",
+    "lora_rank=4",
+    "molf_e_ranks=[2,4]",
+    "lr_fft=1e-3",
+    "lr_lora=1e-3",
+    "max_length=96",
+    "progress=false",
+    "eval_before=false",
+]
+METHODS = ["fft", "lora", "adalora", "molf", "molf-e"]
+TASKS = ["fact-geo", "med-icd10", "spider-dev"]
+
+
+def _train(tmp_path, method, task, *extra):
+    out = tmp_path / f"{task}-{method}"
+    code = main(
+        [
+            "train",
+            "--method",
+            method,
+            "--task",
+            task,
+            "--model",
+            "tiny-llama",
+            "--output-dir",
+            str(out),
+            *TINY,
+            *extra,
+        ]
+    )
+    return code, out
+
+
+@pytest.mark.parametrize("task", TASKS)
+@pytest.mark.parametrize("method", METHODS)
+def test_train_save_reload_eval(tmp_path, method, task):
+    code, out = _train(tmp_path, method, task)
+    assert code == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["method"] == method and summary["steps"] == 2
+    assert summary["headline_metric"] in summary["after"]
+    metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in metrics] == [1, 2]
+    assert all(m["loss"] > 0 and m["tokens_per_s"] > 0 for m in metrics)
+    model_dir = out / "final" / "model"
+    assert (model_dir / "model.safetensors").exists()
+    if method in ("lora", "adalora", "molf-e"):
+        assert (out / "final" / "adapter" / "adapter_model.safetensors").exists()
+    if method in ("molf", "molf-e"):
+        assert (out / "routing.jsonl").exists()
+        assert set(summary["routing"]["overall"]) == (
+            {"fft", "lora_r4"} if method == "molf" else {"lora_r2", "lora_r4"}
+        )
+    else:
+        assert summary["routing"] is None
+    # the saved model reproduces the run's own evaluation
+    again = evaluate_path(str(model_dir), task)
+    assert again["n_records"] == 3
+    for k, v in summary["after"].items():
+        assert again["metrics"][k] == pytest.approx(v, abs=1e-6), k
+
+
+@pytest.mark.parametrize("method", ["lora", "molf-e"])
+def test_adapter_reloads_to_the_merged_model(tmp_path, method):
+    from molf.models import load_model
+
+    code, out = _train(tmp_path, method, "fact-geo")
+    assert code == 0
+    merged, tok = load_model(str(out / "final" / "model"))
+    adapted, _ = load_model(str(out / "final" / "adapter"))
+    x = tok(["The capital of France is"], return_tensors="pt")
+    with torch.no_grad():
+        torch.testing.assert_close(adapted(**x).logits, merged(**x).logits, rtol=1e-4, atol=1e-4)
+
+
+def test_print_config_and_overrides(capsys):
+    assert main(["train", "molf-e", "lr_lora=2e-4", "top_k=2", "--print-config"]) == 0
+    out = capsys.readouterr().out
+    assert "method: molf-e" in out and "lr_lora: 0.0002" in out and "top_k: 2" in out
+
+
+def _error_line(capsys):
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1, err
+    assert err[0].startswith("molf: error: ")
+    assert "Traceback" not in err[0]
+    return err[0]
+
+
+@pytest.mark.parametrize(
+    "argv,needle",
+    [
+        (["train", "--task", "nope"], "unknown task 'nope'"),
+        (["train", "--model", "not-a-model"], "not-a-model"),
+        (["train", "lr_ftt=1e-3"], "did you mean 'lr_fft'"),
+        (["train", "batch_size=zero"], "config key 'batch_size'"),
+        (["train", "warmup_ratio=1.5"], "warmup_ratio"),
+        (["train", "top_k=3"], "top_k"),
+        (["train", "no-such-config.yaml"], "no-such-config.yaml"),
+        (
+            ["train", "--task", "counterfact", "--data", "/nonexistent/cf.json"],
+            "/nonexistent/cf.json",
+        ),
+        (["eval", "--task", "med-icd10", "--model", "nope-model"], "nope-model"),
+    ],
+)
+def test_bad_input_is_one_line_exit_2(tmp_path, capsys, monkeypatch, argv, needle):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    argv = [*argv, *(["--output-dir", str(tmp_path / "run")] if argv[0] == "train" else [])]
+    assert main(argv) == 2
+    assert needle in _error_line(capsys)
+    assert not (tmp_path / "run" / "summary.json").exists()
+
+
+def test_bad_method_is_rejected_by_the_parser(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["train", "--method", "qlora"])
+    assert e.value.code == 2
+
+
+def test_bad_records_and_empty_data(tmp_path, capsys):
+    cf = tmp_path / "cf.json"
+    cf.write_text(
+        json.dumps([{"case_id": 0, "requested_rewrite": {"prompt": "{} is in", "subject": "X"}}])
+    )
+    assert (
+        main(
+            [
+                "train",
+                "--task",
+                "counterfact",
+                "--data",
+                str(cf),
+                "--model",
+                "tiny-llama",
+                "--output-dir",
+                str(tmp_path / "a"),
+            ]
+        )
+        == 2
+    )
+    assert "record 0: missing field 'requested_rewrite.target_true" in _error_line(capsys)
+    cf.write_text("[]")
+    assert (
+        main(
+            [
+                "train",
+                "--task",
+                "counterfact",
+                "--data",
+                str(cf),
+                "--model",
+                "tiny-llama",
+                "--output-dir",
+                str(tmp_path / "b"),
+            ]
+        )
+        == 2
+    )
+    line = _error_line(capsys)
+    assert "no" in line and ("record" in line or "example" in line or "empty" in line)
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+def test_malformed_yaml(tmp_path, capsys):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("method: molf\nlr_fft: [1e-4\n")
+    assert main(["train", str(bad)]) == 2
+    assert "malformed YAML" in _error_line(capsys)
+
+
+def test_finished_run_is_not_overwritten(tmp_path, capsys):
+    code, out = _train(tmp_path, "molf", "fact-geo")
+    assert code == 0
+    capsys.readouterr()
+    before = (out / "summary.json").read_text()
+    code, _ = _train(tmp_path, "molf", "fact-geo")
+    assert code == 2
+    assert "--overwrite" in _error_line(capsys)
+    assert (out / "summary.json").read_text() == before
+    code, _ = _train(tmp_path, "molf", "fact-geo", "--overwrite")
+    assert code == 0

