@@ -21,12 +21,12 @@ $(STAMP): pyproject.toml Makefile
 	touch $(STAMP)
 
 lint: setup
-	$(BIN)/ruff check src tests benchmarks
-	$(BIN)/ruff format --check src tests benchmarks
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
 
 format: setup
-	$(BIN)/ruff check --fix src tests benchmarks
-	$(BIN)/ruff format src tests benchmarks
+	$(BIN)/ruff check --fix .
+	$(BIN)/ruff format .
 
 test: setup lint
 	$(BIN)/python -m pytest tests
