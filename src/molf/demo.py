@@ -20,7 +20,8 @@ def main() -> int:
     cfg = load_config("demo", sys.argv[1:])
     print(
         f"molf demo: {cfg.method} on {cfg.task} with {cfg.model} "
-        f"({cfg.n_test} counterfactual facts to inject, {cfg.epochs:g} epochs) -> {cfg.run_dir}",
+        f"({cfg.n_train} counterfactual facts to inject, {cfg.n_test} of them scored, "
+        f"{cfg.epochs:g} epochs) -> {cfg.run_dir}",
         flush=True,
     )
     try:
