@@ -2,7 +2,6 @@
 the sync-free device-mask update, each against the float64 oracle and against each other."""
 
 import copy
-import os
 
 import pytest
 import torch
@@ -14,13 +13,9 @@ from molf.scores import SCORES, Score
 from tests import test_optimizer_oracle as oracle
 from tests.conftest import tiny_causal_lm
 
-# The native kernels are experimental (an intermittent memory fault is open): their tests run
-# only when asked for, since a fault would take the whole pytest process down.
-native_requested = os.environ.get("MOLF_TEST_NATIVE") == "1"
-native_available = native_requested and opt_mod._cpu_kernels() is not None
+native_available = opt_mod._cpu_kernels() is not None
 needs_native = pytest.mark.skipif(
-    not native_available,
-    reason="native kernels are experimental: set MOLF_TEST_NATIVE=1 to test them",
+    not native_available, reason=f"no native kernels: {opt_mod._KERNEL_STATE['error']}"
 )
 
 

@@ -31,11 +31,80 @@ def _train(args: argparse.Namespace) -> int:
     if args.print_config:
         print(dump_config(cfg), end="")
         return 0
+    if args.nproc is not None:
+        code = _launch_under_torchrun(args, cfg)
+        if code is not None:
+            return code
     from molf.train import run
 
     summary = run(cfg, resume=args.resume, overwrite=args.overwrite)
-    print(format_summary(summary))
+    if summary:  # in a distributed run only rank 0 has one
+        print(format_summary(summary))
     return 0
+
+
+def _launch_under_torchrun(args: argparse.Namespace, cfg: Any) -> int | None:
+    """`molf train ... --nproc N`: run the same command as N processes on this machine under
+    `torch.distributed.run` (torchrun) and return its exit status; None when already inside a
+    launcher with that many processes (the command then simply runs)."""
+    import signal
+    import subprocess
+
+    world = os.environ.get("WORLD_SIZE")
+    if world is not None:
+        if world != str(args.nproc):
+            raise MolfError(
+                f"--nproc {args.nproc}: already launched as {world} processes (WORLD_SIZE); "
+                "leave --nproc out under torchrun or accelerate launch"
+            )
+        return None
+    if args.nproc < 1:
+        raise MolfError(f"--nproc: must be >= 1, got {args.nproc}")
+    from molf.distributed import check_launcher, check_setup
+
+    # what every rank would refuse, refused once here
+    mode = cfg.distributed if cfg.distributed != "none" else "ddp"
+    check_setup(cfg.method, mode, cfg.batch_size, args.nproc)
+    check_launcher(mode)
+    child = ["-m", "molf.cli", "train"]
+    if args.config:
+        child.append(args.config)
+    child += list(args.overrides or [])
+    if cfg.distributed == "none":
+        child.append("distributed=ddp")
+    for flag, value in (
+        ("--method", args.method),
+        ("--task", args.task),
+        ("--model", args.model),
+        ("--output-dir", args.output_dir),
+        ("--data", args.data),
+        ("--resume", args.resume),
+    ):
+        if value is not None:
+            child += [flag, value]
+    if args.overwrite:
+        child.append("--overwrite")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
+    cmd += ["--nproc-per-node", str(args.nproc), *child]
+    # torchrun in its own session: a Ctrl-C reaches it once (forwarded below), not twice, so
+    # that every rank gets one signal, writes its part of the checkpoint and exits.
+    proc = subprocess.Popen(cmd, start_new_session=True)
+    received: list[int] = []
+
+    def forward(signum: int, frame: Any) -> None:
+        received.append(signum)
+        proc.send_signal(signum)
+
+    old = {sig: signal.signal(sig, forward) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        code = proc.wait()
+    finally:
+        for sig, handler in old.items():
+            signal.signal(sig, handler)
+    if received and code != 0:  # torchrun exits 1 when signalled; keep molf's 130 / 143
+        print(f"molf: interrupted by signal {received[0]} (see the checkpoints)", file=sys.stderr)
+        return 128 + received[0]
+    return code
 
 
 def format_summary(summary: dict[str, Any]) -> str:
@@ -83,8 +152,7 @@ def _eval(args: argparse.Namespace) -> int:
 def _compare(args: argparse.Namespace) -> int:
     from molf.compare import run_compare
 
-    run_compare(args)
-    return 0
+    return run_compare(args)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -121,6 +189,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--overwrite", action="store_true", help="replace a finished run in the output dir"
     )
     t.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    t.add_argument(
+        "--nproc",
+        type=int,
+        metavar="N",
+        help="run as N processes on this machine (one per GPU) under torchrun; sets "
+        "distributed=ddp unless the config chooses ddp or fsdp2",
+    )
     t.set_defaults(func=_train)
 
     e = sub.add_parser(
@@ -138,13 +213,61 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--json", action="store_true", help="print the metrics as JSON")
     e.set_defaults(func=_eval)
 
-    c = sub.add_parser("compare", help="run a grid of methods x tasks and write a results report")
-    c.add_argument("--model", default=None)
-    c.add_argument("--tasks", default="fact-geo,med-icd10,spider-dev")
-    c.add_argument("--methods", default="fft,lora,adalora,molf,molf-e")
-    c.add_argument("--budget", default="small", choices=["smoke", "small", "paper"])
-    c.add_argument("--output-dir", default=None)
+    c = sub.add_parser(
+        "compare",
+        help="run a grid of methods x tasks and write a results report",
+        description="Train every method on every task under one budget (resumable; finished "
+        "cells are skipped, failed ones recorded), pick each learning rate on the validation "
+        "split, and write results.csv/md, report.md and plots into the output directory.",
+    )
+    c.add_argument(
+        "--model",
+        default=None,
+        help="default: the budget's (tiny-llama, smollm2-135m, google/gemma-3-1b-pt)",
+    )
+    c.add_argument("--tasks", default="fact-geo,med-icd10,spider-dev", help="comma list")
+    c.add_argument("--methods", default="fft,lora,adalora,molf,molf-e", help="comma list")
+    c.add_argument(
+        "--budget",
+        default="small",
+        choices=["smoke", "small", "paper"],
+        help="smoke: tiny model, seconds; small: smollm2-135m on CPU, ~2 h; paper: the paper's GPU settings",
+    )
+    c.add_argument("--output-dir", default=None, help="default: runs/compare-<budget>")
     c.add_argument("--seed", type=int, default=0)
+    c.add_argument(
+        "--lr-grid",
+        default=None,
+        help="'off' (one LR per method: each grid's first value) or edits like "
+        "'fft=1e-4/5e-5,lora=5e-4'; default: the budget's grids",
+    )
+    c.add_argument(
+        "--data",
+        action="append",
+        metavar="TASK=PATH",
+        help="data file or hub id of a task, e.g. counterfact=cf.json (repeatable)",
+    )
+    c.add_argument(
+        "--threads", type=int, default=None, help="torch CPU threads (default: the budget's)"
+    )
+    c.add_argument(
+        "--jobs",
+        type=int,
+        default=None,
+        help="cells at a time, each in its own process; 0: one at a time in this process "
+        "(default: the budget's; small: 2 with 1 thread each)",
+    )
+    c.add_argument(
+        "--keep-models",
+        default="chosen",
+        choices=["chosen", "all", "none"],
+        help="whose final/ weights to keep: the chosen LR candidate of each pair (default), all or none",
+    )
+    c.add_argument("--skip-failed", action="store_true", help="do not retry failed cells")
+    c.add_argument(
+        "--report-only", action="store_true", help="rebuild the report from the cells on disk"
+    )
+    c.add_argument("--plan", action="store_true", help="print the cells and exit")
     c.add_argument("overrides", nargs="*", help="key=value overrides applied to every cell")
     c.set_defaults(func=_compare)
     return parser

@@ -9,16 +9,15 @@ One step, for every wrapped module (method.md section 3):
 Parameters outside wrapped modules get plain AdamW every step.
 
 Two implementations of that step (`backend`, see docs/performance.md):
-- "eager", the default: torch ops on any device. Moments advance with foreach ops, the scores of all modules
+- "native", the default on CPU: C++ kernels built at first use with the system compiler. Steps
+  1-3 are one pass over each tensor; a module's winners are updated right after it is scored,
+  while their moments are still in cache; the whole step is one call, modules spread over
+  threads. Costs about one fused AdamW step.
+- "eager": torch ops on any device. Moments advance with foreach ops, the scores of all modules
   are reduced into one [modules, experts] tensor and the winners are picked with one batched op
   on the device. The host reads that small tensor once per step (for the routing log and to
   update only the winners); on an accelerator without a routing log it is not read at all and
   the winners are applied through a device-side mask, so the step never waits for the device.
-- "native", experimental and opt-in: C++ kernels built at first use with the system compiler.
-  Steps 1-3 are one pass over each tensor; a module's winners are updated right after it is
-  scored, while their moments are still in cache; the whole step is one call, modules spread
-  over threads. Costs about one fused AdamW step, but hypothesis tests hit an intermittent
-  memory fault in it, so it is not the default until that is found.
 """
 
 from __future__ import annotations
@@ -41,6 +40,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from molf.distributed import check_model, make_score_reducer
 from molf.errors import MolfError
 from molf.layer import molf_modules
 from molf.routing import RoutingLog
@@ -102,6 +102,12 @@ def _advance_moments(
     torch._foreach_addcmul_(exp_avg_sqs, grads, grads, 1.0 - beta2)
 
 
+def _local(t: torch.Tensor) -> torch.Tensor:
+    """This rank's shard of a DTensor (FSDP2); any other tensor as it is."""
+    to_local = getattr(t, "to_local", None)
+    return to_local() if to_local is not None else t
+
+
 def _on_device(values: list, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     """A small host list as a tensor on `device`, copied without making the host wait for it."""
     t = torch.tensor(values, dtype=dtype)
@@ -126,9 +132,9 @@ class MoLFAdamW(torch.optim.Optimizer):
         moments_dtype: "float32" (default: moments in float32, or float64 for float64 params) or
             "param" (moments in the parameter dtype, e.g. bfloat16, to save memory).
         log_routing: keep a `RoutingLog` of winners and scores in `self.routing_log`.
-        backend: "auto" (= "eager"; the environment variable MOLF_OPTIMIZER_BACKEND
-            overrides it), "eager" or "native" (experimental CPU kernels, opt-in while an
-            intermittent memory fault is open). See the module docstring. A step the native kernels cannot take (e.g. a non-contiguous gradient)
+        backend: "auto" (native on CPU when it can be built, else eager; the environment
+            variable MOLF_OPTIMIZER_BACKEND overrides it), "native" or "eager". See the module
+            docstring. A step the native kernels cannot take (e.g. a non-contiguous gradient)
             runs eager, with a warning.
 
     Parameter groups are flat and fixed: one per expert slot ("fft", "lora_r128", ...), then
@@ -153,6 +159,7 @@ class MoLFAdamW(torch.optim.Optimizer):
         log_routing: bool = True,
         backend: str = "auto",
     ) -> None:
+        check_model(model)  # FSDP1 / DeepSpeed would hide the experts from the routing
         modules = molf_modules(model)
         if not modules:
             raise MolfError("MoLFAdamW: the model has no MoLF modules; call molf.wrap(model) first")
@@ -268,6 +275,11 @@ class MoLFAdamW(torch.optim.Optimizer):
             RoutingLog(self.module_names, list(expert_names)) if log_routing else None
         )
         self.score_reducer: Callable[[torch.Tensor], torch.Tensor] | None = None
+        # FSDP2 (DTensor) parameters: each rank scores its shards, so the totals must be summed
+        # over the shard group before any decision (method.md section 4); never left to the user.
+        self._sharded = any(type(p.data) is not torch.Tensor for p in self._flat_params)
+        if self._sharded:
+            self.score_reducer = make_score_reducer("fsdp2", self._flat_params)
         # Parameters outside the wrapped modules, with the index of their group.
         self._plain = [
             (p, gi)
@@ -285,9 +297,7 @@ class MoLFAdamW(torch.optim.Optimizer):
             backend, field = os.environ[BACKEND_ENV], BACKEND_ENV
         if backend not in BACKENDS:
             raise MolfError(f"{field}: must be one of {', '.join(BACKENDS)}, got {backend!r}")
-        if backend in ("eager", "auto"):
-            # The native kernels stay opt-in: property tests found an intermittent memory fault
-            # in them (see docs/performance.md), so "auto" means the eager path everywhere.
+        if backend == "eager":
             return "eager"
         why = None
         if device.type != "cpu":
@@ -397,7 +407,10 @@ class MoLFAdamW(torch.optim.Optimizer):
         _advance_moments(grads, exp_avgs, exp_avg_sqs, beta1, beta2)
         torch._foreach_add_([s["step"] for s in states], 1.0)
 
-        partials = batched_partials(self.score_fn, exp_avgs, exp_avg_sqs, eps)
+        # float32 partial sums over this rank's shards; `score_reducer` adds up the ranks'
+        partials = batched_partials(
+            self.score_fn, [_local(m) for m in exp_avgs], [_local(v) for v in exp_avg_sqs], eps
+        )
         device = partials.device
         bucket = self._bucket
         if len(flat) != len(self._flat):
@@ -444,8 +457,9 @@ class MoLFAdamW(torch.optim.Optimizer):
 
     def _mask_on_device(self, device: torch.device) -> bool:
         """Whether winners are applied through a device mask (see `_apply_masked`) rather than
-        selected on the host: on an accelerator when nothing else needs the host copy."""
-        return device.type != "cpu" and self.routing_log is None
+        selected on the host: on an accelerator when nothing else needs the host copy (and the
+        parameters are plain tensors: the mask is not a DTensor)."""
+        return device.type != "cpu" and self.routing_log is None and not self._sharded
 
     def _apply_masked(
         self,
@@ -631,9 +645,10 @@ class _NativeLayout:
         for mi, is_active in enumerate(active):
             for t in range(start[mi], start[mi + 1]):
                 p, _, j = opt._flat[t]
-                if not is_active:  # never read by the kernels
+                if not is_active:  # never read by the kernels, but every column keeps one row
                     for col in _COLUMNS[:-1]:
                         cols[col].append(0)
+                    cols["expert"].append(j)
                     self.routed_grads.append((-1, None, None))
                     continue
                 self.why = self._add(opt, cols, "", p, routed_grads[t], j, t, self.routed_grads)

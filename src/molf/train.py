@@ -3,6 +3,13 @@
 setup (model, data, optimizer, schedule) -> resume -> loop (accumulate, clip, skip non-finite,
 step, log, checkpoint) -> final artefacts (merged model and/or PEFT adapter, routing log,
 summary). Checkpoints are atomic; SIGINT/SIGTERM write one and exit 130/143.
+
+With `distributed: ddp | fsdp2` (under torchrun, see molf.distributed) the same recipe runs on
+every rank: each micro-batch of `batch_size` examples is split across the ranks, the loss is
+normalised by the micro-batch's global token count so that the averaged gradient is the
+one-process gradient, gradients are synchronised on the last micro-batch of a step only, every
+rank routes identically, and rank 0 alone logs, writes files and evaluates. Checkpoints are
+sharded (DCP); the final model is gathered and written by rank 0.
 """
 
 from __future__ import annotations
@@ -16,6 +23,7 @@ import shutil
 import signal
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -26,7 +34,9 @@ from torch import nn
 
 import molf
 from molf import checkpoint as ckpt
+from molf import distributed
 from molf.data import StepOrder, collate, tokenize_examples
+from molf.distributed import DistContext
 from molf.errors import MolfError
 from molf.runconfig import TrainConfig, dump_config
 from molf.tasks import build_task
@@ -61,6 +71,11 @@ class Setup:
     device: torch.device
     n_truncated: int = 0
     before: dict[str, float] = field(default_factory=dict)
+    dist: DistContext = field(default_factory=DistContext)
+    # what runs forward/backward: the model itself, or its DDP wrapper
+    engine: nn.Module | None = None
+    # per example: the tokens its loss is taken on (labels after the causal shift)
+    label_counts: list[int] = field(default_factory=list)
 
 
 # -- model + optimizer per method --------------------------------------------------------------
@@ -78,14 +93,49 @@ def _plain_adamw(model: nn.Module, cfg: TrainConfig, lr: float, wd: float) -> to
 
 
 def apply_method(
-    model: nn.Module, cfg: TrainConfig, total_steps: int
+    model: nn.Module,
+    cfg: TrainConfig,
+    total_steps: int,
+    shard: Callable[[nn.Module], Any] | None = None,
 ) -> tuple[nn.Module, torch.optim.Optimizer]:
-    """Turn a plain causal LM into the method's trainable model and build its optimizer."""
+    """Turn a plain causal LM into the method's trainable model and build its optimizer.
+
+    `shard`, if given, is applied to the trainable model before the optimizer is built (FSDP2
+    replaces the parameters by sharded ones, which the optimizer must hold)."""
+    model = method_model(model, cfg, total_steps)
+    if shard is not None:
+        shard(model)
+    distributed.check_model(model)
+    return model, method_optimizer(model, cfg)
+
+
+def method_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+    """The method's optimizer over a model made by `method_model`."""
+    if cfg.method == "fft":
+        return _plain_adamw(model, cfg, cfg.lr_fft, cfg.weight_decay_fft)
+    if cfg.method in ("lora", "adalora"):
+        return _plain_adamw(model, cfg, cfg.lr_lora, cfg.weight_decay_lora)
+    return molf.MoLFAdamW(
+        model,
+        lr_fft=cfg.lr_fft,
+        lr_lora=cfg.lr_lora,
+        weight_decay_fft=cfg.weight_decay_fft,
+        weight_decay_lora=cfg.weight_decay_lora,
+        betas=tuple(cfg.betas),
+        eps=cfg.eps,
+        score=cfg.score,
+        top_k=cfg.top_k,
+    )
+
+
+def method_model(model: nn.Module, cfg: TrainConfig, total_steps: int) -> nn.Module:
+    """The method's trainable model: all weights (fft), a peft model (lora, adalora) or MoLF
+    layers (molf, molf-e). New adapter weights draw from the global RNG."""
     targets = cfg.target_modules
     if cfg.method == "fft":
         for p in model.parameters():
             p.requires_grad_(True)
-        return model, _plain_adamw(model, cfg, cfg.lr_fft, cfg.weight_decay_fft)
+        return model
     if cfg.method in ("lora", "adalora"):
         from peft import AdaLoraConfig, LoraConfig, get_peft_model
 
@@ -110,10 +160,9 @@ def apply_method(
                 **common,
             )
         try:
-            model = get_peft_model(model, pcfg)
+            return get_peft_model(model, pcfg)
         except ValueError as e:
             raise MolfError(f"config key 'target_modules': {e}") from None
-        return model, _plain_adamw(model, cfg, cfg.lr_lora, cfg.weight_decay_lora)
     if cfg.method == "molf":
         mcfg = molf.MoLFConfig(
             lora_ranks=(cfg.lora_rank,),
@@ -131,19 +180,7 @@ def apply_method(
             target_modules=targets,
             train_base=False,
         )
-    model = molf.wrap(model, mcfg)
-    opt = molf.MoLFAdamW(
-        model,
-        lr_fft=cfg.lr_fft,
-        lr_lora=cfg.lr_lora,
-        weight_decay_fft=cfg.weight_decay_fft,
-        weight_decay_lora=cfg.weight_decay_lora,
-        betas=tuple(cfg.betas),
-        eps=cfg.eps,
-        score=cfg.score,
-        top_k=cfg.top_k,
-    )
-    return model, opt
+    return molf.wrap(model, mcfg)
 
 
 def make_schedule(
@@ -209,31 +246,52 @@ def pick_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def prepare(cfg: TrainConfig, resume: str = "none", overwrite: bool = False) -> Setup:
-    """Validate everything that can be validated, then build model, data and optimizer."""
-    from molf.models import load_model
+def prepare(
+    cfg: TrainConfig,
+    resume: str = "none",
+    overwrite: bool = False,
+    ctx: DistContext | None = None,
+) -> Setup:
+    """Validate everything that can be validated, then build model, data and optimizer.
 
-    check_output_dir(cfg, resume, overwrite)
-    task, splits = build_task(cfg.task, cfg.data, cfg.seed, cfg.n_train, cfg.n_val, cfg.n_test)
-    dtype = torch.bfloat16 if cfg.dtype == "bfloat16" else torch.float32
-    model, tokenizer = load_model(cfg.model, dtype=dtype, trust_remote_code=cfg.trust_remote_code)
-    tok = tokenize_examples(splits.train, tokenizer, cfg.max_length, cfg.too_long)
-    if not tok.input_ids:
-        raise MolfError(f"task '{cfg.task}': no training examples left after tokenization")
-    order = StepOrder(len(tok.input_ids), cfg.batch_size, cfg.grad_accum, cfg.seed)
-    total = cfg.max_steps or order.steps_for(cfg.epochs)
-    check_disk_space(cfg, sum(p.numel() for p in model.parameters()), cfg.run_dir)
-    device = pick_device()
-    model.to(device)
-    before: dict[str, float] = {}
-    if cfg.eval_before:
-        before = evaluate(task, model, tokenizer, splits.test, cfg.eval_batch_size)
-    if cfg.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        model.config.use_cache = False
+    In a distributed run every rank builds the same model and data (the same seed gives every
+    rank the same adapter initialisation); the output directory is checked by rank 0 only, and
+    all ranks agree that every rank got through before the first collective (sharding).
+    """
+    ctx = ctx or DistContext()
+    failure: Exception | None = None
+    try:
+        local = _prepare_local(cfg, resume, overwrite, ctx)
+    except Exception as e:
+        if not ctx.enabled:
+            raise
+        failure = e
+    if ctx.enabled:
+        error = None
+        if isinstance(failure, MolfError):
+            error = str(failure)
+        elif failure is not None:
+            error = f"rank {ctx.rank} failed while preparing: {type(failure).__name__}: {failure}"
+        try:
+            distributed.agree(error, ctx)
+        except MolfError:
+            if failure is not None and not isinstance(failure, MolfError):
+                raise failure from None
+            raise
+    model, tokenizer, task, splits, tok, order, total, device, before = local
     torch.manual_seed(cfg.seed)  # LoRA init and dropout draw from here
-    model, opt = apply_method(model, cfg, total)
-    model.to(device)
+    shard = (lambda m: distributed.shard_fsdp2(m, ctx)) if ctx.mode == "fsdp2" else None
+    model, opt = apply_method(model, cfg, total, shard=shard)
+    if ctx.mode != "fsdp2":  # fully_shard has put the shards on the device already
+        model.to(device)
+    engine = distributed.wrap_ddp(model, ctx) if ctx.mode == "ddp" else model
+    label_counts: list[int] = []
+    if ctx.enabled:
+        distributed.attach_score_reducer(opt)
+        # the loss of a micro-batch is normalised by its tokens on all ranks together
+        label_counts = [sum(1 for y in lab[1:] if y != -100) for lab in tok.labels]
+        if ctx.rank > 0:  # dropout masks: another stream per rank (rank 0 keeps the 1-GPU one)
+            torch.manual_seed(cfg.seed + 1_000_003 * ctx.rank)
     sched = make_schedule(opt, cfg, total)
     return Setup(
         cfg,
@@ -250,7 +308,40 @@ def prepare(cfg: TrainConfig, resume: str = "none", overwrite: bool = False) -> 
         device,
         tok.n_truncated,
         before,
+        ctx,
+        engine,
+        label_counts,
     )
+
+
+def _prepare_local(cfg: TrainConfig, resume: str, overwrite: bool, ctx: DistContext) -> tuple:
+    """Everything of `prepare` that needs no other rank: checks, task, model, tokens."""
+    from molf.models import load_model
+
+    if ctx.enabled:
+        distributed.check_setup(cfg.method, ctx.mode, cfg.batch_size, ctx.world_size)
+    if ctx.is_main:
+        check_output_dir(cfg, resume, overwrite)
+    task, splits = build_task(cfg.task, cfg.data, cfg.seed, cfg.n_train, cfg.n_val, cfg.n_test)
+    dtype = torch.bfloat16 if cfg.dtype == "bfloat16" else torch.float32
+    model, tokenizer = load_model(cfg.model, dtype=dtype, trust_remote_code=cfg.trust_remote_code)
+    tok = tokenize_examples(splits.train, tokenizer, cfg.max_length, cfg.too_long)
+    if not tok.input_ids:
+        raise MolfError(f"task '{cfg.task}': no training examples left after tokenization")
+    order = StepOrder(len(tok.input_ids), cfg.batch_size, cfg.grad_accum, cfg.seed)
+    total = cfg.max_steps or order.steps_for(cfg.epochs)
+    if ctx.is_main:
+        check_disk_space(cfg, sum(p.numel() for p in model.parameters()), cfg.run_dir)
+    device = ctx.device if ctx.enabled else pick_device()
+    model.to(device)
+    before: dict[str, float] = {}
+    if cfg.eval_before:
+        # every rank evaluates (the same numbers): rank 0 alone would keep the others waiting
+        before = evaluate(task, model, tokenizer, splits.test, cfg.eval_batch_size)
+    if cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.config.use_cache = False
+    return model, tokenizer, task, splits, tok, order, total, device, before
 
 
 @torch.no_grad()
@@ -279,8 +370,17 @@ def _adalora_state(model: nn.Module) -> dict[str, Any] | None:
 
 
 def save_checkpoint(s: Setup, step: int, log_lines: int) -> Path:
-    """Write an atomic checkpoint of everything needed to continue bitwise from `step`."""
+    """Write an atomic checkpoint of everything needed to continue bitwise from `step`.
+
+    One process: safetensors weights plus torch-saved optimizer and trainer state. Distributed:
+    every rank writes its DCP shards and RNG state, rank 0 the rest (molf.distributed)."""
     opt = s.optimizer
+    routed = routed_optimizer(opt)
+
+    def fill_common(tmp: Path) -> None:
+        (tmp / "progress.json").write_text(json.dumps({"step": step, "metrics_lines": log_lines}))
+        if routed is not None and routed.routing_log is not None:
+            routed.routing_log.write_jsonl(tmp / "routing.jsonl")
 
     def fill(tmp: Path) -> None:
         save_file(_trainable_state(s.model), str(tmp / "trainable.safetensors"))
@@ -294,23 +394,62 @@ def save_checkpoint(s: Setup, step: int, log_lines: int) -> Path:
             },
             tmp / "trainer_state.pt",
         )
-        (tmp / "progress.json").write_text(json.dumps({"step": step, "metrics_lines": log_lines}))
-        routed = routed_optimizer(opt)
-        if routed is not None and routed.routing_log is not None:
-            routed.routing_log.write_jsonl(tmp / "routing.jsonl")
+        fill_common(tmp)
 
+    def fill_main(tmp: Path) -> None:  # distributed: rank 0's files beside the shards
+        state = {"scheduler": s.scheduler.state_dict(), "adalora": _adalora_state(s.model)}
+        torch.save(state, tmp / "trainer_state.pt")
+        fill_common(tmp)
+
+    final = ckpt.checkpoint_dir(s.cfg.run_dir, step)
     try:
-        path = ckpt.atomic_directory(ckpt.checkpoint_dir(s.cfg.run_dir, step), fill, {"step": step})
+        if s.dist.enabled:
+            path = distributed.save_checkpoint(
+                s.dist, final, s.model, opt, fill_main, {"step": step}
+            )
+        else:
+            path = ckpt.atomic_directory(final, fill, {"step": step})
     except OSError as e:
         raise MolfError(
             f"could not write checkpoint at step {step} in {s.cfg.run_dir}: {e.strerror or e}"
         ) from None
-    ckpt.prune_checkpoints(s.cfg.run_dir, s.cfg.keep_checkpoints)
+    if s.dist.is_main:
+        ckpt.prune_checkpoints(s.cfg.run_dir, s.cfg.keep_checkpoints)
     return path
 
 
 def load_checkpoint(s: Setup, path: Path) -> tuple[int, int]:
-    """Restore a checkpoint into `s`; returns (step, metrics lines to keep)."""
+    """Restore a checkpoint into `s`; returns (step, metrics lines to keep).
+
+    A sharded (distributed) checkpoint can be resumed with any world size, one process
+    included; a one-process checkpoint by one process or DDP (which holds whole tensors)."""
+    if distributed.is_sharded_checkpoint(path):
+        distributed.load_checkpoint(s.dist, path, s.model, s.optimizer)
+    elif s.dist.mode == "fsdp2":
+        raise MolfError(
+            f"checkpoint {path} was written by a one-process run; resume it with "
+            "distributed=none or ddp"
+        )
+    else:
+        _load_whole_checkpoint(s, path)
+    trainer = torch.load(path / "trainer_state.pt", weights_only=True)
+    s.scheduler.load_state_dict(trainer["scheduler"])
+    if "rng_cpu" in trainer:
+        torch.set_rng_state(trainer["rng_cpu"])
+        if trainer["rng_cuda"] and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(trainer["rng_cuda"])
+    alloc = getattr(getattr(s.model, "base_model", None), "rankallocator", None)
+    if alloc is not None and trainer.get("adalora"):
+        for k, v in trainer["adalora"].items():
+            setattr(alloc, k, dict(v))
+    routed = routed_optimizer(s.optimizer)
+    if routed is not None and routed.routing_log is not None and (path / "routing.jsonl").exists():
+        routed.routing_log.records = molf.RoutingLog.read_jsonl(path / "routing.jsonl").records
+    progress = json.loads((path / "progress.json").read_text())
+    return progress["step"], progress["metrics_lines"]
+
+
+def _load_whole_checkpoint(s: Setup, path: Path) -> None:
     state = load_file(str(path / "trainable.safetensors"), device=str(s.device))
     missing = s.model.load_state_dict(state, strict=False)
     wanted = {n for n, p in s.model.named_parameters() if p.requires_grad}
@@ -322,20 +461,6 @@ def load_checkpoint(s: Setup, path: Path) -> tuple[int, int]:
     s.optimizer.load_state_dict(
         torch.load(path / "optimizer.pt", weights_only=True, map_location=s.device)
     )
-    trainer = torch.load(path / "trainer_state.pt", weights_only=True)
-    s.scheduler.load_state_dict(trainer["scheduler"])
-    torch.set_rng_state(trainer["rng_cpu"])
-    if trainer["rng_cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(trainer["rng_cuda"])
-    alloc = getattr(getattr(s.model, "base_model", None), "rankallocator", None)
-    if alloc is not None and trainer.get("adalora"):
-        for k, v in trainer["adalora"].items():
-            setattr(alloc, k, dict(v))
-    routed = routed_optimizer(s.optimizer)
-    if routed is not None and routed.routing_log is not None and (path / "routing.jsonl").exists():
-        routed.routing_log.records = molf.RoutingLog.read_jsonl(path / "routing.jsonl").records
-    progress = json.loads((path / "progress.json").read_text())
-    return progress["step"], progress["metrics_lines"]
 
 
 # -- loop ----------------------------------------------------------------------------------------
@@ -431,21 +556,47 @@ def _progress(total: int, initial: int, enabled: bool):
     )
 
 
+def _distributed_micro_step(s: Setup, idx: list[int], pad: int, sync: bool) -> tuple[float, int]:
+    """Forward and backward of this rank's share of one global micro-batch.
+
+    The token-loss sum of this rank's examples is divided by the micro-batch's global token
+    count over the world size (`num_items_in_batch`), so that the engines' average of the
+    ranks' gradients is the gradient of the one-process micro-batch mean; a term a model adds
+    to its loss (AdaLoRA's regulariser) then also counts once. Returns (this rank's share of
+    the one-process micro-batch loss, its tokens): summed over ranks, that loss."""
+    ctx, cfg = s.dist, s.cfg
+    # no loss tokens at all gives NaN and a skipped step, as with one process
+    count = sum(s.label_counts[i] for i in idx)
+    mine = distributed.local_part(idx, ctx)
+    batch = collate([s.train_ids[i] for i in mine], [s.train_labels[i] for i in mine], pad)
+    batch = {k: v.to(s.device) for k, v in batch.items()}
+    with distributed.gradient_sync(s.engine, ctx, sync):
+        out = s.engine(**batch, num_items_in_batch=count / ctx.world_size)
+        (out.loss / cfg.grad_accum).backward()
+    return float(out.loss.detach()) / ctx.world_size, int(batch["attention_mask"].sum())
+
+
 def train_loop(s: Setup, start_step: int, logger: MetricLogger) -> dict[str, Any]:
     """Run optimizer steps start_step..total_steps-1; returns loop statistics."""
-    cfg, model, opt = s.cfg, s.model, s.optimizer
+    cfg, model, opt, ctx = s.cfg, s.model, s.optimizer, s.dist
     params = [p for p in model.parameters() if p.requires_grad]
     pad = s.tokenizer.pad_token_id if s.tokenizer.pad_token_id is not None else 0
     routed = routed_optimizer(opt)
     stats = {"skipped_steps": 0, "tokens": 0, "train_seconds": 0.0, "last_loss": float("nan")}
     bad_in_a_row = 0
     model.train()
-    bar = _progress(s.total_steps, start_step, cfg.progress)
+    bar = _progress(s.total_steps, start_step, cfg.progress and ctx.is_main)
     with _SignalFlag() as flag:
         for step in range(start_step, s.total_steps):
             t0 = time.perf_counter()
             loss_sum, n_tokens = 0.0, 0
-            for idx in s.order.micro_batches(step):
+            micro = s.order.micro_batches(step)
+            for m, idx in enumerate(micro):
+                if ctx.enabled:
+                    part, toks = _distributed_micro_step(s, idx, pad, m == len(micro) - 1)
+                    loss_sum += part
+                    n_tokens += toks
+                    continue
                 batch = collate(
                     [s.train_ids[i] for i in idx], [s.train_labels[i] for i in idx], pad
                 )
@@ -454,12 +605,21 @@ def train_loop(s: Setup, start_step: int, logger: MetricLogger) -> dict[str, Any
                 (out.loss / cfg.grad_accum).backward()
                 loss_sum += float(out.loss.detach())
                 n_tokens += int(batch["attention_mask"].sum())
-            if cfg.max_grad_norm > 0:
-                grad_norm = float(torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm))
-            else:
-                grad_norm = float(
-                    torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
+            agreed = None
+            if ctx.enabled:
+                # One small all-reduce per step: the loss, the tokens, and whether any rank got
+                # a signal, so that all ranks checkpoint and stop at the same step.
+                got = (flag.signum == signal.SIGINT, flag.signum == signal.SIGTERM)
+                loss_sum, tokens, sigint, sigterm = distributed.all_reduce_floats(
+                    [loss_sum, n_tokens, *got], ctx
                 )
+                n_tokens = int(tokens)
+                agreed = signal.SIGTERM if sigterm else signal.SIGINT if sigint else None
+            if cfg.max_grad_norm > 0:
+                norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+            else:
+                norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
+            grad_norm = distributed.scalar(norm) if ctx.enabled else float(norm)
             loss = loss_sum / cfg.grad_accum
             if not math.isfinite(grad_norm) or not math.isfinite(loss):
                 # Skip: weights, moments, step counters and the schedule stay as they were.
@@ -512,10 +672,11 @@ def train_loop(s: Setup, start_step: int, logger: MetricLogger) -> dict[str, Any
             bar.set_postfix(postfix, refresh=False)
             bar.update(1)
             done = step + 1
-            if flag.signum is not None:
+            signum = agreed if ctx.enabled else flag.signum
+            if signum is not None:
                 path = save_checkpoint(s, done, logger.lines)
                 bar.close()
-                raise Interrupted(130 if flag.signum == signal.SIGINT else 143, path)
+                raise Interrupted(130 if signum == signal.SIGINT else 143, path)
             if cfg.save_every and done % cfg.save_every == 0 and done < s.total_steps:
                 save_checkpoint(s, done, logger.lines)
     bar.close()
@@ -538,9 +699,13 @@ def _save_run_info(directory: Path, cfg: TrainConfig) -> None:
     (directory / "molf_run.json").write_text(json.dumps(info, indent=1))
 
 
-def finalize(s: Setup) -> tuple[nn.Module, dict[str, Path]]:
-    """Write the method's artefacts atomically; returns the plain model for evaluation and paths."""
-    cfg, model = s.cfg, s.model
+def finalize(s: Setup, model: nn.Module | None = None) -> tuple[nn.Module, dict[str, Path]]:
+    """Write the method's artefacts atomically; returns the plain model for evaluation and paths.
+
+    `model`: the trained model to export, if not `s.model` (the unsharded copy of an FSDP2 run).
+    """
+    cfg = s.cfg
+    model = s.model if model is None else model
     final = cfg.run_dir / "final"
     paths: dict[str, Path] = {}
     if cfg.method in ("lora", "adalora"):
@@ -584,22 +749,92 @@ def _write_json_atomic(path: Path, data: Any) -> None:
     os.replace(tmp, path)
 
 
-def run(cfg: TrainConfig, resume: str = "none", overwrite: bool = False) -> dict[str, Any]:
-    """`molf train`: prepare, resume, loop, finalize, evaluate; returns the run summary."""
-    t_start = time.perf_counter()
-    s = prepare(cfg, resume, overwrite)
-    run_dir = cfg.run_dir
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.yaml").write_text(dump_config(cfg))
-    start, keep_lines = 0, None
-    if resume != "none":
+class _NoLogger:
+    """What ranks other than 0 log to: nothing (rank 0 keeps metrics.jsonl)."""
+
+    def __init__(self, keep_lines: int | None) -> None:
+        self.lines = keep_lines or 0
+
+    def log(self, record: dict[str, Any]) -> None:
+        self.lines += 1
+
+    def close(self) -> None:
+        pass
+
+
+def _resume_path(run_dir: Path, resume: str, ctx: DistContext) -> Path | None:
+    """The checkpoint to resume from (None: start afresh); rank 0 picks it for everyone."""
+
+    def pick() -> Path | None:
         path = Path(resume) if resume != "auto" else ckpt.latest_good_checkpoint(run_dir)
         if resume != "auto" and (path is None or ckpt.verify(path) is not None):
             raise MolfError(f"--resume {resume}: not a complete checkpoint ({ckpt.verify(path)})")
+        return path
+
+    if not ctx.enabled:
+        return pick()
+    found, error = None, None
+    if ctx.is_main:
+        try:
+            picked = pick()
+            found = None if picked is None else str(picked)
+        except MolfError as e:
+            error = str(e)
+    found, error = distributed.broadcast_object((found, error), ctx)
+    if error is not None:
+        raise MolfError(error)
+    return None if found is None else Path(found)
+
+
+def _gather_final_model(s: Setup) -> nn.Module | None:
+    """The trained model as one ordinary module on rank 0 (None on the other ranks).
+
+    DDP: rank 0's replica. FSDP2: the full weights are gathered to rank 0's CPU shard by shard,
+    the optimizer state is dropped, and a fresh copy of the method's model is loaded with them."""
+    ctx = s.dist
+    if ctx.mode != "fsdp2":
+        return s.model if ctx.is_main else None
+    full = distributed.full_state_dict(s.model, ctx)
+    s.optimizer.state.clear()
+    if not ctx.is_main:
+        return None
+    from molf.models import load_model
+
+    dtype = torch.bfloat16 if s.cfg.dtype == "bfloat16" else torch.float32
+    with torch.random.fork_rng(devices=[]):  # the adapter init below is overwritten anyway
+        base, _ = load_model(s.cfg.model, dtype=dtype, trust_remote_code=s.cfg.trust_remote_code)
+        model = method_model(base, s.cfg, s.total_steps)
+    model.load_state_dict(full)
+    return model.to(s.device)
+
+
+def run(cfg: TrainConfig, resume: str = "none", overwrite: bool = False) -> dict[str, Any]:
+    """`molf train`: prepare, resume, loop, finalize, evaluate; returns the run summary.
+
+    With `distributed: ddp | fsdp2` every rank calls this; rank 0 returns the summary, the
+    others return {} as soon as the final model is gathered."""
+    ctx = distributed.init(cfg.distributed)
+    try:
+        return _run(cfg, resume, overwrite, ctx)
+    finally:
+        distributed.shutdown(ctx)
+
+
+def _run(cfg: TrainConfig, resume: str, overwrite: bool, ctx: DistContext) -> dict[str, Any]:
+    t_start = time.perf_counter()
+    s = prepare(cfg, resume, overwrite, ctx)
+    run_dir = cfg.run_dir
+    if ctx.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.yaml").write_text(dump_config(cfg))
+    start, keep_lines = 0, None
+    if resume != "none":
+        path = _resume_path(run_dir, resume, ctx)
         if path is not None:
             start, keep_lines = load_checkpoint(s, path)
-            print(f"resumed from {path} at step {start}", file=sys.stderr)
-    logger = MetricLogger(cfg, keep_lines)
+            if ctx.is_main:
+                print(f"resumed from {path} at step {start}", file=sys.stderr)
+    logger = MetricLogger(cfg, keep_lines) if ctx.is_main else _NoLogger(keep_lines)
     try:
         stats = train_loop(s, start, logger)
     finally:
@@ -607,10 +842,18 @@ def run(cfg: TrainConfig, resume: str = "none", overwrite: bool = False) -> dict
     routed = routed_optimizer(s.optimizer)
     routing_summary = None
     if routed is not None and routed.routing_log is not None:
-        routed.routing_log.write_jsonl(run_dir / "routing.jsonl")
         routing_summary = routed.routing_log.summary()
-        _write_json_atomic(run_dir / "routing_summary.json", routing_summary)
-    plain, paths = finalize(s)
+        if ctx.is_main:
+            routed.routing_log.write_jsonl(run_dir / "routing.jsonl")
+            _write_json_atomic(run_dir / "routing_summary.json", routing_summary)
+    trained = s.model
+    if ctx.enabled:
+        trained = _gather_final_model(s)
+        # From here on rank 0 works alone (export, evaluation): the others are done.
+        distributed.shutdown(ctx)
+        if trained is None:
+            return {}
+    plain, paths = finalize(s, trained)
     after = evaluate(s.task, plain, s.tokenizer, s.splits.test, cfg.eval_batch_size)
     # validation metrics are what a learning-rate search may look at; test metrics never are
     validation = (
@@ -642,6 +885,8 @@ def run(cfg: TrainConfig, resume: str = "none", overwrite: bool = False) -> dict
         "artefacts": {k: str(v) for k, v in paths.items()},
         "config": cfg.to_dict(),
     }
+    if ctx.enabled:
+        summary["world_size"] = ctx.world_size
     _write_json_atomic(
         run_dir / SUMMARY, summary
     )  # written last: its presence marks a finished run

@@ -1,0 +1,919 @@
+"""The report of a `molf compare` grid: tables, paper-claim checks, routing plots, loss curves.
+
+Everything here reads what the cells left on disk (`<out>/cells/<task>/<method>/lr-<x>/`:
+summary.json, metrics.jsonl, routing.jsonl, compare_cell.json, FAILED), so a report can be
+rebuilt at any time, also from a half-finished grid. It writes into `<out>/`:
+
+  results.csv, results.md   methods x tasks, the test headline metric of each task (points,
+                            i.e. percent), their mean, and the learning rate picked per cell;
+  cells.csv                 every learning-rate candidate with its validation and test scores;
+  report.md                 one page linking the PNGs below, with the paper-claim verdicts;
+  *.png                     routing dynamics (paper Figures 4-6), loss curves, efficiency.
+
+The learning rate of a (task, method) pair is picked on the validation split's headline metric
+only; test scores of the other candidates are listed for transparency, never used to choose.
+"""
+
+from __future__ import annotations
+
+import csv
+import importlib.metadata
+import json
+import math
+import platform
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from molf.routing import RoutingLog, layer_index, module_type
+
+# which TrainConfig keys a method's learning-rate grid sets (MoLF: both experts, tied)
+LR_KEYS: dict[str, tuple[str, ...]] = {
+    "fft": ("lr_fft",),
+    "lora": ("lr_lora",),
+    "adalora": ("lr_lora",),
+    "molf": ("lr_fft", "lr_lora"),
+    "molf-e": ("lr_lora",),
+}
+METHOD_NAMES = {
+    "fft": "FFT",
+    "lora": "LoRA",
+    "adalora": "AdaLoRA",
+    "molf": "MoLF",
+    "molf-e": "MoLF-E",
+}
+TYPE_ORDER = ("q", "k", "v", "o", "gate", "up", "down")
+# paper claim 1: MoLF within this many points of max(FFT, LoRA) on every task
+CLAIM_TOLERANCE_POINTS = 1.5
+CELL_META = "compare_cell.json"
+FAILED = "FAILED"
+RUNNING = "RUNNING"
+
+
+def format_lr(value: float) -> str:
+    """A short, filename-safe learning rate: 5e-05 -> '5e-5', 0.0001 -> '1e-4'."""
+    mantissa, exponent = f"{value:.6e}".split("e")
+    mantissa = mantissa.rstrip("0").rstrip(".")
+    return f"{mantissa}e{int(exponent)}"
+
+
+def lr_label(lrs: dict[str, float]) -> str:
+    """A candidate's directory name: 'lr-5e-5', or 'lr-fft1e-4-lora5e-5' when the LRs differ."""
+    values = list(lrs.values())
+    if values and all(v == values[0] for v in values):
+        return f"lr-{format_lr(values[0])}"
+    return "lr-" + "-".join(f"{k.removeprefix('lr_')}{format_lr(v)}" for k, v in lrs.items())
+
+
+# -- reading cells -------------------------------------------------------------------------------
+@dataclass
+class CellRecord:
+    """One learning-rate candidate of one (task, method) pair, as found on disk."""
+
+    task: str
+    method: str
+    label: str
+    directory: Path
+    status: str  # done | failed | interrupted (started, never finished)
+    summary: dict[str, Any] | None = None
+    error: str | None = None
+    lrs: dict[str, float] = field(default_factory=dict)
+    cpu_seconds: float | None = None
+
+    @property
+    def headline(self) -> str | None:
+        return self.summary.get("headline_metric") if self.summary else None
+
+    def score(self, split: str = "after") -> float | None:
+        """The headline metric on the test split ('after'), 'validation' or 'before' (fraction)."""
+        if not self.summary or not self.headline:
+            return None
+        value = (self.summary.get(split) or {}).get(self.headline)
+        return float(value) if isinstance(value, (int, float)) and math.isfinite(value) else None
+
+    @property
+    def lr_text(self) -> str:
+        if not self.lrs:
+            return self.label.removeprefix("lr-")
+        values = list(self.lrs.values())
+        if all(v == values[0] for v in values):
+            return format_lr(values[0])
+        return ", ".join(f"{k}={format_lr(v)}" for k, v in self.lrs.items())
+
+
+def _read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def read_cell(directory: Path, task: str, method: str) -> CellRecord:
+    """The state of one cell directory: done (summary.json), failed (FAILED) or interrupted."""
+    meta = _read_json(directory / CELL_META) or {}
+    summary = _read_json(directory / "summary.json")
+    lrs = dict(meta.get("lrs") or {})
+    if not lrs and summary:
+        config = summary.get("config") or {}
+        lrs = {k: config[k] for k in LR_KEYS.get(method, ()) if k in config}
+    record = CellRecord(task, method, directory.name, directory, "interrupted", lrs=lrs)
+    cpu = meta.get("cpu_seconds")
+    record.cpu_seconds = float(cpu) if isinstance(cpu, (int, float)) else None
+    if isinstance(summary, dict):
+        record.status, record.summary = "done", summary
+    elif (directory / FAILED).exists():
+        record.status = "failed"
+        text = (directory / FAILED).read_text(errors="replace").strip()
+        record.error = text.splitlines()[0] if text else "failed"
+    return record
+
+
+def load_cells(out_dir: str | Path, tasks: list[str], methods: list[str]) -> list[CellRecord]:
+    """Every candidate directory of the given tasks and methods under `<out_dir>/cells/`."""
+    root = Path(out_dir) / "cells"
+    found = []
+    for task in tasks:
+        for method in methods:
+            group = root / task / method
+            if group.is_dir():
+                for d in sorted(
+                    p for p in group.iterdir() if p.is_dir() and p.name.startswith("lr-")
+                ):
+                    found.append(read_cell(d, task, method))
+    return found
+
+
+def choose(candidates: list[CellRecord]) -> CellRecord | None:
+    """The candidate with the best validation headline metric (never the test split).
+
+    Ties go to the lower final training loss, then the label, so the choice is deterministic.
+    A lone finished candidate needs no validation metric; several without one give None.
+    """
+    done = [c for c in candidates if c.status == "done"]
+    if len(done) == 1:
+        return done[0]
+    scored = [c for c in done if c.score("validation") is not None]
+    if not scored:
+        return None
+
+    def key(c: CellRecord) -> tuple[float, float, str]:
+        loss = (c.summary or {}).get("final_loss")
+        loss = loss if isinstance(loss, (int, float)) and math.isfinite(loss) else math.inf
+        return (-c.score("validation"), loss, c.label)  # type: ignore[operator]
+
+    return min(scored, key=key)
+
+
+@dataclass
+class Results:
+    """The grid as read from disk: candidates per (task, method) and the chosen one."""
+
+    tasks: list[str]
+    methods: list[str]
+    cells: list[CellRecord]
+    groups: dict[tuple[str, str], list[CellRecord]] = field(default_factory=dict)
+    chosen: dict[tuple[str, str], CellRecord | None] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        for task in self.tasks:
+            for method in self.methods:
+                group = [c for c in self.cells if c.task == task and c.method == method]
+                self.groups[(task, method)] = group
+                self.chosen[(task, method)] = choose(group)
+
+    def score(self, task: str, method: str) -> float | None:
+        """Test headline metric of the chosen candidate, in points (percent)."""
+        cell = self.chosen.get((task, method))
+        value = cell.score("after") if cell else None
+        return None if value is None else 100.0 * value
+
+    def mean(self, method: str) -> float | None:
+        """Mean over tasks, only when every task has a score."""
+        return _mean([self.score(t, method) for t in self.tasks])
+
+    def headline(self, task: str) -> str:
+        for c in self.cells:
+            if c.task == task and c.headline:
+                return c.headline
+        return "headline"
+
+    def base(self, task: str) -> float | None:
+        """The untrained model's test headline (points), from any cell that evaluated it."""
+        for c in self.cells:
+            if c.task == task and c.score("before") is not None:
+                return 100.0 * c.score("before")  # type: ignore[operator]
+        return None
+
+
+def load_results(out_dir: str | Path, tasks: list[str], methods: list[str]) -> Results:
+    """Read the grid under `out_dir` and pick each pair's learning rate on validation."""
+    return Results(list(tasks), list(methods), load_cells(out_dir, tasks, methods))
+
+
+# -- routing analysis ------------------------------------------------------------------------------
+def expert_share(log: RoutingLog, expert: int, steps: slice = slice(None)) -> float | None:
+    """Share of active module-steps in `steps` where `expert` won (None when nothing was active)."""
+    won = total = 0
+    for r in log.records[steps]:
+        act = r["active"]
+        won += int(r["winners"][act, expert].sum())
+        total += int(act.sum())
+    return won / total if total else None
+
+
+def layer_step_matrix(log: RoutingLog, expert: int) -> tuple[list[int], list[int], np.ndarray]:
+    """(layer indices, steps, [layers, steps] share of the layer's active modules won by `expert`).
+
+    Cells where no module of the layer was active are NaN. Modules outside numbered layers are left
+    out.
+    """
+    layers = sorted({li for n in log.module_names if (li := layer_index(n)) is not None})
+    rows = {
+        li: [i for i, n in enumerate(log.module_names) if layer_index(n) == li] for li in layers
+    }
+    steps = [int(r["step"]) for r in log.records]
+    matrix = np.full((len(layers), len(steps)), np.nan)
+    for s, r in enumerate(log.records):
+        won = r["winners"][:, expert] & r["active"]
+        for row, li in enumerate(layers):
+            idx = rows[li]
+            n_active = int(r["active"][idx].sum())
+            if n_active:
+                matrix[row, s] = int(won[idx].sum()) / n_active
+    return layers, steps, matrix
+
+
+def type_shares(log: RoutingLog, expert: int) -> dict[str, float | None]:
+    """Share of active module-steps won by `expert`, per module type (q, k, v, o, gate, ...)."""
+    by_type: dict[str, list[int]] = {}
+    for i, name in enumerate(log.module_names):
+        by_type.setdefault(module_type(name), []).append(i)
+    order = [t for t in TYPE_ORDER if t in by_type] + sorted(
+        t for t in by_type if t not in TYPE_ORDER
+    )
+    out: dict[str, float | None] = {}
+    for t in order:
+        idx = by_type[t]
+        won = total = 0
+        for r in log.records:
+            act = r["active"][idx]
+            won += int(r["winners"][idx][:, expert][act].sum())
+            total += int(act.sum())
+        out[t] = won / total if total else None
+    return out
+
+
+def _routing_log(cell: CellRecord | None) -> RoutingLog | None:
+    if cell is None or not (cell.directory / "routing.jsonl").exists():
+        return None
+    try:
+        log = RoutingLog.read_jsonl(cell.directory / "routing.jsonl")
+    except (OSError, ValueError, KeyError):
+        return None
+    return log if log.records else None
+
+
+# -- formatting ------------------------------------------------------------------------------------
+def _pts(value: float | None, sign: bool = False) -> str:
+    if value is None:
+        return "n/a"
+    return f"{value:+.1f}" if sign else f"{value:.1f}"
+
+
+def _pct(value: float | None) -> str:
+    return "n/a" if value is None else f"{100 * value:.1f}%"
+
+
+def _num(value: Any, fmt: str = ".1f") -> str:
+    return format(value, fmt) if isinstance(value, (int, float)) and math.isfinite(value) else "n/a"
+
+
+def _md_table(header: list[str], rows: list[list[str]]) -> list[str]:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join(" --- " for _ in header) + "|"]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    return lines
+
+
+def _name(method: str) -> str:
+    return METHOD_NAMES.get(method, method)
+
+
+# -- tables ----------------------------------------------------------------------------------------
+def results_table(res: Results) -> tuple[list[str], list[list[str]]]:
+    """Markdown header and rows: methods x tasks (test headline, points), mean, chosen LRs."""
+    header = ["method"] + [f"{t} ({res.headline(t)})" for t in res.tasks] + ["mean"]
+    header += [f"LR {t}" for t in res.tasks]
+    rows = []
+    if any(res.base(t) is not None for t in res.tasks):
+        values = [res.base(t) for t in res.tasks]
+        mean = _mean(values)
+        rows.append(
+            ["base model (no training)"]
+            + [_pts(v) for v in values]
+            + [_pts(mean)]
+            + ["-" for _ in res.tasks]
+        )
+    for m in res.methods:
+        row = [_name(m)] + [_pts(res.score(t, m)) for t in res.tasks] + [_pts(res.mean(m))]
+        for t in res.tasks:
+            group, cell = res.groups[(t, m)], res.chosen[(t, m)]
+            if cell is not None:
+                n_done = sum(c.status == "done" for c in group)
+                row.append(cell.lr_text + (f" (of {n_done})" if n_done > 1 else ""))
+            elif any(c.status == "failed" for c in group):
+                row.append("failed")
+            else:
+                row.append("missing")
+        rows.append(row)
+    return header, rows
+
+
+def write_results(res: Results, out: Path) -> dict[str, Path]:
+    """results.csv (wide: methods x tasks), results.md and cells.csv (every candidate)."""
+    paths = {"results_csv": out / "results.csv", "results_md": out / "results.md"}
+    with paths["results_csv"].open("w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["method", *res.tasks, "mean", *[f"lr_{t}" for t in res.tasks]])
+        if any(res.base(t) is not None for t in res.tasks):
+            base = [res.base(t) for t in res.tasks]
+            w.writerow(
+                ["base", *[_csv_num(v) for v in base], _csv_num(_mean(base)), *["" for _ in base]]
+            )
+        for m in res.methods:
+            lrs = []
+            for t in res.tasks:
+                cell = res.chosen[(t, m)]
+                lrs.append(";".join(f"{k}={v:g}" for k, v in cell.lrs.items()) if cell else "")
+            w.writerow(
+                [m, *[_csv_num(res.score(t, m)) for t in res.tasks], _csv_num(res.mean(m)), *lrs]
+            )
+    header, rows = results_table(res)
+    lines = [
+        "# Results",
+        "",
+        "Test-split headline metric per task, in points (percent); the learning rate of every "
+        "cell was picked on the validation split.",
+        "",
+        *_md_table(header, rows),
+        "",
+    ]
+    paths["results_md"].write_text("\n".join(lines))
+    paths["cells_csv"] = out / "cells.csv"
+    with paths["cells_csv"].open("w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(
+            [
+                "task",
+                "method",
+                "candidate",
+                "lrs",
+                "status",
+                "chosen",
+                "headline_metric",
+                "validation",
+                "test",
+                "steps",
+                "final_loss",
+                "tokens_per_s",
+                "peak_memory_mb",
+                "wall_seconds",
+                "cpu_seconds",
+                "error",
+            ]
+        )
+        for (t, m), group in res.groups.items():
+            for c in group:
+                s = c.summary or {}
+                w.writerow(
+                    [
+                        t,
+                        m,
+                        c.label,
+                        ";".join(f"{k}={v:g}" for k, v in c.lrs.items()),
+                        c.status,
+                        int(c is res.chosen[(t, m)]),
+                        c.headline or "",
+                        _csv_num(_times100(c.score("validation"))),
+                        _csv_num(_times100(c.score("after"))),
+                        s.get("steps", ""),
+                        _csv_num(s.get("final_loss")),
+                        _csv_num(s.get("tokens_per_s")),
+                        _csv_num(s.get("peak_memory_mb")),
+                        _csv_num(s.get("wall_seconds")),
+                        _csv_num(c.cpu_seconds),
+                        c.error or "",
+                    ]
+                )
+    return paths
+
+
+def _mean(values: list[float | None]) -> float | None:
+    """Mean of the values, None unless every one is present."""
+    if not values or any(v is None for v in values):
+        return None
+    return sum(values) / len(values)  # type: ignore[arg-type]
+
+
+def _times100(v: float | None) -> float | None:
+    return None if v is None else 100.0 * v
+
+
+def _csv_num(v: Any) -> str:
+    return f"{v:.4f}" if isinstance(v, (int, float)) and math.isfinite(v) else ""
+
+
+# -- paper claims ----------------------------------------------------------------------------------
+def claims(res: Results) -> dict[str, Any]:
+    """MoLF's gap to max(FFT, LoRA) and MoLF-E minus AdaLoRA per task (points), and verdicts.
+
+    Claim 1 holds when the gap is >= -1.5 points on every task; claim 2 when MoLF-E is strictly
+    ahead of AdaLoRA on every task. A task missing any of the needed scores is 'not judged'; a
+    verdict on a partial grid is only 'held' when no task is missing.
+    """
+    gaps: dict[str, float | None] = {}
+    diffs: dict[str, float | None] = {}
+    for t in res.tasks:
+        molf, fft, lora = res.score(t, "molf"), res.score(t, "fft"), res.score(t, "lora")
+        gaps[t] = None if None in (molf, fft, lora) else molf - max(fft, lora)  # type: ignore
+        molf_e, ada = res.score(t, "molf-e"), res.score(t, "adalora")
+        diffs[t] = None if None in (molf_e, ada) else molf_e - ada  # type: ignore[operator]
+
+    def verdict(values: dict[str, float | None], ok: Any) -> tuple[str, list[str], list[str]]:
+        failed = [t for t, v in values.items() if v is not None and not ok(v)]
+        missing = [t for t, v in values.items() if v is None]
+        if failed:
+            return "NOT HELD", failed, missing
+        if missing:
+            return "NOT JUDGED", failed, missing
+        return "HELD", failed, missing
+
+    v1, f1, m1 = verdict(gaps, lambda g: g >= -CLAIM_TOLERANCE_POINTS)
+    v2, f2, m2 = verdict(diffs, lambda d: d > 0)
+    return {
+        "molf_gap": gaps,
+        "molf_e_minus_adalora": diffs,
+        "claim1": {"verdict": v1, "failed": f1, "missing": m1},
+        "claim2": {"verdict": v2, "failed": f2, "missing": m2},
+    }
+
+
+def claim_lines(res: Results, c: dict[str, Any]) -> list[str]:
+    """The markdown section with both comparisons and explicit verdict lines."""
+    lines = ["## Paper claims", ""]
+    rows = []
+    for t in res.tasks:
+        fft, lora = res.score(t, "fft"), res.score(t, "lora")
+        best = None if None in (fft, lora) else max(fft, lora)  # type: ignore[type-var]
+        which = ""
+        if best is not None:
+            which = " (tie)" if fft == lora else (" (FFT)" if fft == best else " (LoRA)")
+        rows.append(
+            [
+                t,
+                _pts(res.score(t, "molf")),
+                _pts(fft),
+                _pts(lora),
+                _pts(best) + which,
+                _pts(c["molf_gap"][t], sign=True),
+            ]
+        )
+    lines += _md_table(["task", "MoLF", "FFT", "LoRA", "max(FFT, LoRA)", "MoLF gap (points)"], rows)
+    c1 = c["claim1"]
+    detail = []
+    if c1["failed"]:
+        detail.append(
+            "more than 1.5 points behind on "
+            + ", ".join(f"{t} ({c['molf_gap'][t]:+.1f})" for t in c1["failed"])
+        )
+    if c1["missing"]:
+        detail.append("not judged on " + ", ".join(c1["missing"]) + " (missing cells)")
+    gaps = [v for v in c["molf_gap"].values() if v is not None]
+    worst = f"; worst gap {min(gaps):+.1f} points" if gaps else ""
+    lines += [
+        "",
+        f"**Claim 1 (MoLF within {CLAIM_TOLERANCE_POINTS} points of the better of FFT and LoRA "
+        f"on every task): {c1['verdict']}**{worst}"
+        + (f" ({'; '.join(detail)})" if detail else "")
+        + ".",
+        "",
+    ]
+    rows = [
+        [
+            t,
+            _pts(res.score(t, "molf-e")),
+            _pts(res.score(t, "adalora")),
+            _pts(c["molf_e_minus_adalora"][t], sign=True),
+        ]
+        for t in res.tasks
+    ]
+    lines += _md_table(["task", "MoLF-E", "AdaLoRA", "MoLF-E - AdaLoRA (points)"], rows)
+    c2 = c["claim2"]
+    detail = []
+    if c2["failed"]:
+        detail.append(
+            "not ahead on "
+            + ", ".join(f"{t} ({c['molf_e_minus_adalora'][t]:+.1f})" for t in c2["failed"])
+        )
+    if c2["missing"]:
+        detail.append("not judged on " + ", ".join(c2["missing"]) + " (missing cells)")
+    diffs = [v for v in c["molf_e_minus_adalora"].values() if v is not None]
+    mean = f"; mean difference {sum(diffs) / len(diffs):+.1f} points" if diffs else ""
+    lines += [
+        "",
+        f"**Claim 2 (MoLF-E ahead of AdaLoRA on every task): {c2['verdict']}**{mean}"
+        + (f" ({'; '.join(detail)})" if detail else "")
+        + ".",
+        "",
+    ]
+    return lines
+
+
+# -- plots -----------------------------------------------------------------------------------------
+def _figure(width: float, height: float) -> Any:
+    # The object API with the Agg canvas: no pyplot state, no GUI backend, safe in threads/tests.
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(width, height), dpi=100)
+    FigureCanvasAgg(fig)
+    return fig
+
+
+def _save(fig: Any, path: Path) -> Path:
+    fig.tight_layout()
+    fig.savefig(path)
+    return path
+
+
+def plot_share_over_steps(logs: dict[str, RoutingLog], expert: int, title: str, path: Path) -> Path:
+    """One line per task: share of active modules routed to `expert` at each step."""
+    fig = _figure(7, 4)
+    ax = fig.add_subplot(1, 1, 1)
+    for task, log in logs.items():
+        pts = log.share_over_steps(expert)
+        ax.plot(
+            [p[0] for p in pts],
+            [p[1] for p in pts],
+            marker="." if len(pts) < 40 else None,
+            label=task,
+        )
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("share of modules")
+    ax.set_ylim(-0.02, 1.02)
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    return _save(fig, path)
+
+
+def plot_layer_heatmaps(logs: dict[str, RoutingLog], expert: int, title: str, path: Path) -> Path:
+    """Per task: layer depth x step heat-map of the share routed to `expert`."""
+    from matplotlib.ticker import MaxNLocator
+
+    fig = _figure(4.5 * len(logs) + 1.5, 4.5)
+    image = None
+    for i, (task, log) in enumerate(logs.items()):
+        ax = fig.add_subplot(1, len(logs), i + 1)
+        layers, steps, matrix = layer_step_matrix(log, expert)
+        if not layers:
+            ax.set_title(f"{task}: no layered modules")
+            continue
+        image = ax.imshow(
+            matrix,
+            aspect="auto",
+            origin="lower",
+            vmin=0.0,
+            vmax=1.0,
+            cmap="viridis",
+            interpolation="nearest",
+            extent=(steps[0] - 0.5, steps[-1] + 0.5, layers[0] - 0.5, layers[-1] + 0.5),
+        )
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.yaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.set_xlabel("optimizer step")
+        ax.set_ylabel("layer (0 = nearest the embeddings)")
+        ax.set_title(task)
+    fig.suptitle(title)
+    # fixed margins and a colour-bar axis of its own: tight_layout cannot place a shared bar
+    fig.subplots_adjust(top=0.84, bottom=0.14, left=0.08, right=0.86, wspace=0.3)
+    if image is not None:
+        fig.colorbar(image, cax=fig.add_axes((0.89, 0.14, 0.02, 0.70)), label="share")
+    fig.savefig(path)
+    return path
+
+
+def plot_type_shares(shares: dict[str, dict[str, float | None]], title: str, path: Path) -> Path:
+    """Grouped bars: module type on x, one bar per task, height = share routed to the expert."""
+    types = [t for t in TYPE_ORDER if any(t in s for s in shares.values())]
+    types += sorted({t for s in shares.values() for t in s} - set(types))
+    fig = _figure(max(6, 1.1 * len(types)), 4)
+    ax = fig.add_subplot(1, 1, 1)
+    width = 0.8 / max(1, len(shares))
+    for j, (task, s) in enumerate(shares.items()):
+        xs = [i + (j - (len(shares) - 1) / 2) * width for i in range(len(types))]
+        ax.bar(xs, [s.get(t) or 0.0 for t in types], width=width, label=task)
+    ax.set_xticks(range(len(types)))
+    ax.set_xticklabels(types)
+    ax.set_ylim(0, 1.2)  # headroom for the legend
+    ax.set_ylabel("share of module-steps")
+    ax.set_title(title)
+    ax.legend(ncol=len(shares), loc="upper center")
+    return _save(fig, path)
+
+
+def _loss_curve(cell: CellRecord) -> tuple[list[int], list[float]]:
+    path = cell.directory / "metrics.jsonl"
+    steps, losses = [], []
+    if path.exists():
+        for line in path.read_text().splitlines():
+            try:
+                rec = json.loads(line)
+            except ValueError:
+                continue
+            loss = rec.get("loss")
+            if rec.get("skipped") or not isinstance(loss, (int, float)) or not math.isfinite(loss):
+                continue
+            steps.append(int(rec["step"]))
+            losses.append(float(loss))
+    return steps, losses
+
+
+def plot_loss_curves(res: Results, path: Path) -> Path | None:
+    """Per task: the training loss of each method's chosen candidate."""
+    fig = _figure(5 * len(res.tasks), 4)
+    any_line = False
+    for i, t in enumerate(res.tasks):
+        ax = fig.add_subplot(1, len(res.tasks), i + 1)
+        for m in res.methods:
+            cell = res.chosen[(t, m)]
+            if cell is None:
+                continue
+            steps, losses = _loss_curve(cell)
+            if steps:
+                any_line = True
+                ax.plot(steps, losses, label=f"{_name(m)} (lr {cell.lr_text})")
+        ax.set_title(t)
+        ax.set_xlabel("optimizer step")
+        ax.set_ylabel("training loss")
+        ax.grid(alpha=0.3)
+        if ax.lines:
+            ax.legend(fontsize=8)
+    return _save(fig, path) if any_line else None
+
+
+def plot_efficiency(res: Results, path: Path) -> Path | None:
+    """Two panels: tokens/s and peak memory per method, one bar per task."""
+    fig = _figure(max(8, 2 * len(res.methods)), 4)
+    panels = (("tokens_per_s", "training tokens / s"), ("peak_memory_mb", "peak memory (MB)"))
+    width = 0.8 / max(1, len(res.tasks))
+    found = False
+    for p, (key, label) in enumerate(panels):
+        ax = fig.add_subplot(1, 2, p + 1)
+        for j, t in enumerate(res.tasks):
+            values = []
+            for m in res.methods:
+                cell = res.chosen[(t, m)]
+                v = (cell.summary or {}).get(key) if cell else None
+                found = found or isinstance(v, (int, float))
+                values.append(v if isinstance(v, (int, float)) else 0.0)
+            xs = [i + (j - (len(res.tasks) - 1) / 2) * width for i in range(len(res.methods))]
+            ax.bar(xs, values, width=width, label=t)
+        ax.set_xticks(range(len(res.methods)))
+        ax.set_xticklabels([_name(m) for m in res.methods])
+        ax.set_ylabel(label)
+        ax.set_ylim(0, ax.get_ylim()[1] * 1.2)  # headroom for the legend
+        ax.legend(fontsize=8, ncol=len(res.tasks))
+    return _save(fig, path) if found else None
+
+
+# -- the report ------------------------------------------------------------------------------------
+def package_versions() -> dict[str, str]:
+    """Versions of the packages that decide the numbers (and Python's)."""
+    out = {"python": platform.python_version()}
+    for name in ("molf", "torch", "transformers", "peft"):
+        try:
+            out[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            out[name] = "not installed"
+    return out
+
+
+def _routing_section(res: Results, method: str, out: Path) -> tuple[list[str], dict[str, Path]]:
+    logs: dict[str, RoutingLog] = {}
+    for t in res.tasks:
+        log = _routing_log(res.chosen.get((t, method)))
+        if log is not None:
+            logs[t] = log
+    title = {"molf": "MoLF: FFT expert vs LoRA expert", "molf-e": "MoLF-E: between the two ranks"}
+    lines = [f"### {title.get(method, method)}", ""]
+    if not logs:
+        return lines + ["No routing logs (no finished cell of this method).", ""], {}
+    experts = next(iter(logs.values())).expert_names
+    first = experts[0]
+    rest = ", ".join(experts[1:])
+    paths = {
+        f"{method}_steps": plot_share_over_steps(
+            logs,
+            0,
+            f"{_name(method)}: share of modules routed to {first}",
+            out / f"routing_{method}_steps.png",
+        ),
+        f"{method}_layers": plot_layer_heatmaps(
+            logs,
+            0,
+            f"{_name(method)}: share routed to {first} by layer and step",
+            out / f"routing_{method}_layers.png",
+        ),
+        f"{method}_types": plot_type_shares(
+            {t: type_shares(log, 0) for t, log in logs.items()},
+            f"{_name(method)}: share routed to {first} per module type",
+            out / f"routing_{method}_types.png",
+        ),
+    }
+    lines += [
+        f"Share of (module, step) updates routed to **{first}** (the rest went to {rest}), from "
+        "each task's chosen cell's routing log.",
+        "",
+        f"![{first} share over steps]({paths[f'{method}_steps'].name})",
+        f"![{first} share by layer and step]({paths[f'{method}_layers'].name})",
+        f"![{first} share per module type]({paths[f'{method}_types'].name})",
+        "",
+    ]
+    types = list(dict.fromkeys(t for log in logs.values() for t in type_shares(log, 0)))
+    header = ["task", "steps", "overall", "first quarter", "last quarter", *types]
+    rows = []
+    for t, log in logs.items():
+        n = len(log.records)
+        q = max(1, n // 4)
+        shares = type_shares(log, 0)
+        rows.append(
+            [
+                t,
+                str(n),
+                _pct(expert_share(log, 0)),
+                _pct(expert_share(log, 0, slice(0, q))),
+                _pct(expert_share(log, 0, slice(n - q, n))),
+                *[_pct(shares.get(ty)) for ty in types],
+            ]
+        )
+    lines += _md_table(header, rows) + [""]
+    return lines, paths
+
+
+def write_report(
+    out_dir: str | Path,
+    tasks: list[str],
+    methods: list[str],
+    meta: dict[str, Any] | None = None,
+) -> dict[str, Path]:
+    """Write results.csv/md, cells.csv, report.md and the PNGs into `out_dir`; return their paths.
+
+    `meta` may carry: command, model, budget, seed, wall_seconds (of this invocation), notes.
+    """
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    meta = dict(meta or {})
+    res = load_results(out, tasks, methods)
+    paths = write_results(res, out)
+    verdicts = claims(res)
+    done = [c for c in res.cells if c.status == "done"]
+    compute = sum(float((c.summary or {}).get("wall_seconds") or 0.0) for c in done)
+    cpu = sum(c.cpu_seconds or 0.0 for c in done)
+    versions = package_versions()
+    lines = [f"# MoLF comparison: {meta.get('model', '?')}, budget {meta.get('budget', '?')}", ""]
+    if meta.get("command"):
+        lines += [f"- command: `{meta['command']}`"]
+    lines += [
+        f"- tasks: {', '.join(tasks)}; methods: {', '.join(_name(m) for m in methods)}; "
+        f"seed {meta.get('seed', '?')}",
+        "- versions: " + ", ".join(f"{k} {v}" for k, v in versions.items()),
+    ]
+    if "wall_seconds" in meta:
+        wall = f"- wall time: {meta['wall_seconds']:.0f} s this invocation"
+        if meta.get("report_only"):
+            wall = "- wall time: report rebuilt from the cells on disk (--report-only)"
+        if meta.get("grid_wall_seconds"):
+            total = float(meta["grid_wall_seconds"])
+            wall += f", {total:.0f} s ({total / 3600:.2f} h) over all invocations of this grid"
+        lines.append(wall)
+    lines += [
+        f"- compute in finished cells: {compute:.0f} s wall ({compute / 3600:.2f} h)"
+        + (f", {cpu:.0f} s CPU" if any(c.cpu_seconds is not None for c in done) else "")
+        + f", over {len(done)} cells, learning-rate candidates included",
+        f"- cells: {len(done)} done, {sum(c.status == 'failed' for c in res.cells)} failed, "
+        f"{sum(c.status == 'interrupted' for c in res.cells)} unfinished",
+    ]
+    for note in meta.get("notes", []):
+        lines.append(f"- {note}")
+    header, rows = results_table(res)
+    lines += [
+        "",
+        "## Results",
+        "",
+        "Each task's headline metric (in the column header) on its test split, in points "
+        "(percent). Each method's learning rate was picked per task from its grid on the "
+        "validation split's headline metric (column 'LR'; '(of n)': candidates compared); the "
+        "test split never took part in the choice. Mean: over tasks, when all are present.",
+        "",
+        *_md_table(header, rows),
+        "",
+        *claim_lines(res, verdicts),
+        "## Routing dynamics",
+        "",
+    ]
+    if "molf" not in methods and "molf-e" not in methods:
+        lines += ["MoLF and MoLF-E are not in this grid: no routing to show.", ""]
+    for method in ("molf", "molf-e"):
+        if method in methods:
+            section, plots = _routing_section(res, method, out)
+            lines += section
+            paths.update({f"routing_{k}": v for k, v in plots.items()})
+    lines += ["## Training loss", ""]
+    loss_png = plot_loss_curves(res, out / "loss_curves.png")
+    if loss_png:
+        paths["loss_curves"] = loss_png
+        lines.append("Training loss per optimizer step of each method's chosen cell.")
+        if "adalora" in methods:
+            lines[-1] += (
+                " AdaLoRA's curve includes PEFT's orthogonality regulariser (added to the loss by "
+                "AdaLoraModel.forward), so it sits above the others by that term."
+            )
+        lines.append("")
+        lines += [f"![training loss]({loss_png.name})", ""]
+    else:
+        lines += ["No loss curves (no finished cell).", ""]
+    lines += ["## Efficiency", ""]
+    rows = []
+    for m in methods:
+        for t in tasks:
+            cell = res.chosen[(t, m)]
+            if cell is None:
+                continue
+            s = cell.summary or {}
+            rows.append(
+                [
+                    _name(m),
+                    t,
+                    str(s.get("steps", "n/a")),
+                    _num(s.get("tokens_per_s")),
+                    _num(s.get("peak_memory_mb"), ".0f"),
+                    _num(s.get("wall_seconds"), ".0f"),
+                    _num(cell.cpu_seconds, ".0f"),
+                ]
+            )
+    if rows:
+        lines += [
+            "Chosen cells. Tokens/s: training tokens over optimizer-step time. Peak memory: "
+            "the cell process's peak resident set on CPU (in-process cells: reset before each "
+            "cell where the OS allows) or torch's peak allocation on GPU. Wall time includes "
+            "loading, evaluation and saving; CPU time (all threads) is what the cell costs on "
+            "an unshared machine.",
+            "",
+            *_md_table(
+                ["method", "task", "steps", "tokens/s", "peak memory (MB)", "wall (s)", "CPU (s)"],
+                rows,
+            ),
+            "",
+        ]
+    eff_png = plot_efficiency(res, out / "efficiency.png")
+    if eff_png:
+        paths["efficiency"] = eff_png
+        lines += [f"![tokens/s and peak memory]({eff_png.name})", ""]
+    lines += ["## Learning-rate search (every candidate)", ""]
+    rows = []
+    for (t, m), group in res.groups.items():
+        for c in group:
+            rows.append(
+                [
+                    t,
+                    _name(m),
+                    c.lr_text,
+                    c.status,
+                    _pts(_times100(c.score("validation"))),
+                    _pts(_times100(c.score("after"))),
+                    "yes" if c is res.chosen[(t, m)] else "",
+                ]
+            )
+    if rows:
+        lines += _md_table(
+            ["task", "method", "LR", "status", "validation", "test", "chosen"], rows
+        ) + [""]
+    else:
+        lines += ["No cells yet.", ""]
+    problems = [c for c in res.cells if c.status != "done"]
+    if problems:
+        lines += ["## Failed or unfinished cells", ""]
+        for c in problems:
+            why = c.error or "started but never finished (interrupted or killed)"
+            lines.append(f"- `{c.task}/{c.method}/{c.label}`: {c.status}: {why}")
+        lines.append("")
+    lines += [
+        "Files: [results.csv](results.csv), [results.md](results.md), [cells.csv](cells.csv); "
+        "per cell: `cells/<task>/<method>/lr-<x>/` (summary.json, metrics.jsonl, routing.jsonl).",
+        "",
+    ]
+    paths["report"] = out / "report.md"
+    paths["report"].write_text("\n".join(lines))
+    return paths

@@ -1,0 +1,400 @@
+"""`molf compare`: the smoke grid end to end, and the report code on synthetic cells and logs."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+import molf.train
+from molf.cli import main
+from molf.compare import BUDGETS, _collect, check_finished, parse_lr_grid, plan_grid
+from molf.errors import MolfError
+from molf.report import (
+    METHOD_NAMES,
+    choose,
+    claims,
+    expert_share,
+    format_lr,
+    layer_step_matrix,
+    load_results,
+    read_cell,
+    type_shares,
+    write_report,
+)
+from molf.routing import RoutingLog
+
+METHODS = ["fft", "lora", "adalora", "molf", "molf-e"]
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def _csv_rows(path: Path) -> list[dict[str, str]]:
+    with path.open() as f:
+        return list(csv.DictReader(f))
+
+
+def _table_row(md: str, first_cell: str) -> list[str]:
+    for line in md.splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if line.startswith("|") and cells[0] == first_cell:
+            return cells
+    raise AssertionError(f"no table row starting with {first_cell!r}")
+
+
+# -- the smoke grid, end to end --------------------------------------------------------------------
+def test_smoke_grid_end_to_end(tmp_path, monkeypatch, capsys):
+    out = tmp_path / "grid"
+    tasks = ["fact-geo", "med-icd10"]  # spider-dev's 128-token generations cost most; see docs
+    argv = ["compare", "--budget", "smoke", "--tasks", ",".join(tasks), "--output-dir", str(out)]
+    real_run = molf.train.run
+
+    def flaky_run(cfg, *args, **kwargs):
+        if cfg.task == "med-icd10" and cfg.method == "adalora":
+            raise RuntimeError("synthetic failure")
+        return real_run(cfg, *args, **kwargs)
+
+    # first invocation: one cell fails, the others still run and the report is written
+    monkeypatch.setattr(molf.train, "run", flaky_run)
+    threads = torch.get_num_threads()
+    assert main(argv) == 1
+    assert torch.get_num_threads() == threads  # the smoke budget's 1 thread is undone
+    failed = out / "cells" / "med-icd10" / "adalora" / "lr-1e-3"
+    assert "RuntimeError: synthetic failure" in (failed / "FAILED").read_text()
+    assert not (failed / "summary.json").exists()
+    first_md = (out / "report.md").read_text()
+    assert "med-icd10/adalora/lr-1e-3`: failed: RuntimeError: synthetic failure" in first_md
+    assert _table_row((out / "results.md").read_text(), "AdaLoRA")[-1] == "failed"
+    done = sorted(out.glob("cells/*/*/*/summary.json"))
+    assert len(done) == 11  # 2 tasks x 5 methods + a second LoRA learning rate, minus the failure
+    mtimes = {p: p.stat().st_mtime_ns for p in done}
+    capsys.readouterr()
+
+    # second invocation: finished cells are skipped, the failed one is retried
+    monkeypatch.setattr(molf.train, "run", real_run)
+    assert main(argv) == 0
+    printed = capsys.readouterr().out
+    assert printed.count("done before, skipped") == 11
+    assert "med-icd10/adalora/lr-1e-3: done in" in printed
+    assert all(p.stat().st_mtime_ns == t for p, t in mtimes.items())
+    assert not (failed / "FAILED").exists() and (failed / "summary.json").exists()
+
+    # the tables hold each pair's numbers, with the learning rate chosen on validation
+    results = {r["method"]: r for r in _csv_rows(out / "results.csv")}
+    results_md = (out / "results.md").read_text()
+    report = (out / "report.md").read_text()
+    for method in METHODS:
+        md_row = _table_row(results_md, METHOD_NAMES[method])
+        scores = []
+        for i, task in enumerate(tasks):
+            summaries = {
+                p.parent.name: json.loads(p.read_text())
+                for p in (out / "cells" / task / method).glob("*/summary.json")
+            }
+            headline = next(iter(summaries.values()))["headline_metric"]
+            best_val = max(s["validation"][headline] for s in summaries.values())
+            picked = [
+                name
+                for name, s in summaries.items()
+                if s["validation"][headline] == best_val
+                and pytest.approx(100 * s["after"][headline], abs=1e-3)
+                == float(results[method][task])
+            ]
+            assert picked, f"{task}/{method}: reported score is not a validation-best candidate"
+            lr_key = "lr_fft" if method == "fft" else "lr_lora"
+            assert f"{lr_key}=" in results[method][f"lr_{task}"]
+            assert md_row[1 + i] == f"{float(results[method][task]):.1f}"
+            scores.append(float(results[method][task]))
+        assert float(results[method]["mean"]) == pytest.approx(sum(scores) / len(scores), abs=1e-3)
+    assert len(_table_row(results_md, "LoRA")[-1].split("(of 2)")) == 2  # 2 candidates compared
+    cells = _csv_rows(out / "cells.csv")
+    assert len(cells) == 12 and sum(int(c["chosen"]) for c in cells) == 10
+
+    # the report: command, versions, claims computed from the numbers, plots that exist
+    assert "--budget smoke" in report and f"torch {torch.__version__}" in report
+    fft = {t: float(results["fft"][t]) for t in tasks}
+    lora = {t: float(results["lora"][t]) for t in tasks}
+    claims_md = report.split("## Paper claims")[1].split("## Routing")[0]
+    molf_table, molf_e_table = claims_md.split("**Claim 1")
+    for t in tasks:
+        gap = float(results["molf"][t]) - max(fft[t], lora[t])
+        assert _table_row(molf_table, t)[-1] == f"{gap:+.1f}"
+        diff = float(results["molf-e"][t]) - float(results["adalora"][t])
+        assert _table_row(molf_e_table, t)[-1] == f"{diff:+.1f}"
+    assert "**Claim 1 (MoLF within 1.5 points" in report
+    assert "**Claim 2 (MoLF-E ahead of AdaLoRA" in report
+    for name in [
+        "routing_molf_steps.png",
+        "routing_molf_layers.png",
+        "routing_molf_types.png",
+        "routing_molf-e_steps.png",
+        "routing_molf-e_layers.png",
+        "routing_molf-e_types.png",
+        "loss_curves.png",
+        "efficiency.png",
+    ]:
+        assert (out / name).read_bytes()[:8] == PNG_MAGIC
+        assert f"]({name})" in report
+    # routing numbers in the report are those of the chosen MoLF cell's log
+    log = RoutingLog.read_jsonl(out / "cells" / "fact-geo" / "molf" / "lr-1e-3" / "routing.jsonl")
+    row = _table_row(report.split("### MoLF: FFT")[1], "fact-geo")
+    assert row[2] == f"{100 * expert_share(log, 0):.1f}%"
+    # model weights are kept only for the chosen candidate of each pair
+    lora_dirs = [d for d in (out / "cells" / "fact-geo" / "lora").iterdir() if d.is_dir()]
+    assert sum((d / "final").exists() for d in lora_dirs) == 1
+
+
+# -- planning --------------------------------------------------------------------------------------
+def test_plan_small_budget_grids_and_fairness(tmp_path):
+    cells = plan_grid("small", ["fact-geo", "med-icd10", "spider-dev"], METHODS, tmp_path)
+    assert len(cells) == 30  # 10 learning-rate candidates per task
+    by_pair: dict[tuple[str, str], list] = {}
+    for c in cells:
+        by_pair.setdefault((c.task, c.method), []).append(c)
+    assert [c.lrs["lr_fft"] for c in by_pair[("fact-geo", "fft")]] == [1e-4, 5e-5]
+    assert [c.lrs for c in by_pair[("fact-geo", "molf")]] == [
+        {"lr_fft": 1e-4, "lr_lora": 1e-4},
+        {"lr_fft": 5e-5, "lr_lora": 5e-5},
+    ]
+    assert [c.directory.name for c in by_pair[("med-icd10", "lora")]] == ["lr-5e-4", "lr-5e-5"]
+    for task in ("fact-geo", "med-icd10", "spider-dev"):
+        same = {
+            (c.config.n_train, c.config.n_val, c.config.n_test, c.config.epochs, c.config.seed)
+            for c in cells
+            if c.task == task
+        }
+        assert len(same) == 1  # every method: same data, steps and evaluation
+        assert sum(c.config.eval_before for c in cells if c.task == task) == 1
+    assert all(c.config.model == "smollm2-135m" for c in cells)
+    assert cells[0].directory == tmp_path / "cells" / "fact-geo" / "fft" / "lr-1e-4"
+    paper = plan_grid("paper", ["fact-geo"], ["fft", "molf"], tmp_path)
+    assert paper[0].config.model == "google/gemma-3-1b-pt"
+    assert [c.lrs["lr_fft"] for c in paper] == [1e-4, 5e-5, 2e-5, 5e-5]  # MoLF: 5e-5 only
+    assert (paper[0].config.batch_size, paper[0].config.grad_accum) == (8, 4)
+    assert paper[0].config.n_train is None
+
+
+def test_plan_overrides_and_errors(tmp_path):
+    cells = plan_grid("small", ["fact-geo"], ["lora", "molf"], tmp_path, overrides=["lr_lora=1e-4"])
+    assert [(c.method, c.lrs) for c in cells] == [
+        ("lora", {"lr_lora": 1e-4}),
+        ("molf", {"lr_fft": 1e-4, "lr_lora": 1e-4}),
+    ]
+    assert cells[1].directory.name == "lr-1e-4"
+    cells = plan_grid("smoke", ["fact-geo"], ["lora"], tmp_path, overrides=["n_train=6"])
+    assert all(c.config.n_train == 6 for c in cells) and len(cells) == 2
+    assert len(plan_grid("small", ["fact-geo"], METHODS, tmp_path, lr_grid="off")) == 5
+    assert parse_lr_grid("fft=1e-3/1e-3/2e-3", BUDGETS["small"])["fft"] == (1e-3, 2e-3)
+    with pytest.raises(MolfError, match="n_val=0"):
+        plan_grid("smoke", ["fact-geo"], ["lora"], tmp_path, overrides=["n_val=0"])
+    with pytest.raises(MolfError, match="compare sets 'task'"):
+        plan_grid("smoke", ["fact-geo"], ["lora"], tmp_path, overrides=["task=med-icd10"])
+    with pytest.raises(MolfError, match="unknown method 'sgd'"):
+        plan_grid("smoke", ["fact-geo"], ["lora"], tmp_path, lr_grid="sgd=1e-3")
+    with pytest.raises(MolfError, match="unknown config key 'lr_lroa'"):
+        plan_grid("smoke", ["fact-geo"], ["lora"], tmp_path, overrides=["lr_lroa=1e-3"])
+    with pytest.raises(MolfError, match="unknown task"):
+        plan_grid("smoke", ["nope"], ["lora"], tmp_path)
+    # a finished cell run with another config is refused, naming the key
+    cell = plan_grid("smoke", ["fact-geo"], ["fft"], tmp_path)[0]
+    cell.directory.mkdir(parents=True)
+    old = cell.config.to_dict() | {"n_train": 99}
+    (cell.directory / "summary.json").write_text(json.dumps({"config": old}))
+    with pytest.raises(MolfError, match="n_train: 99 there, 8 now"):
+        check_finished([cell])
+    assert main(["compare", "--budget", "smoke", "--output-dir", str(tmp_path), "x=1"]) == 2
+
+
+def test_format_lr():
+    assert [format_lr(v) for v in (5e-5, 1e-4, 2.5e-4, 1.0, 3e-10)] == [
+        "5e-5",
+        "1e-4",
+        "2.5e-4",
+        "1e0",
+        "3e-10",
+    ]
+
+
+# -- the report on synthetic cells -----------------------------------------------------------------
+TYPES = [("self_attn", t) for t in "qkvo"] + [("mlp", t) for t in ("gate", "up", "down")]
+
+
+def _synthetic_log() -> RoutingLog:
+    """2 layers x 7 types, 4 steps. FFT wins everything in layer 0, and q/k of layer 1 from step 3
+    on; layer 1's down projection is inactive at step 1."""
+    names = [f"model.layers.{li}.{blk}.{t}_proj" for li in (0, 1) for blk, t in TYPES]
+    log = RoutingLog(names, ["fft", "lora_r8"])
+    for step in (1, 2, 3, 4):
+        winners = torch.zeros(len(names), 2, dtype=torch.bool)
+        active = torch.ones(len(names), dtype=torch.bool)
+        for i, name in enumerate(names):
+            layer, kind = int(name.split(".")[2]), name.rsplit(".", 1)[1][:-5]
+            fft = layer == 0 or (kind in ("q", "k") and step >= 3)
+            winners[i, 0 if fft else 1] = True
+            if name == "model.layers.1.mlp.down_proj" and step == 1:
+                active[i] = False
+        log.append(step, winners, torch.rand(len(names), 2), active)
+    return log
+
+
+def test_routing_shares_of_a_synthetic_log(tmp_path):
+    log = _synthetic_log()
+    log.write_jsonl(tmp_path / "routing.jsonl")
+    log = RoutingLog.read_jsonl(tmp_path / "routing.jsonl")
+    assert expert_share(log, 0) == pytest.approx((7 + 7 + 9 + 9) / (13 + 14 + 14 + 14))
+    assert expert_share(log, 0, slice(0, 1)) == pytest.approx(7 / 13)
+    assert expert_share(log, 1, slice(3, 4)) == pytest.approx(5 / 14)
+    layers, steps, matrix = layer_step_matrix(log, 0)
+    assert layers == [0, 1] and steps == [1, 2, 3, 4]
+    assert matrix.flatten().tolist() == pytest.approx([1, 1, 1, 1, 0, 0, 2 / 7, 2 / 7])
+    shares = type_shares(log, 0)
+    assert list(shares) == ["q", "k", "v", "o", "gate", "up", "down"]
+    assert shares == pytest.approx(
+        {"q": 0.75, "k": 0.75, "v": 0.5, "o": 0.5, "gate": 0.5, "up": 0.5, "down": 4 / 7}
+    )
+    assert type_shares(log, 1)["down"] == pytest.approx(3 / 7)
+
+
+def _fake_cell(root, task, method, label, lrs, headline, val, test, log=None, before=None):
+    d = root / "cells" / task / method / label
+    d.mkdir(parents=True)
+    summary = {
+        "method": method,
+        "task": task,
+        "headline_metric": headline,
+        "before": {headline: before} if before is not None else {},
+        "after": {headline: test, "other": 0.123},
+        "validation": {headline: val},
+        "steps": 4,
+        "final_loss": 1.0,
+        "tokens_per_s": 100.0 + len(method),
+        "peak_memory_mb": 1000.0 + 10 * len(method),
+        "wall_seconds": 5.0,
+        "config": dict(lrs),
+    }
+    (d / "summary.json").write_text(json.dumps(summary))
+    (d / "metrics.jsonl").write_text(
+        "".join(json.dumps({"step": s, "loss": 3.0 - 0.5 * s}) + "\n" for s in (1, 2, 3, 4))
+    )
+    if log is not None:
+        log.write_jsonl(d / "routing.jsonl")
+    return d
+
+
+def test_report_on_synthetic_grid(tmp_path):
+    tasks = ["fact-geo", "med-icd10"]
+    heads = {"fact-geo": "efficacy_score", "med-icd10": "accuracy"}
+    log = _synthetic_log()
+    scores = {  # test scores; MoLF trails max(FFT, LoRA) by 1.0 on fact, 3.0 on med
+        "fact-geo": {"fft": 0.60, "molf": 0.59, "adalora": 0.30, "molf-e": 0.50},
+        "med-icd10": {"fft": 0.40, "lora": 0.50, "molf": 0.47, "adalora": 0.45, "molf-e": 0.46},
+    }
+    for task in tasks:
+        for method, test in scores[task].items():
+            key = {"lr_fft": 5e-5} if method == "fft" else {"lr_lora": 5e-5}
+            routed = log if method in ("molf", "molf-e") else None
+            _fake_cell(tmp_path, task, method, "lr-5e-5", key, heads[task], 0.5, test, routed, 0.1)
+    # fact LoRA: the validation-best candidate has the worse test score; it must still be chosen
+    _fake_cell(
+        tmp_path, "fact-geo", "lora", "lr-5e-4", {"lr_lora": 5e-4}, heads["fact-geo"], 0.9, 0.55
+    )
+    _fake_cell(
+        tmp_path, "fact-geo", "lora", "lr-5e-5", {"lr_lora": 5e-5}, heads["fact-geo"], 0.5, 0.80
+    )
+    failed = tmp_path / "cells" / "fact-geo" / "adalora" / "lr-5e-4"
+    failed.mkdir(parents=True)
+    (failed / "FAILED").write_text("RuntimeError: out of patience\n\ntraceback...")
+
+    paths = write_report(
+        tmp_path,
+        tasks,
+        METHODS,
+        {"command": "molf compare --budget x", "model": "m", "budget": "x", "seed": 0},
+    )
+    res = load_results(tmp_path, tasks, METHODS)
+    assert res.chosen[("fact-geo", "lora")].label == "lr-5e-4"
+    assert res.score("fact-geo", "lora") == pytest.approx(55.0)
+    assert res.chosen[("fact-geo", "adalora")].label == "lr-5e-5"
+    c = claims(res)
+    assert c["molf_gap"] == pytest.approx({"fact-geo": -1.0, "med-icd10": -3.0})
+    assert c["molf_e_minus_adalora"] == pytest.approx({"fact-geo": 20.0, "med-icd10": 1.0})
+    assert c["claim1"]["verdict"] == "NOT HELD" and c["claim1"]["failed"] == ["med-icd10"]
+    assert c["claim2"]["verdict"] == "HELD"
+
+    rows = {r["method"]: r for r in _csv_rows(paths["results_csv"])}
+    assert float(rows["lora"]["fact-geo"]) == pytest.approx(55.0)
+    assert rows["lora"]["lr_fact-geo"] == "lr_lora=0.0005"
+    assert float(rows["molf"]["mean"]) == pytest.approx(53.0)
+    assert float(rows["base"]["fact-geo"]) == pytest.approx(10.0)
+    md = paths["report"].read_text()
+    assert _table_row(md, "LoRA")[1:4] == ["55.0", "50.0", "52.5"]
+    assert "5e-4 (of 2)" in _table_row(md, "LoRA")
+    assert (
+        "**Claim 1 (MoLF within 1.5 points of the better of FFT and LoRA on every task): "
+        "NOT HELD**; worst gap -3.0 points (more than 1.5 points behind on med-icd10 (-3.0))." in md
+    )
+    assert (
+        "**Claim 2 (MoLF-E ahead of AdaLoRA on every task): HELD**; mean difference "
+        "+10.5 points." in md
+    )
+    assert "`fact-geo/adalora/lr-5e-4`: failed: RuntimeError: out of patience" in md
+    routing = md.split("### MoLF: FFT")[1].split("###")[0]
+    assert _table_row(routing, "fact-geo") == [
+        "fact-geo",
+        "4",
+        f"{100 * 32 / 55:.1f}%",
+        f"{100 * 7 / 13:.1f}%",
+        f"{100 * 9 / 14:.1f}%",
+        "75.0%",
+        "75.0%",
+        "50.0%",
+        "50.0%",
+        "50.0%",
+        "50.0%",
+        f"{100 * 4 / 7:.1f}%",
+    ]
+    for key in ("routing_molf_steps", "routing_molf-e_layers", "loss_curves", "efficiency"):
+        assert paths[key].read_bytes()[:8] == PNG_MAGIC
+
+    # claim 1 with a missing cell is not judged rather than silently held
+    for d in (tmp_path / "cells" / "med-icd10" / "fft").iterdir():
+        (d / "summary.json").unlink()
+    c = claims(load_results(tmp_path, tasks, METHODS))
+    assert c["claim1"]["verdict"] == "NOT JUDGED" and c["claim1"]["missing"] == ["med-icd10"]
+
+
+def test_choose_uses_validation_then_training_loss(tmp_path):
+    a = _fake_cell(tmp_path, "t", "lora", "lr-1e-3", {}, "acc", 0.5, 0.9)
+    b = _fake_cell(tmp_path, "t", "lora", "lr-1e-4", {}, "acc", 0.5, 0.1)
+    summary = json.loads((b / "summary.json").read_text()) | {"final_loss": 0.5}
+    (b / "summary.json").write_text(json.dumps(summary))
+    cells = [read_cell(d, "t", "lora") for d in (a, b)]
+    assert choose(cells).directory == b  # tie on validation: lower training loss
+    c = _fake_cell(tmp_path, "t", "lora", "lr-1e-5", {}, "acc", 0.6, 0.0)
+    cells.append(read_cell(c, "t", "lora"))
+    assert choose(cells).directory == c
+
+
+def test_cells_in_subprocesses(tmp_path, capsys):
+    out = tmp_path / "grid"
+    argv = ["compare", "--budget", "smoke", "--tasks", "fact-geo", "--methods", "lora"]
+    assert main([*argv, "--jobs", "2", "--output-dir", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "2 at a time in subprocesses" in printed
+    for label in ("lr-1e-3", "lr-1e-4"):
+        d = out / "cells" / "fact-geo" / "lora" / label
+        summary = json.loads((d / "summary.json").read_text())
+        assert summary["config"]["lr_lora"] == float(label[3:])
+        assert (d / "log.txt").exists() and not (d / "RUNNING").exists()
+    assert "cells run 2 at a time, each in its own process" in (out / "report.md").read_text()
+
+    # a cell process that dies without a result is recorded as failed, not lost
+    cell = plan_grid("smoke", ["med-icd10"], ["fft"], out)[0]
+    cell.directory.mkdir(parents=True)
+    (cell.directory / "RUNNING").write_text("{}")
+    outcome = _collect(cell, -9, 1.0)
+    assert outcome.status == "failed" and "killed by signal 9" in outcome.error
+    assert "killed by signal 9" in (cell.directory / "FAILED").read_text()
+    assert not (cell.directory / "RUNNING").exists()
