@@ -58,14 +58,19 @@ def verify(directory: Path) -> str | None:
 
 
 def atomic_directory(
-    final: Path, fill: Callable[[Path], None], manifest_extra: dict | None = None
+    final: Path,
+    fill: Callable[[Path], None],
+    manifest_extra: dict | None = None,
+    manifest: bool = True,
 ) -> Path:
-    """Write a directory atomically: `fill(tmp)` writes the files, then manifest, fsync, rename."""
+    """Write a directory atomically: `fill(tmp)` writes the files, then the manifest (unless
+    `manifest=False`, for directories other tools read), fsync, rename over `final`."""
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{final.name}-", dir=final.parent))
     try:
         fill(tmp)
-        write_manifest(tmp, manifest_extra)
+        if manifest:
+            write_manifest(tmp, manifest_extra)
         for p in tmp.rglob("*"):
             if p.is_file():
                 with p.open("rb") as f:
