@@ -11,7 +11,6 @@ import re
 import subprocess
 import sys
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 import torch
@@ -19,76 +18,19 @@ import torch
 from molf.errors import MolfError
 from molf.tasks import build_task, get_task
 from molf.tasks.med import TASK, format_prompt
+from tests.fakes import FakeTokenizer, OracleLM
 
 # simple_icd_10_cm reads its data with a deprecated importlib.resources API
 pytestmark = pytest.mark.filterwarnings("ignore:.*deprecated. Use files:DeprecationWarning")
 
 # --------------------------------------------------------------------------- fakes
 
-VOCAB = 128
 
-
-class LineTokenizer:
+class LineTokenizer(FakeTokenizer):
     """Splits on spaces and keeps newlines as tokens, so prompts round-trip exactly."""
 
     def __init__(self) -> None:
-        self.vocab = {"<pad>": 0, "</s>": 1}
-        self.words = ["<pad>", "</s>"]
-        self.padding_side = "right"
-        self.pad_token: str | None = "<pad>"
-        self.eos_token = "</s>"
-
-    @property
-    def pad_token_id(self) -> int | None:
-        return None if self.pad_token is None else self.vocab[self.pad_token]
-
-    def id(self, word: str) -> int:
-        if word not in self.vocab:
-            self.vocab[word] = len(self.words)
-            self.words.append(word)
-        assert len(self.words) < VOCAB
-        return self.vocab[word]
-
-    def encode(self, text: str) -> list[int]:
-        return [self.id(w) for w in re.findall(r"\n|[^ \n]+", text)]
-
-    def __call__(self, text, return_tensors=None, padding=False, add_special_tokens=True):
-        if isinstance(text, str):
-            ids = self.encode(text)
-            return {"input_ids": ids, "attention_mask": [1] * len(ids)}
-        rows = [self.encode(t) for t in text]
-        width = max(len(r) for r in rows)
-        ids, mask = [], []
-        for r in rows:
-            pad = [self.pad_token_id] * (width - len(r))
-            ids.append(pad + r if self.padding_side == "left" else r + pad)
-            ones, zeros = [1] * len(r), [0] * (width - len(r))
-            mask.append(zeros + ones if self.padding_side == "left" else ones + zeros)
-        return {"input_ids": torch.tensor(ids), "attention_mask": torch.tensor(mask)}
-
-
-class OracleLM(torch.nn.Module):
-    """Next-token logits looked up from the exact (unpadded) prefix; unknown prefixes: zeros."""
-
-    def __init__(self, tokenizer: LineTokenizer) -> None:
-        super().__init__()
-        self.tok = tokenizer
-        self.anchor = torch.nn.Parameter(torch.zeros(1))
-        self.table: dict[tuple[int, ...], dict[int, float]] = {}
-
-    def prefer(self, prefix: str, logits: dict[str, float]) -> None:
-        self.table[tuple(self.tok.encode(prefix))] = {self.tok.id(w): v for w, v in logits.items()}
-
-    def forward(self, input_ids, attention_mask):
-        out = torch.zeros(*input_ids.shape, VOCAB)
-        for b in range(input_ids.shape[0]):
-            seen: list[int] = []
-            for t in range(input_ids.shape[1]):
-                if attention_mask[b, t]:
-                    seen.append(int(input_ids[b, t]))
-                    for k, v in self.table.get(tuple(seen), {}).items():
-                        out[b, t, k] = v
-        return SimpleNamespace(logits=out)
+        super().__init__(r"\n|[^ \n]+")
 
 
 def mcq(question: str, answer: int) -> dict:
