@@ -35,8 +35,11 @@ Budgets (`BUDGETS`):
   busy 2-core machine two-thread torch loses most of its time spin-waiting; single-threaded
   parts -- generation, AdaLoRA's rank bookkeeping, saving -- keep the other core busy).
   Grids (the paper's, cut to 2 values; with <= 44 steps the smallest FFT value is the least
-  likely to win): FFT {1e-4, 5e-5}, LoRA, AdaLoRA and MoLF-E {5e-4, 5e-5}, and MoLF {1e-4,
-  5e-5} for both experts. The paper runs MoLF untuned at 5e-5, a value set for 2 epochs of
+  likely to win): FFT {1e-4, 5e-5}, LoRA and MoLF-E {5e-4, 5e-5}, AdaLoRA {5e-3, 5e-4} and
+  MoLF {1e-4, 5e-5} for both experts. AdaLoRA's grid is moved up a decade: peft starts its
+  singular values E at zero and scales the update by alpha / (current rank), so in ~40 steps
+  at the paper's values it barely leaves the untrained model's score; 5e-3 gives it a fair
+  chance and 5e-4, the paper's top value, stays in the grid. The paper runs MoLF untuned at 5e-5, a value set for 2 epochs of
   thousands of steps; at ~40 steps FFT's 1e-4 wins, so a MoLF held to 5e-5 would be compared
   with an FFT that got the better LR (measured on fact-geo: FFT 87.5 at 1e-4, 75.0 at 5e-5;
   MoLF 71.9 at 5e-5). MoLF gets FFT's two values instead; its 5e-5 cell stays in the report's
@@ -183,7 +186,7 @@ BUDGETS: dict[str, Budget] = {
         lr_grids={
             "fft": (1e-4, 5e-5),
             "lora": (5e-4, 5e-5),
-            "adalora": (5e-4, 5e-5),
+            "adalora": (5e-3, 5e-4),
             "molf": (1e-4, 5e-5),
             "molf-e": (5e-4, 5e-5),
         },
