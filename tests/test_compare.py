@@ -159,6 +159,8 @@ def test_plan_small_budget_grids_and_fairness(tmp_path):
         {"lr_fft": 5e-5, "lr_lora": 5e-5},
     ]
     assert [c.directory.name for c in by_pair[("med-icd10", "lora")]] == ["lr-5e-4", "lr-5e-5"]
+    # AdaLoRA's grid sits a decade higher in the short budget (its E starts at zero)
+    assert [c.lrs["lr_lora"] for c in by_pair[("spider-dev", "adalora")]] == [5e-3, 5e-4]
     for task in ("fact-geo", "med-icd10", "spider-dev"):
         same = {
             (c.config.n_train, c.config.n_val, c.config.n_test, c.config.epochs, c.config.seed)
@@ -174,6 +176,8 @@ def test_plan_small_budget_grids_and_fairness(tmp_path):
     assert [c.lrs["lr_fft"] for c in paper] == [1e-4, 5e-5, 2e-5, 5e-5]  # MoLF: 5e-5 only
     assert (paper[0].config.batch_size, paper[0].config.grad_accum) == (8, 4)
     assert paper[0].config.n_train is None
+    paper_ada = plan_grid("paper", ["fact-geo"], ["adalora"], tmp_path)
+    assert [c.lrs["lr_lora"] for c in paper_ada] == [5e-4, 5e-5]  # the paper's grid
 
 
 def test_plan_overrides_and_errors(tmp_path):

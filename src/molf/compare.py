@@ -39,10 +39,10 @@ Budgets (`BUDGETS`):
   MoLF {1e-4, 5e-5} for both experts. AdaLoRA's grid is moved up a decade: peft starts its
   singular values E at zero and scales the update by alpha / (current rank), so in ~40 steps
   at the paper's values it barely leaves the untrained model's score; 5e-3 gives it a fair
-  chance and 5e-4, the paper's top value, stays in the grid. The paper runs MoLF untuned at 5e-5, a value set for 2 epochs of
-  thousands of steps; at ~40 steps FFT's 1e-4 wins, so a MoLF held to 5e-5 would be compared
-  with an FFT that got the better LR (measured on fact-geo: FFT 87.5 at 1e-4, 75.0 at 5e-5;
-  MoLF 71.9 at 5e-5). MoLF gets FFT's two values instead; its 5e-5 cell stays in the report's
+  chance and 5e-4, the paper's top value, stays in the grid. The paper runs MoLF untuned at
+  5e-5, a value set for 2 epochs of thousands of steps; at ~40 steps FFT's 1e-4 wins, so a
+  MoLF held to 5e-5 would be compared with an FFT that got the better LR (measured on
+  fact-geo: FFT 87.5 at 1e-4, 75.0 at 5e-5; MoLF 71.9 at 5e-5). MoLF gets FFT's two values instead; its 5e-5 cell stays in the report's
   candidate table (`--lr-grid molf=5e-5` reproduces the paper's protocol). So 10 candidates per
   task, 30 cells.
 

@@ -480,25 +480,15 @@ def claim_lines(res: Results, c: dict[str, Any]) -> list[str]:
             ]
         )
     lines += _md_table(["task", "MoLF", "FFT", "LoRA", "max(FFT, LoRA)", "MoLF gap (points)"], rows)
-    c1 = c["claim1"]
-    detail = []
-    if c1["failed"]:
-        detail.append(
-            "more than 1.5 points behind on "
-            + ", ".join(f"{t} ({c['molf_gap'][t]:+.1f})" for t in c1["failed"])
-        )
-    if c1["missing"]:
-        detail.append("not judged on " + ", ".join(c1["missing"]) + " (missing cells)")
     gaps = [v for v in c["molf_gap"].values() if v is not None]
-    worst = f"; worst gap {min(gaps):+.1f} points" if gaps else ""
-    lines += [
-        "",
-        f"**Claim 1 (MoLF within {CLAIM_TOLERANCE_POINTS} points of the better of FFT and LoRA "
-        f"on every task): {c1['verdict']}**{worst}"
-        + (f" ({'; '.join(detail)})" if detail else "")
-        + ".",
-        "",
-    ]
+    lines += _verdict_paragraph(
+        f"Claim 1 (MoLF within {CLAIM_TOLERANCE_POINTS} points of the better of FFT and LoRA "
+        "on every task)",
+        c["claim1"],
+        c["molf_gap"],
+        f"more than {CLAIM_TOLERANCE_POINTS} points behind on",
+        f"; worst gap {min(gaps):+.1f} points" if gaps else "",
+    )
     rows = [
         [
             t,
@@ -509,25 +499,35 @@ def claim_lines(res: Results, c: dict[str, Any]) -> list[str]:
         for t in res.tasks
     ]
     lines += _md_table(["task", "MoLF-E", "AdaLoRA", "MoLF-E - AdaLoRA (points)"], rows)
-    c2 = c["claim2"]
-    detail = []
-    if c2["failed"]:
-        detail.append(
-            "not ahead on "
-            + ", ".join(f"{t} ({c['molf_e_minus_adalora'][t]:+.1f})" for t in c2["failed"])
-        )
-    if c2["missing"]:
-        detail.append("not judged on " + ", ".join(c2["missing"]) + " (missing cells)")
     diffs = [v for v in c["molf_e_minus_adalora"].values() if v is not None]
-    mean = f"; mean difference {sum(diffs) / len(diffs):+.1f} points" if diffs else ""
-    lines += [
-        "",
-        f"**Claim 2 (MoLF-E ahead of AdaLoRA on every task): {c2['verdict']}**{mean}"
-        + (f" ({'; '.join(detail)})" if detail else "")
-        + ".",
-        "",
-    ]
+    lines += _verdict_paragraph(
+        "Claim 2 (MoLF-E ahead of AdaLoRA on every task)",
+        c["claim2"],
+        c["molf_e_minus_adalora"],
+        "not ahead on",
+        f"; mean difference {sum(diffs) / len(diffs):+.1f} points" if diffs else "",
+    )
     return lines
+
+
+def _verdict_paragraph(
+    claim: str,
+    verdict: dict[str, Any],
+    values: dict[str, float | None],
+    failed_words: str,
+    summary: str,
+) -> list[str]:
+    """One bold verdict line: the claim, HELD / NOT HELD / NOT JUDGED, a summary figure and
+    the tasks that failed (with their values) or could not be judged."""
+    detail = []
+    if verdict["failed"]:
+        detail.append(
+            failed_words + " " + ", ".join(f"{t} ({values[t]:+.1f})" for t in verdict["failed"])
+        )
+    if verdict["missing"]:
+        detail.append("not judged on " + ", ".join(verdict["missing"]) + " (missing cells)")
+    tail = f" ({'; '.join(detail)})" if detail else ""
+    return ["", f"**{claim}: {verdict['verdict']}**{summary}{tail}.", ""]
 
 
 # -- plots -----------------------------------------------------------------------------------------
