@@ -6,6 +6,7 @@ The model is the smollm2-135m architecture (LlamaConfig: hidden 576, intermediat
 
 from __future__ import annotations
 
+import argparse
 import ctypes
 import statistics
 import time
@@ -153,3 +154,26 @@ def describe_machine(device: torch.device) -> str:
         return f"{torch.cuda.get_device_name(device)}, torch {torch.__version__}"
     cap = torch.backends.cpu.get_cpu_capability()
     return f"cpu ({cap}), {torch.get_num_threads()} threads, torch {torch.__version__}"
+
+
+def base_parser(description: str, steps: int) -> argparse.ArgumentParser:
+    """The options every benchmark takes: device, model depth, timed steps, threads, clock."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--layers", type=int, default=30, help="decoder layers (30 = full)")
+    parser.add_argument("--steps", type=int, default=steps, help="timed steps per contender")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    parser.add_argument(
+        "--clock",
+        default="wall",
+        choices=["wall", "cpu"],
+        help="cpu: process CPU time, robust on a shared machine with --threads 1",
+    )
+    return parser
+
+
+def setup(args: argparse.Namespace) -> torch.device:
+    """Apply --threads and return the --device."""
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    return torch.device(args.device)

@@ -28,12 +28,14 @@ import time
 
 import torch
 from common import (
+    base_parser,
     count_syncs,
     describe_machine,
     fmt_bytes,
     interleaved_times,
     median,
     peak_extra_bytes,
+    setup,
     smollm2_135m,
     table,
 )
@@ -125,22 +127,10 @@ def bench_model(
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--layers", type=int, default=30, help="decoder layers (30 = full)")
-    parser.add_argument("--steps", type=int, default=20, help="timed steps per optimizer")
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    parser = base_parser(__doc__.splitlines()[0], steps=20)
     parser.add_argument("--backend", default="auto", choices=["auto", "native", "eager"])
-    parser.add_argument(
-        "--clock",
-        default="wall",
-        choices=["wall", "cpu"],
-        help="cpu: process CPU time, robust on a shared machine with --threads 1",
-    )
     args = parser.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    device = torch.device(args.device)
+    device = setup(args)
     print(
         f"optimizer step: smollm2-135m architecture, {args.layers} layers, fp32; median of "
         f"{args.steps} interleaved steps ({args.clock} clock); {describe_machine(device)}"

@@ -20,7 +20,6 @@ molf-e at most 1.1x lora r160 (the same FLOPs).
 
 from __future__ import annotations
 
-import argparse
 import copy
 import gc
 import sys
@@ -28,11 +27,13 @@ import time
 
 import torch
 from common import (
+    base_parser,
     describe_machine,
     fmt_bytes,
     interleaved_times,
     median,
     peak_extra_bytes,
+    setup,
     smollm2_135m,
     table,
 )
@@ -82,24 +83,12 @@ def state_bytes(model: nn.Module, opt: torch.optim.Optimizer) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--layers", type=int, default=30, help="decoder layers (30 = full)")
+    parser = base_parser(__doc__.splitlines()[0], steps=5)
     parser.add_argument("--batch", type=int, default=2)
     parser.add_argument("--seq", type=int, default=128)
-    parser.add_argument("--steps", type=int, default=5, help="timed steps per method")
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     parser.add_argument("--lora-dropout", type=float, default=0.05, help="LoRA and MoLF dropout")
-    parser.add_argument(
-        "--clock",
-        default="wall",
-        choices=["wall", "cpu"],
-        help="cpu: process CPU time, robust on a shared machine with --threads 1",
-    )
     args = parser.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    device = torch.device(args.device)
+    device = setup(args)
     print(
         f"train step: smollm2-135m architecture, {args.layers} layers, fp32, batch "
         f"{args.batch} x {args.seq} tokens; median of {args.steps} interleaved steps "
