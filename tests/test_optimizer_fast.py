@@ -8,14 +8,14 @@ import torch
 from torch import nn
 
 import molf
-import molf.optimizer as opt_mod
+from molf import _native
 from molf.scores import SCORES, Score
 from tests import test_optimizer_oracle as oracle
 from tests.conftest import tiny_causal_lm
 
-native_available = opt_mod._cpu_kernels() is not None
+native_available = _native.cpu_kernels() is not None
 needs_native = pytest.mark.skipif(
-    not native_available, reason=f"no native kernels: {opt_mod._KERNEL_STATE['error']}"
+    not native_available, reason=f"no native kernels: {_native.KERNEL_STATE['error']}"
 )
 
 
@@ -277,25 +277,38 @@ def test_backend_choice_and_its_errors(monkeypatch):
 
 
 def test_kernels_that_cannot_be_built_fall_back_to_eager(monkeypatch, tmp_path):
-    monkeypatch.setattr(opt_mod, "_KERNEL_STATE", {"lib": None, "error": None, "tried": False})
+    monkeypatch.setattr(_native, "KERNEL_STATE", {"lib": None, "error": None, "tried": False})
     monkeypatch.setenv("MOLF_CACHE_DIR", str(tmp_path))
     monkeypatch.setenv("CXX", "/bin/false")
-    assert opt_mod._cpu_kernels() is None
-    assert opt_mod._KERNEL_STATE["error"]
+    assert _native.cpu_kernels() is None
+    assert _native.KERNEL_STATE["error"]
     model = molf.wrap(nn.Sequential(nn.Linear(4, 4)), molf.MoLFConfig(lora_ranks=(2,)))
     assert molf.MoLFAdamW(model).backend == "eager"
     with pytest.raises(ValueError, match="could not be built"):
         molf.MoLFAdamW(model, backend="native")
 
 
+def test_missing_kernel_source_falls_back_to_eager(monkeypatch, tmp_path):
+    monkeypatch.setattr(_native, "KERNEL_STATE", {"lib": None, "error": None, "tried": False})
+    monkeypatch.setattr(_native, "KERNEL_SOURCE", tmp_path / "absent.cpp")
+    _native.kernel_source.cache_clear()
+    try:
+        assert _native.cpu_kernels() is None
+        assert "kernel source missing" in _native.KERNEL_STATE["error"]
+        model = molf.wrap(nn.Sequential(nn.Linear(4, 4)), molf.MoLFConfig(lora_ranks=(2,)))
+        assert molf.MoLFAdamW(model).backend == "eager"
+    finally:
+        _native.kernel_source.cache_clear()
+
+
 @needs_native
 def test_kernels_build_into_the_cache_dir(monkeypatch, tmp_path):
-    monkeypatch.setattr(opt_mod, "_KERNEL_STATE", {"lib": None, "error": None, "tried": False})
+    monkeypatch.setattr(_native, "KERNEL_STATE", {"lib": None, "error": None, "tried": False})
     monkeypatch.setenv("MOLF_CACHE_DIR", str(tmp_path))
-    assert opt_mod._cpu_kernels() is not None
+    assert _native.cpu_kernels() is not None
     built = list((tmp_path / "kernels").glob("molf_kernels_*.so"))
     assert len(built) == 1
-    assert opt_mod._cpu_kernels() is opt_mod._KERNEL_STATE["lib"]  # built once per process
+    assert _native.cpu_kernels() is _native.KERNEL_STATE["lib"]  # built once per process
 
 
 def test_batched_partials_equal_the_per_tensor_partials():

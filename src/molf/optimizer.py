@@ -22,24 +22,16 @@ Two implementations of that step (`backend`, see docs/performance.md):
 
 from __future__ import annotations
 
-import ctypes
-import hashlib
 import math
 import os
-import platform
-import shutil
-import subprocess
-import sys
-import tempfile
-import threading
 import warnings
 from collections.abc import Callable, Sequence
-from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
+from molf import _native
 from molf.distributed import check_model, make_score_reducer
 from molf.errors import MolfError
 from molf.layer import molf_modules
@@ -287,7 +279,7 @@ class MoLFAdamW(torch.optim.Optimizer):
             if not g.get("routed")
             for p in g["params"]
         ]
-        self._layout: _NativeLayout | None = None
+        self._layout: _native.NativeLayout | None = None
         self.backend = self._resolve_backend(backend, device)
         self._warned = False
 
@@ -304,12 +296,12 @@ class MoLFAdamW(torch.optim.Optimizer):
             why = f"the parameters are on {device.type}, the kernels run on CPU"
         elif self.score_fn.kernel is None:
             why = f"score '{self.score_fn.name}' has no kernel"
-        elif self._n_slots > _MAX_EXPERTS:
-            why = f"more than {_MAX_EXPERTS} experts per module"
+        elif self._n_slots > _native.MAX_EXPERTS:
+            why = f"more than {_native.MAX_EXPERTS} experts per module"
         elif any(type(p.data) is not torch.Tensor for p in self._flat_params):
             why = "the parameters are tensor subclasses (e.g. FSDP2's DTensor)"
-        elif _cpu_kernels() is None:
-            why = f"the C++ kernels could not be built ({_KERNEL_STATE['error']})"
+        elif _native.cpu_kernels() is None:
+            why = f"the C++ kernels could not be built ({_native.KERNEL_STATE['error']})"
         if why is None:
             return "native"
         if backend == "native":
@@ -529,9 +521,9 @@ class MoLFAdamW(torch.optim.Optimizer):
     def _step_native(self) -> str | None:
         """The whole step in one call of the C++ kernels; returns None, or why they cannot take
         it (nothing has changed then, and the caller steps eager)."""
-        lib = _cpu_kernels()
+        lib = _native.cpu_kernels()
         if lib is None:
-            return f"the kernels could not be built ({_KERNEL_STATE['error']})"
+            return f"the kernels could not be built ({_native.KERNEL_STATE['error']})"
         start = self._module_start
         routed_grads = [p.grad for p in self._flat_params]
         plain_grads = [p.grad for p, _ in self._plain]
@@ -548,7 +540,7 @@ class MoLFAdamW(torch.optim.Optimizer):
         if layout is not None and layout.key == key and layout.is_current(self.state):
             pointers = layout.grad_pointers(routed_grads, plain_grads, keep)
         if pointers is None:  # first step, other active set, new state or gradient dtypes
-            layout = _NativeLayout(self, key, routed_grads, plain_grads)
+            layout = _native.NativeLayout(self, key, routed_grads, plain_grads)
             if layout.why is not None:
                 return layout.why
             self._layout = layout
@@ -575,7 +567,7 @@ class MoLFAdamW(torch.optim.Optimizer):
             "scores": torch.zeros(n_mod, n_exp, dtype=f64),
             "winners": torch.zeros(n_mod, n_exp, dtype=torch.uint8),
         }
-        args = _KernelArgs(
+        args = _native.KernelArgs(
             n_mod=n_mod,
             n_exp=n_exp,
             n_plain=len(pg),
@@ -589,20 +581,20 @@ class MoLFAdamW(torch.optim.Optimizer):
         )
         scores = arrays["scores"]
         if self.score_reducer is None:
-            args.phase = _FUSED
-            _run_kernel(lib, args)
+            args.phase = _native.FUSED
+            _native.run_kernel(lib, args)
         else:
             # Distributed: every module's totals are reduced before any module picks its winners.
-            args.phase = _SCORE
-            _run_kernel(lib, args)
+            args.phase = _native.SCORE
+            _native.run_kernel(lib, args)
             totals = self.score_reducer(arrays["totals"])
             scores = self.score_fn.finalize(
                 totals, self._numel.to(totals.dtype), arrays["lr"].to(totals.dtype)[None, :]
             )
             winners = self._top_k(scores) & layout.arrays["active"].bool()[:, None]
             arrays["winners"].copy_(winners)
-            args.phase = _APPLY
-            _run_kernel(lib, args)
+            args.phase = _native.APPLY
+            _native.run_kernel(lib, args)
         if self.routing_log is not None and any(active):
             step_no = int(self.state[self._anchors[active.index(True)]]["step"])
             self.routing_log.append(
@@ -612,630 +604,3 @@ class MoLFAdamW(torch.optim.Optimizer):
                 layout.arrays["active"].bool(),
             )
         return None
-
-
-class _NativeLayout:
-    """What the kernels need that stays the same from step to step (pointers to parameters,
-    moments, step counts and win counters, sizes, dtypes), for one set of active modules and of
-    other parameters with gradients. Built once, checked every step, rebuilt when any of it
-    changes (another active set, `load_state_dict`, a parameter given new storage...)."""
-
-    def __init__(
-        self,
-        opt: MoLFAdamW,
-        key: tuple[tuple[bool, ...], tuple[bool, ...]],
-        routed_grads: list[torch.Tensor | None],
-        plain_grads: list[torch.Tensor | None],
-    ) -> None:
-        self.key = key
-        self.state = opt.state
-        self.why: str | None = None
-        # (param, its state, exp_avg, exp_avg_sq, step, param data pointer): checked every step
-        self.entries: list[tuple] = []
-        self.wins: list[tuple[dict, torch.Tensor]] = []
-        # per gradient slot: (index into the step's gradient list or -1, expected dtype, param)
-        self.routed_grads: list[tuple[int, torch.dtype | None, torch.Tensor | None]] = []
-        self.plain_grads: list[tuple[int, torch.dtype | None, torch.Tensor | None]] = []
-        self.plain_group: list[int] = []
-        cols: dict[str, list[int]] = {k: [] for k in _COLUMNS}
-        cols.update({"p" + k: [] for k in _COLUMNS[:-1]})  # the other parameters: no expert
-        active, plain_has = key
-        start = opt._module_start
-        wins = [0] * len(active)
-        for mi, is_active in enumerate(active):
-            for t in range(start[mi], start[mi + 1]):
-                p, _, j = opt._flat[t]
-                if not is_active:  # never read by the kernels, but every column keeps one row
-                    for col in _COLUMNS[:-1]:
-                        cols[col].append(0)
-                    cols["expert"].append(j)
-                    self.routed_grads.append((-1, None, None))
-                    continue
-                self.why = self._add(opt, cols, "", p, routed_grads[t], j, t, self.routed_grads)
-                if self.why is not None:
-                    return
-            if is_active:
-                st = opt.state[opt._anchors[mi]]
-                w = opt._wins(mi, torch.device("cpu"))
-                self.wins.append((st, w))
-                wins[mi] = w.data_ptr()
-        for i, ((p, gi), has) in enumerate(zip(opt._plain, plain_has)):
-            if has:
-                self.why = self._add(opt, cols, "p", p, plain_grads[i], 0, i, self.plain_grads)
-                if self.why is not None:
-                    return
-                self.plain_group.append(gi)
-        self.arrays = {k: torch.tensor(v, dtype=torch.int64) for k, v in cols.items()}
-        self.arrays["mod_start"] = torch.tensor(start, dtype=torch.int64)
-        self.arrays["active"] = torch.tensor(active, dtype=torch.uint8)
-        self.arrays["wins"] = torch.tensor(wins, dtype=torch.int64)
-        self.arrays["numel_exp"] = opt._numel.to("cpu", torch.float64).contiguous()
-
-    def _add(
-        self,
-        opt: MoLFAdamW,
-        cols: dict[str, list[int]],
-        prefix: str,
-        p: torch.Tensor,
-        grad: torch.Tensor | None,
-        expert: int,
-        index: int,
-        grad_slots: list,
-    ) -> str | None:
-        st = opt._init_state(p)
-        m, v, step = st["exp_avg"], st["exp_avg_sq"], st["step"]
-        g_dtype = p.dtype if grad is None else grad.dtype
-        combo = _COMBOS.get((p.dtype, g_dtype, m.dtype))
-        if combo is None or v.dtype != m.dtype:
-            return f"dtypes param {p.dtype}, grad {g_dtype}, moments {m.dtype}"
-        tensors = (p, m, v) if grad is None else (p, grad, m, v)
-        if not all(_dense_cpu(t) and t.numel() == p.numel() for t in tensors):
-            return "a parameter, gradient or moment that is not a contiguous CPU tensor"
-        if not (step.is_cpu and step.dtype == torch.float32 and step.is_contiguous()):
-            step = st["step"] = step.to("cpu", torch.float32).contiguous()
-        try:
-            ptr = p.data_ptr()
-            values = (ptr, m.data_ptr(), v.data_ptr(), step.data_ptr(), p.numel(), combo, expert)
-        except RuntimeError:  # tensor subclasses without storage, e.g. DTensor
-            return f"parameters of type {type(p).__name__}"
-        for col, value in zip(_COLUMNS, values):
-            if prefix and col == "expert":
-                continue
-            cols[prefix + col].append(value)
-        self.entries.append((p, st, m, v, step, ptr))
-        grad_slots.append((index, g_dtype, p))
-        return None
-
-    def is_current(self, state: dict) -> bool:
-        """Whether every pointer is still right: same state tensors and parameter storage."""
-        return (
-            state is self.state
-            and all(
-                state.get(p) is st
-                and st.get("exp_avg") is m
-                and st.get("exp_avg_sq") is v
-                and st.get("step") is s
-                and p.data_ptr() == ptr
-                for p, st, m, v, s, ptr in self.entries
-            )
-            and all(st.get("wins") is w for st, w in self.wins)
-        )
-
-    def grad_pointers(
-        self,
-        routed_grads: list[torch.Tensor | None],
-        plain_grads: list[torch.Tensor | None],
-        keep: list[torch.Tensor],
-    ) -> tuple[list[int], list[int]] | None:
-        """This step's gradient pointers (zeros for a tensor of an active module without one),
-        or None when a gradient does not match the dtype and layout the layout was built for."""
-        out = []
-        for grads, slots in ((routed_grads, self.routed_grads), (plain_grads, self.plain_grads)):
-            ptrs = []
-            for index, dtype, p in slots:
-                if index < 0:
-                    ptrs.append(0)
-                    continue
-                g = grads[index]
-                if g is None:
-                    if p.dtype != dtype:
-                        return None
-                    g = torch.zeros_like(p, memory_format=torch.contiguous_format)
-                    keep.append(g)
-                elif g.dtype != dtype or not _dense_cpu(g) or g.numel() != p.numel():
-                    return None
-                ptrs.append(g.data_ptr())
-            out.append(ptrs)
-        return out[0], out[1]
-
-
-_COLUMNS = ("p", "m", "v", "step", "numel", "combo", "expert")
-
-
-def _dense_cpu(t: torch.Tensor) -> bool:
-    return t.is_cpu and t.layout == torch.strided and t.is_contiguous()
-
-
-# -- CPU kernels --------------------------------------------------------------------------------
-# Built once per machine with the system C++ compiler (as torch.compile's CPU backend does) and
-# cached under $MOLF_CACHE_DIR or ~/.cache/molf. They read and write the tensors in place through
-# their data pointers; `_NativeLayout` checks dtypes and layout first.
-
-_FUSED, _SCORE, _APPLY = 0, 1, 2
-_MAX_EXPERTS = 64
-_DTYPE_CODES = {torch.float32: 0, torch.float64: 1, torch.bfloat16: 2, torch.float16: 3}
-_COMBOS = {
-    (p, g, m): _DTYPE_CODES[p] + 4 * _DTYPE_CODES[g] + 16 * _DTYPE_CODES[m]
-    for p, g, m in [
-        (torch.float32, torch.float32, torch.float32),
-        (torch.float64, torch.float64, torch.float64),
-        (torch.bfloat16, torch.bfloat16, torch.float32),
-        (torch.bfloat16, torch.float32, torch.float32),
-        (torch.bfloat16, torch.bfloat16, torch.bfloat16),
-        (torch.float16, torch.float16, torch.float32),
-        (torch.float16, torch.float32, torch.float32),
-        (torch.float16, torch.float16, torch.float16),
-    ]
-}
-
-
-class _KernelArgs(ctypes.Structure):
-    """The C struct MolfStep, field by field (pointers as integers)."""
-
-    _fields_ = (
-        [
-            (name, ctypes.c_int64)
-            for name in (
-                "n_mod n_exp mod_start expert p g m v step numel combo active numel_exp lr wd wins "
-                "totals scores winners n_plain pp pg pm pv pstep pnumel pcombo plr pwd"
-            ).split()
-        ]
-        + [(name, ctypes.c_double) for name in ("b1", "b2", "eps")]
-        + [(name, ctypes.c_int64) for name in ("kind", "top_k", "phase", "n_threads")]
-    )
-
-
-_KERNEL_STATE: dict[str, Any] = {"lib": None, "error": None, "tried": False}
-_KERNEL_LOCK = threading.Lock()
-
-
-def _cache_dir() -> Path:
-    if os.environ.get("MOLF_CACHE_DIR"):
-        return Path(os.environ["MOLF_CACHE_DIR"]) / "kernels"
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "molf" / "kernels"
-
-
-def _cpu_fingerprint() -> str:
-    """What `-march=native` depends on: the CPU model and its feature flags."""
-    try:
-        info = Path("/proc/cpuinfo").read_text()
-        lines = [ln for ln in info.splitlines() if ln.startswith(("model name", "flags"))]
-        return "\n".join(sorted(set(lines)))
-    except OSError:
-        return platform.processor()
-
-
-def _build(cxx: str, flags: list[str], out: Path) -> str | None:
-    """Compile the kernels into `out`; returns None or the compiler's complaint."""
-    try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
-            src = Path(tmp) / "molf_kernels.cpp"
-            src.write_text(_CPU_KERNELS_SOURCE)
-            lib = Path(tmp) / out.name
-            cmd = [cxx, *flags, "-shared", "-fPIC", "-o", str(lib), str(src)]
-            res = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
-            if res.returncode != 0:
-                return (res.stderr.strip().splitlines() or ["failed"])[-1]
-            os.replace(lib, out)  # atomic: concurrent processes see a whole library or none
-    except (OSError, subprocess.SubprocessError) as e:
-        return str(e)
-    return None
-
-
-def _cpu_kernels() -> ctypes.CDLL | None:
-    """The compiled kernels (built and cached on first use), or None if they cannot be built."""
-    with _KERNEL_LOCK:
-        if _KERNEL_STATE["tried"]:
-            return _KERNEL_STATE["lib"]
-        _KERNEL_STATE["tried"] = True
-        cxx = os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++")
-        if cxx is None or sys.byteorder != "little":
-            _KERNEL_STATE["error"] = (
-                "no C++ compiler found (set CXX)" if cxx is None else "a big-endian host"
-            )
-            return None
-        base = ["-O3", "-std=c++17", "-fno-math-errno"]
-        # Fastest first; each fallback drops what some compilers lack (-march=native, OpenMP).
-        attempts = [
-            base + ["-march=native", "-fopenmp"],
-            base + ["-fopenmp"],
-            base + ["-march=native", "-fopenmp-simd"],
-            base,
-        ]
-        errors = []
-        for flags in attempts:
-            key = hashlib.sha256(
-                "\n".join([_CPU_KERNELS_SOURCE, cxx, *flags, _cpu_fingerprint()]).encode()
-            ).hexdigest()[:16]
-            path = _cache_dir() / f"molf_kernels_{key}.so"
-            if not path.exists():
-                error = _build(cxx, flags, path)
-                if error is not None and not _cache_dir().is_dir():  # unwritable cache: a temp dir
-                    path = Path(tempfile.gettempdir()) / "molf-kernels" / path.name
-                    error = None if path.exists() else _build(cxx, flags, path)
-                if error is not None:
-                    errors.append(error)
-                    continue
-            try:
-                lib = ctypes.CDLL(str(path))
-            except OSError as e:
-                errors.append(str(e))
-                continue
-            lib.molf_step.argtypes = [ctypes.POINTER(_KernelArgs)]
-            lib.molf_step.restype = ctypes.c_int
-            _KERNEL_STATE["lib"] = lib
-            return lib
-        _KERNEL_STATE["error"] = errors[-1] if errors else "unknown error"
-        return None
-
-
-def _run_kernel(lib: ctypes.CDLL, args: _KernelArgs) -> None:
-    if lib.molf_step(ctypes.byref(args)) != 0:
-        raise RuntimeError(f"molf kernels: more than {_MAX_EXPERTS} experts per module")
-
-
-_CPU_KERNELS_SOURCE = r"""
-// MoLF CPU kernels (built by molf.optimizer at first use).
-// One pass per tensor advances m and v and accumulates the score partial; the winners of a
-// module are then updated while their moments are still in cache. A whole module is one work
-// item of one thread, so its result does not depend on the thread count and needs no barrier.
-#include <algorithm>
-#include <cmath>
-#include <cstdint>
-#include <cstring>
-#include <vector>
-
-namespace {
-
-enum Dtype { F32 = 0, F64 = 1, BF16 = 2, F16 = 3 };
-enum Kind { EPD = 0, PFN = 1 };
-enum Phase { FUSED = 0, SCORE = 1, APPLY = 2 };
-const int64_t BLOCK = 2048;  // elements per float partial sum (then summed in double)
-const int64_t CHUNK = 1 << 18;  // elements per work item of the plain AdamW tensors
-const int MAX_EXPERTS = 64;
-
-inline float bf16_to_float(uint16_t h) {
-  uint32_t u = uint32_t(h) << 16;
-  float f;
-  std::memcpy(&f, &u, 4);
-  return f;
-}
-
-inline uint16_t float_to_bf16(float f) {  // round to nearest even, NaN stays NaN
-  uint32_t u;
-  std::memcpy(&u, &f, 4);
-  if ((u & 0x7fffffffu) > 0x7f800000u) return uint16_t((u >> 16) | 0x40u);
-  u += 0x7fffu + ((u >> 16) & 1u);
-  return uint16_t(u >> 16);
-}
-
-// IEEE half by bit manipulation (any C++ compiler; _Float16 needs GCC 12), round to nearest even.
-inline float half_to_float(uint16_t h) {
-  uint32_t u = uint32_t(h & 0x7fffu) << 13;
-  const uint32_t exp = u & (0x7c00u << 13);
-  u += (127 - 15) << 23;
-  float f;
-  if (exp == (0x7c00u << 13)) {  // inf or NaN
-    u += (128 - 16) << 23;
-    std::memcpy(&f, &u, 4);
-  } else if (exp == 0) {  // zero or subnormal: renormalise through a float subtraction
-    u += 1 << 23;
-    std::memcpy(&f, &u, 4);
-    f -= 6.103515625e-05f;  // 2^-14
-  } else {
-    std::memcpy(&f, &u, 4);
-  }
-  return (h & 0x8000u) ? -f : f;
-}
-
-inline uint16_t float_to_half(float f) {
-  uint32_t u;
-  std::memcpy(&u, &f, 4);
-  const uint16_t sign = uint16_t((u >> 16) & 0x8000u);
-  u &= 0x7fffffffu;
-  if (u >= 0x47800000u) return sign | (u > 0x7f800000u ? 0x7e00u : 0x7c00u);  // NaN, inf
-  if (u < 0x38800000u) {  // subnormal or zero: let a float addition do the rounding
-    float a;
-    std::memcpy(&a, &u, 4);
-    a += 0.5f;
-    std::memcpy(&u, &a, 4);
-    return sign | uint16_t(u - 0x3f000000u);
-  }
-  u += 0xc8000fffu + ((u >> 13) & 1u);  // rebias the exponent, round to nearest even
-  return sign | uint16_t(u >> 13);
-}
-
-template <int D> struct Io;
-template <> struct Io<F32> {
-  typedef float T;
-  template <class C> static inline C round(C x) { return C(float(x)); }
-  template <class C> static inline C ld(const T* p, int64_t i) { return C(p[i]); }
-  template <class C> static inline void st(T* p, int64_t i, C x) { p[i] = float(x); }
-};
-template <> struct Io<F64> {
-  typedef double T;
-  template <class C> static inline C round(C x) { return x; }
-  template <class C> static inline C ld(const T* p, int64_t i) { return C(p[i]); }
-  template <class C> static inline void st(T* p, int64_t i, C x) { p[i] = double(x); }
-};
-template <> struct Io<BF16> {
-  typedef uint16_t T;
-  template <class C> static inline C round(C x) { return C(bf16_to_float(float_to_bf16(float(x)))); }
-  template <class C> static inline C ld(const T* p, int64_t i) { return C(bf16_to_float(p[i])); }
-  template <class C> static inline void st(T* p, int64_t i, C x) { p[i] = float_to_bf16(float(x)); }
-};
-template <> struct Io<F16> {
-  typedef uint16_t T;
-  template <class C> static inline C round(C x) { return C(half_to_float(float_to_half(float(x)))); }
-  template <class C> static inline C ld(const T* p, int64_t i) { return C(half_to_float(p[i])); }
-  template <class C> static inline void st(T* p, int64_t i, C x) { p[i] = float_to_half(float(x)); }
-};
-
-// m <- m + c1 (g - m); v <- b2 v + c2 g^2 on [lo, hi), c = 1 - b computed in double (1 - 0.999
-// in float is off by 1e-5); returns the score partial.
-template <int P, int G, int M, class C, int K>
-double moments(const void* g_, void* m_, void* v_, int64_t lo, int64_t hi, C c1, C b2, C c2,
-               C eps) {
-  const typename Io<G>::T* g = static_cast<const typename Io<G>::T*>(g_);
-  typename Io<M>::T* m = static_cast<typename Io<M>::T*>(m_);
-  typename Io<M>::T* v = static_cast<typename Io<M>::T*>(v_);
-  double total = 0.0;
-  for (int64_t b = lo; b < hi; b += BLOCK) {
-    const int64_t e = std::min(hi, b + BLOCK);
-    C acc = 0;
-#pragma omp simd reduction(+ : acc)
-    for (int64_t i = b; i < e; ++i) {
-      const C gi = Io<G>::template ld<C>(g, i);
-      const C mi = Io<M>::template ld<C>(m, i) + c1 * (gi - Io<M>::template ld<C>(m, i));
-      const C vi = b2 * Io<M>::template ld<C>(v, i) + c2 * (gi * gi);
-      Io<M>::st(m, i, mi);
-      Io<M>::st(v, i, vi);
-      // the score reads the moments as stored (rounded, for low-precision moments)
-      const C ms = Io<M>::round(mi), vs = Io<M>::round(vi);
-      const C d = std::sqrt(vs) + eps;
-      if (K == EPD) {
-        acc += ms * ms / d;
-      } else {
-        const C u = ms / d;
-        acc += u * u;
-      }
-    }
-    total += double(acc);
-  }
-  return total;
-}
-
-// p <- p (1 - lr wd) - lr / bc1 * m / (sqrt(v) / sqrt(bc2) + eps) on [lo, hi), computed as
-// p decay - step * m / (sqrt(v) + eps'), step = lr sqrt(bc2) / bc1, eps' = eps sqrt(bc2): one
-// division and one square root per element, which bound this loop on CPUs with fast memory.
-template <int P, int M, class C>
-void apply(void* p_, const void* m_, const void* v_, int64_t lo, int64_t hi, C decay, C step,
-           C eps) {
-  typename Io<P>::T* p = static_cast<typename Io<P>::T*>(p_);
-  const typename Io<M>::T* m = static_cast<const typename Io<M>::T*>(m_);
-  const typename Io<M>::T* v = static_cast<const typename Io<M>::T*>(v_);
-#pragma omp simd
-  for (int64_t i = lo; i < hi; ++i) {
-    const C d = std::sqrt(Io<M>::template ld<C>(v, i)) + eps;
-    const C pi = Io<P>::template ld<C>(p, i) * decay;
-    Io<P>::st(p, i, pi - step * (Io<M>::template ld<C>(m, i) / d));
-  }
-}
-
-// Plain AdamW in one pass, for parameters outside the wrapped modules.
-template <int P, int G, int M, class C>
-void adamw(void* p_, const void* g_, void* m_, void* v_, int64_t lo, int64_t hi, C c1, C b2, C c2,
-           C decay, C step, C eps) {
-  typename Io<P>::T* p = static_cast<typename Io<P>::T*>(p_);
-  const typename Io<G>::T* g = static_cast<const typename Io<G>::T*>(g_);
-  typename Io<M>::T* m = static_cast<typename Io<M>::T*>(m_);
-  typename Io<M>::T* v = static_cast<typename Io<M>::T*>(v_);
-#pragma omp simd
-  for (int64_t i = lo; i < hi; ++i) {
-    const C gi = Io<G>::template ld<C>(g, i);
-    const C mi = Io<M>::template ld<C>(m, i) + c1 * (gi - Io<M>::template ld<C>(m, i));
-    const C vi = b2 * Io<M>::template ld<C>(v, i) + c2 * (gi * gi);
-    Io<M>::st(m, i, mi);
-    Io<M>::st(v, i, vi);
-    const C d = std::sqrt(Io<M>::round(vi)) + eps;
-    const C pi = Io<P>::template ld<C>(p, i) * decay;
-    Io<P>::st(p, i, pi - step * (Io<M>::round(mi) / d));
-  }
-}
-
-// The dtype combinations (param, grad, moments) the kernels are built for; "combo" codes are
-// P + 4 G + 16 M. The Python side sends anything else to the eager path.
-#define MOLF_COMBOS(X)        \
-  X(F32, F32, F32, float)     \
-  X(F64, F64, F64, double)    \
-  X(BF16, BF16, F32, float)   \
-  X(BF16, F32, F32, float)    \
-  X(BF16, BF16, BF16, float)  \
-  X(F16, F16, F32, float)     \
-  X(F16, F32, F32, float)     \
-  X(F16, F16, F16, float)
-
-double run_moments(int64_t combo, int64_t kind, const void* g, void* m, void* v, int64_t lo,
-                   int64_t hi, double b1, double b2, double eps) {
-#define X(P, G, M, C)                                                                     \
-  if (combo == P + 4 * G + 16 * M)                                                        \
-    return kind == EPD                                                                    \
-               ? moments<P, G, M, C, EPD>(g, m, v, lo, hi, C(1 - b1), C(b2), C(1 - b2), C(eps)) \
-               : moments<P, G, M, C, PFN>(g, m, v, lo, hi, C(1 - b1), C(b2), C(1 - b2), C(eps));
-  MOLF_COMBOS(X)
-#undef X
-  return NAN;
-}
-
-void run_apply(int64_t combo, void* p, const void* m, const void* v, int64_t lo, int64_t hi,
-               double decay, double step, double eps) {
-#define X(P, G, M, C)                                                                    \
-  if (combo == P + 4 * G + 16 * M)                                                       \
-    return apply<P, M, C>(p, m, v, lo, hi, C(decay), C(step), C(eps));
-  MOLF_COMBOS(X)
-#undef X
-}
-
-void run_adamw(int64_t combo, void* p, const void* g, void* m, void* v, int64_t lo, int64_t hi,
-               double b1, double b2, double decay, double step, double eps) {
-#define X(P, G, M, C)                                                                       \
-  if (combo == P + 4 * G + 16 * M)                                                          \
-    return adamw<P, G, M, C>(p, g, m, v, lo, hi, C(1 - b1), C(b2), C(1 - b2), C(decay), C(step), \
-                             C(eps));
-  MOLF_COMBOS(X)
-#undef X
-}
-
-}  // namespace
-
-extern "C" {
-
-// Mirrors the ctypes Structure `_KernelArgs` in optimizer.py field by field.
-struct MolfStep {
-  // routed tensors, module-major and expert-minor; module i owns [mod_start[i], mod_start[i+1])
-  int64_t n_mod, n_exp;
-  const int64_t* mod_start;
-  const int64_t* expert;
-  void* const* p;
-  void* const* g;
-  void* const* m;
-  void* const* v;
-  float* const* step;
-  const int64_t* numel;
-  const int64_t* combo;
-  const uint8_t* active;     // [n_mod]
-  const double* numel_exp;   // [n_mod * n_exp] global element count of each expert
-  const double* lr;          // [n_exp]
-  const double* wd;          // [n_exp]
-  int64_t* const* wins;      // [n_mod], null for inactive modules
-  double* totals;            // [n_mod * n_exp] out (SCORE, FUSED)
-  double* scores;            // [n_mod * n_exp] out (FUSED)
-  uint8_t* winners;          // [n_mod * n_exp] out (FUSED) or in (APPLY)
-  // parameters outside the wrapped modules: plain AdamW (APPLY, FUSED)
-  int64_t n_plain;
-  void* const* pp;
-  void* const* pg;
-  void* const* pm;
-  void* const* pv;
-  float* const* pstep;
-  const int64_t* pnumel;
-  const int64_t* pcombo;
-  const double* plr;
-  const double* pwd;
-  double b1, b2, eps;
-  int64_t kind, top_k, phase, n_threads;
-};
-
-static void apply_winners(const MolfStep& s, int64_t i) {
-  const int64_t E = s.n_exp;
-  for (int64_t t = s.mod_start[i]; t < s.mod_start[i + 1]; ++t) {
-    const int64_t e = s.expert[t];
-    if (!s.winners[i * E + e]) continue;
-    const double t_ = double(*s.step[t]), bc2_sqrt = std::sqrt(1.0 - std::pow(s.b2, t_));
-    run_apply(s.combo[t], s.p[t], s.m[t], s.v[t], 0, s.numel[t], 1.0 - s.lr[e] * s.wd[e],
-              s.lr[e] * bc2_sqrt / (1.0 - std::pow(s.b1, t_)), s.eps * bc2_sqrt);
-  }
-  if (s.wins[i])
-    for (int64_t e = 0; e < E; ++e) s.wins[i][e] += s.winners[i * E + e];
-}
-
-static inline bool beats(double a, double b) {  // torch's order: NaN above everything
-  return (std::isnan(a) && !std::isnan(b)) || a > b;
-}
-
-static void route_module(const MolfStep& s, int64_t i) {
-  const int64_t E = s.n_exp;
-  double total[MAX_EXPERTS] = {0.0};
-  for (int64_t t = s.mod_start[i]; t < s.mod_start[i + 1]; ++t)
-    total[s.expert[t]] += run_moments(s.combo[t], s.kind, s.g[t], s.m[t], s.v[t], 0, s.numel[t],
-                                      s.b1, s.b2, s.eps);
-  for (int64_t e = 0; e < E; ++e) s.totals[i * E + e] = total[e];
-  if (s.phase != FUSED) return;
-  double score[MAX_EXPERTS];
-  for (int64_t e = 0; e < E; ++e) {
-    const double n = s.numel_exp[i * E + e];
-    score[e] = s.kind == EPD ? s.lr[e] * total[e] / n : std::sqrt(total[e]) / std::sqrt(n);
-    s.scores[i * E + e] = score[e];
-    s.winners[i * E + e] = s.top_k >= E;
-  }
-  // top_k >= E: every expert already won above; otherwise pick k, ties to the lower index
-  for (int64_t k = 0; s.top_k < E && k < s.top_k; ++k) {
-    int64_t best = -1;
-    for (int64_t e = 0; e < E; ++e)
-      if (!s.winners[i * E + e] && (best < 0 || beats(score[e], score[best]))) best = e;
-    s.winners[i * E + best] = 1;
-  }
-  apply_winners(s, i);
-}
-
-static void plain_chunk(const MolfStep& s, int64_t t, int64_t lo, int64_t hi) {
-  const double t_ = double(*s.pstep[t]), bc2_sqrt = std::sqrt(1.0 - std::pow(s.b2, t_));
-  run_adamw(s.pcombo[t], s.pp[t], s.pg[t], s.pm[t], s.pv[t], lo, hi, s.b1, s.b2,
-            1.0 - s.plr[t] * s.pwd[t], s.plr[t] * bc2_sqrt / (1.0 - std::pow(s.b1, t_)),
-            s.eps * bc2_sqrt);
-}
-
-// One optimizer phase over all tensors. Returns 0, or -1 for too many experts.
-int molf_step(const MolfStep* sp) {
-  const MolfStep& s = *sp;
-  if (s.n_exp > MAX_EXPERTS) return -1;
-  // Step counts first, serially: bias corrections below read them from any thread.
-  if (s.phase != APPLY)
-    for (int64_t i = 0; i < s.n_mod; ++i)
-      if (s.active[i])
-        for (int64_t t = s.mod_start[i]; t < s.mod_start[i + 1]; ++t) *s.step[t] += 1.0f;
-  const bool plain = s.phase != SCORE;
-  if (plain)
-    for (int64_t t = 0; t < s.n_plain; ++t) *s.pstep[t] += 1.0f;
-  // Work items, largest first so that the dynamic schedule balances: whole modules, then chunks
-  // of the plain tensors.
-  std::vector<std::pair<int64_t, int64_t>> items;  // (-cost, id); id >= 0 module, < 0 chunk
-  std::vector<int64_t> chunk_tensor, chunk_lo;
-  for (int64_t i = 0; i < s.n_mod; ++i) {
-    if (!s.active[i]) continue;
-    int64_t cost = 0;
-    for (int64_t t = s.mod_start[i]; t < s.mod_start[i + 1]; ++t) cost += s.numel[t];
-    items.push_back({-cost, i});
-  }
-  if (plain)
-    for (int64_t t = 0; t < s.n_plain; ++t)
-      for (int64_t lo = 0; lo < s.pnumel[t]; lo += CHUNK) {
-        items.push_back({-std::min(CHUNK, s.pnumel[t] - lo), -1 - int64_t(chunk_tensor.size())});
-        chunk_tensor.push_back(t);
-        chunk_lo.push_back(lo);
-      }
-  std::stable_sort(items.begin(), items.end(),
-                   [](const std::pair<int64_t, int64_t>& a, const std::pair<int64_t, int64_t>& b) {
-                     return a.first < b.first;
-                   });
-  const int64_t n_items = int64_t(items.size());
-#pragma omp parallel for schedule(dynamic, 1) num_threads(int(s.n_threads)) if (s.n_threads > 1)
-  for (int64_t w = 0; w < n_items; ++w) {
-    const int64_t id = items[w].second;
-    if (id >= 0) {
-      if (s.phase == APPLY)
-        apply_winners(s, id);
-      else
-        route_module(s, id);
-    } else {
-      const int64_t c = -1 - id, t = chunk_tensor[c], lo = chunk_lo[c];
-      plain_chunk(s, t, lo, std::min(lo + CHUNK, s.pnumel[t]));
-    }
-  }
-  return 0;
-}
-
-}  // extern "C"
-"""
