@@ -22,6 +22,7 @@ from molf.report import (
     layer_step_matrix,
     load_results,
     read_cell,
+    standard_error,
     type_shares,
     write_report,
 )
@@ -120,7 +121,8 @@ def test_smoke_grid_end_to_end(tmp_path, monkeypatch, capsys):
     molf_table, molf_e_table = claims_md.split("**Claim 1")
     for t in tasks:
         gap = float(results["molf"][t]) - max(fft[t], lora[t])
-        assert _table_row(molf_table, t)[-1] == f"{gap:+.1f}"
+        row = _table_row(molf_table, t)
+        assert row[5] == f"{gap:+.1f}" and row[6] == "3"  # the gap, then the test-set size
         diff = float(results["molf-e"][t]) - float(results["adalora"][t])
         assert _table_row(molf_e_table, t)[-1] == f"{diff:+.1f}"
     assert "**Claim 1 (MoLF within 1.5 points" in report
@@ -276,6 +278,7 @@ def _fake_cell(root, task, method, label, lrs, headline, val, test, log=None, be
         "tokens_per_s": 100.0 + len(method),
         "peak_memory_mb": 1000.0 + 10 * len(method),
         "wall_seconds": 5.0,
+        "n_test_records": 64,
         "config": dict(lrs),
     }
     (d / "summary.json").write_text(json.dumps(summary))
@@ -344,6 +347,11 @@ def test_report_on_synthetic_grid(tmp_path):
         "+10.5 points." in md
     )
     assert "`fact-geo/adalora/lr-5e-4`: failed: RuntimeError: out of patience" in md
+    # sampling error next to the claim: med's best baseline is LoRA at 50.0 over 64 records
+    med_claim = _table_row(md.split("## Paper claims")[1], "med-icd10")
+    assert med_claim[5:] == ["-3.0", "64", "1.6", "6.2"]
+    assert standard_error(50.0, 64) == pytest.approx(6.25)
+    assert "larger than the claim's 1.5-point margin" in md
     routing = md.split("### MoLF: FFT")[1].split("###")[0]
     assert _table_row(routing, "fact-geo") == [
         "fact-geo",

@@ -199,6 +199,14 @@ class Results:
                 return c.headline
         return "headline"
 
+    def n_test(self, task: str) -> int | None:
+        """How many test records the task's scores are over (from any finished cell)."""
+        for c in self.cells:
+            n = (c.summary or {}).get("n_test_records") if c.task == task else None
+            if isinstance(n, int) and n > 0:
+                return n
+        return None
+
     def base(self, task: str) -> float | None:
         """The untrained model's test headline (points), from any cell that evaluated it."""
         for c in self.cells:
@@ -459,16 +467,31 @@ def claims(res: Results) -> dict[str, Any]:
     }
 
 
+def standard_error(points: float | None, n: int | None) -> float | None:
+    """Binomial standard error, in points, of a score of `points` percent over n test records:
+    how far the same method could land on another test sample of this size."""
+    if points is None or not n:
+        return None
+    p = min(max(points / 100.0, 0.0), 1.0)
+    return 100.0 * math.sqrt(p * (1.0 - p) / n)
+
+
 def claim_lines(res: Results, c: dict[str, Any]) -> list[str]:
-    """The markdown section with both comparisons and explicit verdict lines."""
+    """The markdown section with both comparisons, explicit verdict lines, and how large the
+    test sets' sampling error is against the claims' margins."""
     lines = ["## Paper claims", ""]
     rows = []
+    errors = []
     for t in res.tasks:
         fft, lora = res.score(t, "fft"), res.score(t, "lora")
         best = None if None in (fft, lora) else max(fft, lora)  # type: ignore[type-var]
         which = ""
         if best is not None:
             which = " (tie)" if fft == lora else (" (FFT)" if fft == best else " (LoRA)")
+        n = res.n_test(t)
+        se = standard_error(best, n)
+        if se is not None:
+            errors.append(se)
         rows.append(
             [
                 t,
@@ -477,9 +500,22 @@ def claim_lines(res: Results, c: dict[str, Any]) -> list[str]:
                 _pts(lora),
                 _pts(best) + which,
                 _pts(c["molf_gap"][t], sign=True),
+                str(n) if n else "n/a",
+                _pts(None if not n else 100.0 / n),
+                _pts(se),
             ]
         )
-    lines += _md_table(["task", "MoLF", "FFT", "LoRA", "max(FFT, LoRA)", "MoLF gap (points)"], rows)
+    header = ["task", "MoLF", "FFT", "LoRA", "max(FFT, LoRA)", "MoLF gap (points)"]
+    header += ["test records", "one record (points)", "standard error (points)"]
+    lines += _md_table(header, rows)
+    if errors and max(errors) > CLAIM_TOLERANCE_POINTS:
+        lines += [
+            "",
+            f"The standard error of a score on these test sets (up to {max(errors):.1f} points, "
+            "binomial, at the better baseline's score) is larger than the claim's "
+            f"{CLAIM_TOLERANCE_POINTS}-point margin: on this budget a verdict says what this "
+            "run measured, not that the difference would repeat on another sample.",
+        ]
     gaps = [v for v in c["molf_gap"].values() if v is not None]
     lines += _verdict_paragraph(
         f"Claim 1 (MoLF within {CLAIM_TOLERANCE_POINTS} points of the better of FFT and LoRA "
