@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import platform
 from pathlib import Path
 
 import pytest
@@ -146,6 +147,17 @@ def test_smoke_grid_end_to_end(tmp_path, monkeypatch, capsys):
     # model weights are kept only for the chosen candidate of each pair
     lora_dirs = [d for d in (out / "cells" / "fact-geo" / "lora").iterdir() if d.is_dir()]
     assert sum((d / "final").exists() for d in lora_dirs) == 1
+
+    # versions: those of the invocations that trained cells, also in a later --report-only
+    assert f"- versions (training): python {platform.python_version()}, molf " in report
+    grid = json.loads((out / "grid.json").read_text())
+    grid["invocations"][0]["versions"]["torch"] = "0.0-older"  # as if upgraded in between
+    (out / "grid.json").write_text(json.dumps(grid))
+    assert main([*argv, "--report-only"]) == 0
+    rebuilt = (out / "report.md").read_text()
+    assert rebuilt.count("- versions (training): ") == 2
+    assert "torch 0.0-older" in rebuilt and f"torch {torch.__version__}" in rebuilt
+    assert "report rebuilt from the cells on disk" in rebuilt
 
 
 # -- planning --------------------------------------------------------------------------------------

