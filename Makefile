@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 PIP := $(BIN)/python -m pip
 STAMP := $(VENV)/.molf-installed
 
-.PHONY: setup test lint format demo bench clean
+.PHONY: setup test lint format demo bench results clean
 
 setup: $(STAMP)
 
@@ -37,6 +37,16 @@ demo: setup
 bench: setup
 	$(BIN)/python benchmarks/optimizer_step.py
 	$(BIN)/python benchmarks/train_step.py
+
+# The published comparison: the small-budget grid (about 2 h on 2 cores; resumable, finished
+# cells are skipped) and its report, plots and records copied into docs/results/.
+COMPARE_OUT := runs/compare-small
+results: setup
+	$(BIN)/molf compare --model smollm2-135m --tasks fact-geo,med-icd10,spider-dev \
+		--methods fft,lora,adalora,molf,molf-e --budget small --output-dir $(COMPARE_OUT)
+	mkdir -p docs/results
+	cp $(COMPARE_OUT)/results.csv $(COMPARE_OUT)/results.md $(COMPARE_OUT)/cells.csv \
+		$(COMPARE_OUT)/report.md $(COMPARE_OUT)/grid.json $(COMPARE_OUT)/*.png docs/results/
 
 clean:
 	rm -rf $(VENV) build *.egg-info src/*.egg-info .pytest_cache .ruff_cache
