@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import molf.compare
 import molf.train
 from molf.cli import main
 from molf.compare import BUDGETS, _collect, check_finished, parse_lr_grid, plan_grid
@@ -422,3 +423,63 @@ def test_cells_in_subprocesses(tmp_path, capsys):
     assert outcome.status == "failed" and "killed by signal 9" in outcome.error
     assert "killed by signal 9" in (cell.directory / "FAILED").read_text()
     assert not (cell.directory / "RUNNING").exists()
+
+
+class _FakeProc:
+    """A cell process that finishes on its second poll with a given exit status; on success it
+    leaves what a real cell leaves (summary.json, no RUNNING marker)."""
+
+    def __init__(self, cell, code):
+        self.cell, self.code, self.polls = cell, code, 0
+
+    def poll(self):
+        self.polls += 1
+        if self.polls < 2:
+            return None
+        if self.code == 0:
+            (self.cell.directory / "summary.json").write_text('{"headline_metric": "x"}')
+            (self.cell.directory / "RUNNING").unlink()
+        return self.code
+
+
+def test_a_cell_killed_next_to_others_runs_again_alone(tmp_path, monkeypatch, capsys):
+    cells = plan_grid("smoke", ["fact-geo"], ["fft", "lora", "molf"], tmp_path)  # 4 cells
+    live: list[_FakeProc] = []
+    launches: list[tuple[str, int]] = []  # (cell, other cells alive at its start)
+
+    def launch(cell, threads):
+        alive = [p for p in live if p.polls < 2]
+        launches.append((cell.key, len(alive)))
+        # the lora 1e-3 cell is OOM-killed whenever it shares the machine; the molf cell even
+        # when alone
+        code = 0
+        if cell.method == "lora" and cell.directory.name == "lr-1e-3" and alive:
+            code = -9
+        if cell.method == "molf":
+            code = -9
+        proc = _FakeProc(cell, code)
+        live.append(proc)
+        cell.directory.mkdir(parents=True, exist_ok=True)
+        (cell.directory / "RUNNING").write_text("{}")
+        return proc
+
+    monkeypatch.setattr(molf.compare, "_launch", launch)
+    monkeypatch.setattr(molf.compare.time, "sleep", lambda s: None)
+    outcomes = {}
+    molf.compare._run_in_subprocesses(
+        cells, 2, 1, False, lambda i: None, lambda i, o: outcomes.setdefault(cells[i].key, o)
+    )
+    printed = capsys.readouterr().out
+    keys = [c.key for c in cells]
+    lora_hi, molf_key = keys[1], keys[3]
+    assert {k: o.status for k, o in outcomes.items()} == {
+        keys[0]: "done",
+        lora_hi: "done",  # killed next to the fft cell, then done alone
+        keys[2]: "done",
+        molf_key: "failed",  # killed next to another cell, then killed alone: a real failure
+    }
+    assert f"{lora_hi}: killed (SIGKILL, most likely out of memory)" in printed
+    assert sorted(launches[4:]) == sorted([(lora_hi, 0), (molf_key, 0)])  # alone, after the others
+    assert "killed by signal 9" in (cells[3].directory / "FAILED").read_text()
+    assert not (cells[1].directory / "FAILED").exists()
+    assert not any((c.directory / "RUNNING").exists() for c in cells)

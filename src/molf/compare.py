@@ -9,7 +9,9 @@ are skipped, so the grid is resumable (an interrupted cell resumes from its last
 any). A cell that raises gets its error written to `<cell>/FAILED` and the grid goes on; failed
 cells are retried on the next invocation (`--skip-failed` keeps them as they are). With
 `--jobs N` (N >= 1) every cell runs in its own process, N at a time: its peak memory is its own,
-and a cell whose process dies (killed, out of memory) is marked FAILED with the exit status.
+and a cell whose process dies is marked FAILED with the exit status -- except one killed by
+SIGKILL while other cells ran (the OOM killer, when cells that each fit do not fit together):
+that one runs again, alone, after the others.
 With `--jobs 0` cells run inside this process; a RUNNING marker left behind means the process
 died inside that cell: it is retried once, then marked FAILED.
 A finished cell whose config differs from what the grid now asks for is refused: use a new
@@ -579,10 +581,15 @@ def _run_in_subprocesses(
     record: Any,
 ) -> None:
     """Run up to `jobs` cells at a time, each in a fresh process (own memory peak, and a crash
-    or OOM kill takes down one cell, not the grid). On Ctrl-C or SIGTERM the running cells get
-    SIGINT, write a checkpoint and stop; the next invocation resumes them."""
+    or OOM kill takes down one cell, not the grid). A cell killed by SIGKILL while it shared the
+    machine with other cells (the kernel's OOM killer: two cells that each fit can together
+    exceed the memory) is not failed: it runs again, alone, after the others. Killed alone, it
+    fails. On Ctrl-C or SIGTERM the running cells get SIGINT, write a checkpoint and stop; the
+    next invocation resumes them."""
     queue = list(range(len(cells)))
     running: dict[int, tuple[subprocess.Popen, float]] = {}
+    solo: list[int] = []  # killed next to other cells: retried one at a time at the end
+    alone = False
     old_term = signal.getsignal(signal.SIGTERM)
 
     def on_term(signum: int, frame: Any) -> None:
@@ -591,8 +598,10 @@ def _run_in_subprocesses(
     with contextlib.suppress(ValueError):  # not the main thread: keep the default
         signal.signal(signal.SIGTERM, on_term)
     try:
-        while queue or running:
-            while queue and len(running) < jobs:
+        while queue or running or solo:
+            if not queue and not running:  # the shared phase is over
+                queue, solo, alone = solo, [], True
+            while queue and len(running) < (1 if alone else jobs):
                 i = queue.pop(0)
                 cell = cells[i]
                 if _is_done(cell):
@@ -611,6 +620,16 @@ def _run_in_subprocesses(
                 del running[i]
                 if code in (130, 143):
                     raise KeyboardInterrupt
+                if code == -signal.SIGKILL and jobs > 1 and not alone:
+                    with contextlib.suppress(FileNotFoundError):
+                        (cells[i].directory / RUNNING).unlink()
+                    print(
+                        f"{cells[i].key}: killed (SIGKILL, most likely out of memory) while "
+                        "other cells ran; it runs again alone after them",
+                        flush=True,
+                    )
+                    solo.append(i)
+                    continue
                 record(i, _collect(cells[i], code, time.perf_counter() - t0))
             if running:
                 time.sleep(0.5)
