@@ -159,6 +159,8 @@ def test_smoke_grid_end_to_end(tmp_path, monkeypatch, capsys):
     assert rebuilt.count("- versions (training): ") == 2
     assert "torch 0.0-older" in rebuilt and f"torch {torch.__version__}" in rebuilt
     assert "report rebuilt from the cells on disk" in rebuilt
+    assert "- invocations that trained cells: " in rebuilt  # the first run and the retry
+    assert ": 1 cell, " in rebuilt and ", 1 thread each" in rebuilt
 
 
 # -- planning --------------------------------------------------------------------------------------

@@ -810,6 +810,8 @@ def compare(
     old_threads = torch.get_num_threads()
     n_threads = threads or b.threads
     n_jobs = b.jobs if jobs is None else jobs
+    if not report_only:
+        invocation.update(jobs=n_jobs, threads=n_threads)
     try:
         if n_threads:
             torch.set_num_threads(n_threads)
@@ -893,6 +895,7 @@ def compare(
                 float(inv.get("wall_seconds") or 0.0) for inv in state["invocations"]
             ),
             "notes": notes,
+            "invocations": state["invocations"],
             "cell_versions": cell_versions,
         },
     )

@@ -827,6 +827,19 @@ def _routing_section(res: Results, method: str, out: Path) -> tuple[list[str], d
     return lines, paths
 
 
+def _invocation(inv: dict[str, Any]) -> str:
+    """'2026-01-01 10:00:00: 26 cells, 5029 s wall, 2 at a time, 1 thread each'."""
+    n = inv["cells_run"]
+    text = f"{inv.get('started', '?')}: {n} cell{'s' if n != 1 else ''}"
+    if isinstance(inv.get("wall_seconds"), (int, float)):
+        text += f", {inv['wall_seconds']:.0f} s wall"
+    if inv.get("jobs"):
+        text += f", {inv['jobs']} at a time"
+    if inv.get("threads"):
+        text += f", {inv['threads']} thread{'s' if inv['threads'] > 1 else ''} each"
+    return text
+
+
 def write_report(
     out_dir: str | Path,
     tasks: list[str],
@@ -836,7 +849,8 @@ def write_report(
     """Write results.csv/md, cells.csv, report.md and the PNGs into `out_dir`; return their paths.
 
     `meta` may carry: command, model, budget, seed, wall_seconds (of this invocation), notes,
-    cell_versions (the package versions of each invocation that trained cells).
+    cell_versions (the package versions of each invocation that trained cells), invocations
+    (grid.json's record of every invocation).
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -876,6 +890,9 @@ def write_report(
         f"- cells: {len(done)} done, {sum(c.status == 'failed' for c in res.cells)} failed, "
         f"{sum(c.status == 'interrupted' for c in res.cells)} unfinished",
     ]
+    ran = [inv for inv in meta.get("invocations") or [] if inv.get("cells_run")]
+    if len(ran) > 1:  # say which invocation trained how many cells, and how
+        lines.append("- invocations that trained cells: " + "; ".join(map(_invocation, ran)))
     for note in meta.get("notes", []):
         lines.append(f"- {note}")
     header, rows = results_table(res)
