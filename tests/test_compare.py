@@ -126,7 +126,7 @@ def test_smoke_grid_end_to_end(tmp_path, monkeypatch, capsys):
         row = _table_row(molf_table, t)
         assert row[5] == f"{gap:+.1f}" and row[6] == "3"  # the gap, then the test-set size
         diff = float(results["molf-e"][t]) - float(results["adalora"][t])
-        assert _table_row(molf_e_table, t)[-1] == f"{diff:+.1f}"
+        assert _table_row(molf_e_table, t)[3] == f"{diff:+.1f}"
     assert "**Claim 1 (MoLF within 1.5 points" in report
     assert "**Claim 2 (MoLF-E ahead of AdaLoRA" in report
     for name in [
@@ -365,6 +365,8 @@ def test_report_on_synthetic_grid(tmp_path):
     # sampling error next to the claim: med's best baseline is LoRA at 50.0 over 64 records
     med_claim = _table_row(md.split("## Paper claims")[1], "med-icd10")
     assert med_claim[5:] == ["-3.0", "64", "1.6", "6.2"]
+    med_e = _table_row(md.split("**Claim 1")[1], "med-icd10")  # AdaLoRA 45.0 over 64 records
+    assert med_e[3:] == ["+1.0", f"{100 * (0.45 * 0.55 / 64) ** 0.5:.1f}"]
     assert standard_error(50.0, 64) == pytest.approx(6.25)
     assert "larger than the claim's 1.5-point margin" in md
     routing = md.split("### MoLF: FFT")[1].split("###")[0]

@@ -532,10 +532,12 @@ def claim_lines(res: Results, c: dict[str, Any]) -> list[str]:
             _pts(res.score(t, "molf-e")),
             _pts(res.score(t, "adalora")),
             _pts(c["molf_e_minus_adalora"][t], sign=True),
+            _pts(standard_error(res.score(t, "adalora"), res.n_test(t))),
         ]
         for t in res.tasks
     ]
-    lines += _md_table(["task", "MoLF-E", "AdaLoRA", "MoLF-E - AdaLoRA (points)"], rows)
+    header = ["task", "MoLF-E", "AdaLoRA", "MoLF-E - AdaLoRA (points)", "standard error (points)"]
+    lines += _md_table(header, rows)
     diffs = [v for v in c["molf_e_minus_adalora"].values() if v is not None]
     lines += _verdict_paragraph(
         "Claim 2 (MoLF-E ahead of AdaLoRA on every task)",
