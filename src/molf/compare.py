@@ -867,10 +867,11 @@ def compare(
         invocation["wall_seconds"] = round(time.perf_counter() - t_start, 1)
         _write_json(state_path, state)
     notes = []
-    if n_jobs and not report_only:
-        notes.append(f"cells run {n_jobs} at a time, each in its own process")
-    if n_threads:
-        notes.append(f"torch threads per cell: {n_threads}")
+    if invocation["cells_run"]:  # how this invocation ran its cells (earlier ones: see above)
+        if n_jobs:
+            notes.append(f"cells run {n_jobs} at a time, each in its own process")
+        if n_threads:
+            notes.append(f"torch threads per cell: {n_threads}")
     cell_versions: list[dict[str, str]] = []
     for inv in state["invocations"]:
         if inv.get("cells_run") and inv.get("versions") not in cell_versions:
