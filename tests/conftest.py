@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+import hashlib
+import importlib
 import importlib.util
+import json
 import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -74,3 +79,22 @@ def tiny_hf():
         torch.manual_seed(0)
         model = LlamaForCausalLM(config)
     return model, tok
+
+
+def assert_splits_independent_of_hash_seed(module: str, source: str) -> None:
+    """Build `source` of `molf.tasks.<module>` here and in a child process with another string
+    hash seed: the splits must hash the same (no dependence on set or dict order)."""
+    build = f"TASK.build({source!r}, None, 5, 50, 5, 10)"
+    code = (
+        f"import hashlib, json; from molf.tasks.{module} import TASK; s = {build}; "
+        "print(hashlib.sha256(json.dumps([s.test, s.validation, [e.__dict__ for e in s.train]])"
+        ".encode()).hexdigest())"
+    )
+    # this process hashes strings with a random seed; the child uses a fixed one
+    env = dict(os.environ, PYTHONHASHSEED="12345")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    task = importlib.import_module(f"molf.tasks.{module}").TASK
+    s = task.build(source, None, 5, 50, 5, 10)
+    here = json.dumps([s.test, s.validation, [e.__dict__ for e in s.train]])
+    assert out.stdout.strip() == hashlib.sha256(here.encode()).hexdigest()

@@ -2,13 +2,9 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
-import os
 import re
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -17,6 +13,7 @@ import torch
 from molf.errors import MolfError
 from molf.tasks import build_task, get_task
 from molf.tasks.fact import TASK, fill, geo_records, validate_record
+from tests.conftest import assert_splits_independent_of_hash_seed
 from tests.fakes import VOCAB, FakeTokenizer, OracleLM
 
 # --------------------------------------------------------------------------- fakes
@@ -310,19 +307,7 @@ def test_fact_geo_build_sizes_and_determinism():
 
 
 def test_fact_geo_independent_of_hash_seed():
-    code = (
-        "import hashlib, json; from molf.tasks.fact import TASK; "
-        "s = TASK.build('fact-geo', None, 5, 50, 5, 10); "
-        "print(hashlib.sha256(json.dumps([s.test, s.validation, [e.__dict__ for e in s.train]])"
-        ".encode()).hexdigest())"
-    )
-    # this process hashes strings with a random seed; the child uses a fixed one
-    env = dict(os.environ, PYTHONHASHSEED="12345")
-    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
-    assert out.returncode == 0, out.stderr
-    s = TASK.build("fact-geo", None, 5, 50, 5, 10)
-    here = json.dumps([s.test, s.validation, [e.__dict__ for e in s.train]])
-    assert out.stdout.strip() == hashlib.sha256(here.encode()).hexdigest()
+    assert_splits_independent_of_hash_seed("fact", "fact-geo")
 
 
 # --------------------------------------------------------------------------- real tokenizer + tiny model

@@ -3,12 +3,8 @@
 from __future__ import annotations
 
 import csv
-import hashlib
 import json
-import os
 import re
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -17,6 +13,7 @@ import torch
 from molf.errors import MolfError
 from molf.tasks import build_task, get_task
 from molf.tasks.med import TASK, format_prompt
+from tests.conftest import assert_splits_independent_of_hash_seed
 from tests.fakes import FakeTokenizer, OracleLM
 
 # simple_icd_10_cm reads its data with a deprecated importlib.resources API
@@ -318,19 +315,7 @@ def test_icd10_sizes_and_determinism():
 
 
 def test_icd10_independent_of_hash_seed():
-    code = (
-        "import hashlib, json; from molf.tasks.med import TASK; "
-        "s = TASK.build('med-icd10', None, 5, 50, 5, 10); "
-        "print(hashlib.sha256(json.dumps([s.test, s.validation, [e.__dict__ for e in s.train]])"
-        ".encode()).hexdigest())"
-    )
-    # this process hashes strings with a random seed; the child uses a fixed one
-    env = dict(os.environ, PYTHONHASHSEED="12345")
-    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
-    assert out.returncode == 0, out.stderr
-    s = TASK.build("med-icd10", None, 5, 50, 5, 10)
-    here = json.dumps([s.test, s.validation, [e.__dict__ for e in s.train]])
-    assert out.stdout.strip() == hashlib.sha256(here.encode()).hexdigest()
+    assert_splits_independent_of_hash_seed("med", "med-icd10")
 
 
 # --------------------------------------------------------------------------- real tokenizer + tiny model
