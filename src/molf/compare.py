@@ -44,9 +44,9 @@ Budgets (`BUDGETS`):
   chance and 5e-4, the paper's top value, stays in the grid. The paper runs MoLF untuned at
   5e-5, a value set for 2 epochs of thousands of steps; at ~40 steps FFT's 1e-4 wins, so a
   MoLF held to 5e-5 would be compared with an FFT that got the better LR (measured on
-  fact-geo: FFT 87.5 at 1e-4, 75.0 at 5e-5; MoLF 71.9 at 5e-5). MoLF gets FFT's two values instead; its 5e-5 cell stays in the report's
-  candidate table (`--lr-grid molf=5e-5` reproduces the paper's protocol). So 10 candidates per
-  task, 30 cells.
+  fact-geo: FFT 87.5 at 1e-4, 75.0 at 5e-5; MoLF 71.9 at 5e-5). MoLF gets FFT's two values
+  instead; its 5e-5 cell stays in the report's candidate table (`--lr-grid molf=5e-5`
+  reproduces the paper's protocol). So 10 candidates per task, 30 cells.
 
   Cost arithmetic, from one-thread CPU seconds measured on this machine (per optimizer step of
   8 sequences: fwd + bwd + optimizer; evaluation per record, base model):
@@ -872,12 +872,6 @@ def compare(
             notes.append(f"cells run {n_jobs} at a time, each in its own process")
         if n_threads:
             notes.append(f"torch threads per cell: {n_threads}")
-    cell_versions: list[dict[str, str]] = []
-    for inv in state["invocations"]:
-        if inv.get("cells_run") and inv.get("versions") not in cell_versions:
-            cell_versions.append(inv.get("versions") or {})
-    if any(not v for v in cell_versions):
-        notes.append("some cells were trained by an invocation that did not record its versions")
     if keep_models != "all":
         kept = "the chosen candidate of each pair" if keep_models == "chosen" else "no cell"
         notes.append(f"model weights (final/) kept for: {kept}")
@@ -892,12 +886,8 @@ def compare(
             "seed": seed,
             "wall_seconds": time.perf_counter() - t_start,
             "report_only": report_only,
-            "grid_wall_seconds": sum(
-                float(inv.get("wall_seconds") or 0.0) for inv in state["invocations"]
-            ),
             "notes": notes,
             "invocations": state["invocations"],
-            "cell_versions": cell_versions,
         },
     )
     result = CompareResult(out, cells, outcomes, paths)

@@ -851,8 +851,8 @@ def write_report(
     """Write results.csv/md, cells.csv, report.md and the PNGs into `out_dir`; return their paths.
 
     `meta` may carry: command, model, budget, seed, wall_seconds (of this invocation), notes,
-    cell_versions (the package versions of each invocation that trained cells), invocations
-    (grid.json's record of every invocation).
+    invocations (grid.json's record of every invocation: when, cells run, wall time, versions,
+    jobs, threads).
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -870,19 +870,25 @@ def write_report(
         f"- tasks: {', '.join(tasks)}; methods: {', '.join(_name(m) for m in methods)}; "
         f"seed {meta.get('seed', '?')}",
     ]
-    trained = [v for v in meta.get("cell_versions") or [] if v]
-    if trained:  # what the invocations that trained cells ran with (one line per distinct set)
-        for v in trained:
-            lines.append("- versions (training): " + ", ".join(f"{k} {x}" for k, x in v.items()))
-    else:
+    invocations = meta.get("invocations") or []
+    ran = [inv for inv in invocations if inv.get("cells_run")]
+    trained: list[dict[str, str]] = []  # the distinct version sets cells were trained with
+    for inv in ran:
+        if (inv.get("versions") or {}) not in trained:
+            trained.append(inv.get("versions") or {})
+    for v in filter(None, trained):
+        lines.append("- versions (training): " + ", ".join(f"{k} {x}" for k, x in v.items()))
+    if not any(trained):
         versions = package_versions()
         lines.append("- versions: " + ", ".join(f"{k} {v}" for k, v in versions.items()))
+    if not all(trained):
+        lines.append("- some cells were trained by an invocation that did not record its versions")
     if "wall_seconds" in meta:
         wall = f"- wall time: {meta['wall_seconds']:.0f} s this invocation"
         if meta.get("report_only"):
             wall = "- wall time: report rebuilt from the cells on disk (--report-only)"
-        if meta.get("grid_wall_seconds"):
-            total = float(meta["grid_wall_seconds"])
+        total = sum(float(inv.get("wall_seconds") or 0.0) for inv in invocations)
+        if total:
             wall += f", {total:.0f} s ({total / 3600:.2f} h) over all invocations of this grid"
         lines.append(wall)
     lines += [
@@ -892,7 +898,6 @@ def write_report(
         f"- cells: {len(done)} done, {sum(c.status == 'failed' for c in res.cells)} failed, "
         f"{sum(c.status == 'interrupted' for c in res.cells)} unfinished",
     ]
-    ran = [inv for inv in meta.get("invocations") or [] if inv.get("cells_run")]
     if len(ran) > 1:  # say which invocation trained how many cells, and how
         lines.append("- invocations that trained cells: " + "; ".join(map(_invocation, ran)))
     for note in meta.get("notes", []):
