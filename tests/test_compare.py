@@ -10,12 +10,12 @@ from pathlib import Path
 import pytest
 import torch
 
-import molf.compare
-import molf.train
+import molf.experiments.compare
+import molf.train.loop
 from molf.cli import main
-from molf.compare import BUDGETS, _collect, check_finished, parse_lr_grid, plan_grid
 from molf.errors import MolfError
-from molf.report import (
+from molf.experiments.compare import BUDGETS, _collect, check_finished, parse_lr_grid, plan_grid
+from molf.experiments.report import (
     METHOD_NAMES,
     choose,
     claims,
@@ -52,7 +52,7 @@ def test_smoke_grid_end_to_end(tmp_path, monkeypatch, capsys):
     out = tmp_path / "grid"
     tasks = ["fact-geo", "med-icd10"]  # spider-dev's 128-token generations cost most; see docs
     argv = ["compare", "--budget", "smoke", "--tasks", ",".join(tasks), "--output-dir", str(out)]
-    real_run = molf.train.run
+    real_run = molf.train.loop.run
 
     def flaky_run(cfg, *args, **kwargs):
         if cfg.task == "med-icd10" and cfg.method == "adalora":
@@ -60,7 +60,7 @@ def test_smoke_grid_end_to_end(tmp_path, monkeypatch, capsys):
         return real_run(cfg, *args, **kwargs)
 
     # first invocation: one cell fails, the others still run and the report is written
-    monkeypatch.setattr(molf.train, "run", flaky_run)
+    monkeypatch.setattr(molf.train.loop, "run", flaky_run)
     threads = torch.get_num_threads()
     assert main(argv) == 1
     assert torch.get_num_threads() == threads  # the smoke budget's 1 thread is undone
@@ -76,7 +76,7 @@ def test_smoke_grid_end_to_end(tmp_path, monkeypatch, capsys):
     capsys.readouterr()
 
     # second invocation: finished cells are skipped, the failed one is retried
-    monkeypatch.setattr(molf.train, "run", real_run)
+    monkeypatch.setattr(molf.train.loop, "run", real_run)
     assert main(argv) == 0
     printed = capsys.readouterr().out
     assert printed.count("done before, skipped") == 11
@@ -467,10 +467,10 @@ def test_a_cell_killed_next_to_others_runs_again_alone(tmp_path, monkeypatch, ca
         (cell.directory / "RUNNING").write_text("{}")
         return proc
 
-    monkeypatch.setattr(molf.compare, "_launch", launch)
-    monkeypatch.setattr(molf.compare.time, "sleep", lambda s: None)
+    monkeypatch.setattr(molf.experiments.compare, "_launch", launch)
+    monkeypatch.setattr(molf.experiments.compare.time, "sleep", lambda s: None)
     outcomes = {}
-    molf.compare._run_in_subprocesses(
+    molf.experiments.compare._run_in_subprocesses(
         cells, 2, 1, False, lambda i: None, lambda i, o: outcomes.setdefault(cells[i].key, o)
     )
     printed = capsys.readouterr().out

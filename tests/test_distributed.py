@@ -161,7 +161,7 @@ def test_fsdp2_matches_one_process(one_process, fsdp2_run):
 # -- FSDP2: signal on one rank, sharded checkpoint, resume ---------------------------------------
 def _signal_worker(argv: list[str]) -> int:
     """Under torchrun: rank 1 alone sends itself SIGTERM during step 3 (its 5th micro-batch)."""
-    import molf.train as train_mod
+    import molf.train.loop as train_mod
     from molf.cli import main
 
     if os.environ.get("RANK") == "1":
@@ -179,7 +179,7 @@ def _signal_worker(argv: list[str]) -> int:
 
 
 def test_fsdp2_signal_checkpoint_and_resume_match_the_uninterrupted_run(fsdp2_run, tmp_path):
-    from molf import checkpoint as ckpt
+    from molf.train import checkpoint as ckpt
 
     out = tmp_path / "resumed"
     argv = [*RUN, "distributed=fsdp2", "--output-dir", str(out)]
@@ -232,8 +232,8 @@ def test_batch_size_that_does_not_split_over_the_ranks_is_one_clear_error(tmp_pa
     ],
 )
 def test_launchers_that_would_route_wrongly_are_refused(monkeypatch, env, message):
-    from molf.distributed import check_launcher
     from molf.errors import MolfError
+    from molf.train.distributed import check_launcher
 
     for k, v in env.items():
         monkeypatch.setenv(k, v)
@@ -265,7 +265,7 @@ def test_adalora_under_fsdp2_is_refused_before_launching(tmp_path, capsys):
 
 
 def test_accelerate_with_fsdp2_is_accepted(monkeypatch):
-    from molf.distributed import check_launcher
+    from molf.train.distributed import check_launcher
 
     monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
     monkeypatch.setenv("FSDP_VERSION", "2")
@@ -285,7 +285,7 @@ def world_of_one(tmp_path):
 
 
 def test_a_rank_failing_to_write_its_shards_leaves_no_checkpoint(world_of_one, tmp_path):
-    from molf.distributed import DistContext, atomic_directory
+    from molf.train.distributed import DistContext, atomic_directory
 
     def fill_all(tmp):
         (tmp / "half.safetensors").write_bytes(b"x" * 10)
@@ -301,8 +301,8 @@ def test_fsdp1_and_flat_parameters_are_refused(world_of_one):
     from torch.distributed.fsdp import FullyShardedDataParallel
 
     import molf
-    from molf.distributed import check_model
     from molf.errors import MolfError
+    from molf.optim.sharded import check_model
     from tests.conftest import tiny_causal_lm
 
     model = molf.wrap(tiny_causal_lm(), molf.MoLFConfig(lora_ranks=(4,)))
@@ -320,7 +320,7 @@ def test_fsdp2_optimizer_in_a_world_of_one_equals_the_plain_optimizer(world_of_o
     from torch.distributed.device_mesh import init_device_mesh
 
     import molf
-    from molf.distributed import DistContext, shard_fsdp2
+    from molf.train.distributed import DistContext, shard_fsdp2
     from tests.conftest import tiny_causal_lm
 
     ctx = DistContext("fsdp2", mesh=init_device_mesh("cpu", (1,)))

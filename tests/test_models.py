@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from molf import models
 from molf.errors import MolfError
-from molf.models import EMBEDDED_MODELS, TINY_MODELS, cache_root, describe_model, load_model
+from molf.train import models
+from molf.train.models import EMBEDDED_MODELS, TINY_MODELS, cache_root, describe_model, load_model
 
 ARCHS = {
     "tiny-llama": "LlamaForCausalLM",

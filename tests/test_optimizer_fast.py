@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 import molf
-from molf import _native
+from molf.optim import native as _native
 from molf.scores import SCORES, Score
 from tests import test_optimizer_oracle as oracle
 from tests.conftest import tiny_causal_lm

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from molf.cli import main
-from molf.evaluate import evaluate_path
+from molf.train.evaluate import evaluate_path
 
 TINY = [
     "n_train=8",
@@ -78,7 +78,7 @@ def test_train_save_reload_eval(tmp_path, method, task):
 
 @pytest.mark.parametrize("method", ["lora", "molf-e"])
 def test_adapter_reloads_to_the_merged_model(tmp_path, method):
-    from molf.models import load_model
+    from molf.train.models import load_model
 
     code, out = _train(tmp_path, method, "fact-geo")
     assert code == 0

@@ -15,9 +15,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from molf import checkpoint as ckpt
 from molf.cli import main
 from molf.errors import MolfError
+from molf.train import checkpoint as ckpt
 
 SRC = Path(__file__).resolve().parents[1] / "src"
 RUN = [
@@ -164,8 +164,8 @@ def test_atomic_directory_leaves_nothing_on_failure(tmp_path):
 
 # -- in-process: non-finite gradients, disk space -------------------------------------------------
 def _setup(tmp_path, *extra):
-    from molf.runconfig import load_config
-    from molf.train import prepare
+    from molf.train.config import load_config
+    from molf.train.loop import prepare
 
     overrides = [x for x in RUN if "=" in x] + list(extra)
     cfg = load_config(
@@ -181,7 +181,7 @@ def _setup(tmp_path, *extra):
 
 
 def test_non_finite_step_is_skipped_and_leaves_everything_untouched(tmp_path):
-    from molf.train import MetricLogger, train_loop
+    from molf.train.loop import MetricLogger, train_loop
 
     s = _setup(tmp_path, "max_steps=3")
     logger = MetricLogger(s.cfg, None)
@@ -222,7 +222,7 @@ def test_non_finite_step_is_skipped_and_leaves_everything_untouched(tmp_path):
 
 
 def test_consecutive_non_finite_steps_stop_with_a_checkpoint(tmp_path):
-    from molf.train import MetricLogger, train_loop
+    from molf.train.loop import MetricLogger, train_loop
 
     s = _setup(tmp_path, "max_steps=6", "max_bad_steps=2")
     first = next(p for p in s.model.parameters() if p.requires_grad)
@@ -237,7 +237,7 @@ def test_consecutive_non_finite_steps_stop_with_a_checkpoint(tmp_path):
 def test_no_space_is_refused_before_compute(tmp_path, capsys, monkeypatch):
     import shutil
 
-    from molf import train as train_mod
+    from molf.train import loop as train_mod
 
     monkeypatch.setattr(
         shutil, "disk_usage", lambda p: shutil._ntuple_diskusage(10**9, 10**9 - 1000, 1000)
@@ -252,7 +252,7 @@ def test_no_space_is_refused_before_compute(tmp_path, capsys, monkeypatch):
 
 
 def test_disk_full_while_checkpointing_is_one_clear_error(tmp_path, capsys, monkeypatch):
-    from molf import train as train_mod
+    from molf.train import loop as train_mod
 
     def full(*a, **k):
         raise OSError(errno.ENOSPC, "No space left on device")
@@ -301,6 +301,6 @@ def test_safety_rules_hold_in_the_source():
             assert "weights_only=True" in call, f"{path}: {call}"
         assert "trust_remote_code=True" not in text, path
         assert "pickle.load" not in text, path
-    from molf.runconfig import TrainConfig
+    from molf.train.config import TrainConfig
 
     assert TrainConfig().trust_remote_code is False

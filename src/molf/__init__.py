@@ -10,7 +10,7 @@ from molf.config import MoLFConfig
 from molf.errors import MolfError
 from molf.export import export_peft_lora, merge_and_unload
 from molf.layer import MoLFLinear, molf_modules, wrap
-from molf.optimizer import MoLFAdamW
+from molf.optim import MoLFAdamW
 from molf.routing import RoutingLog
 from molf.scores import SCORES, Score, get_score, register_score
 

@@ -18,7 +18,7 @@ from molf.errors import MolfError
 
 
 def _train(args: argparse.Namespace) -> int:
-    from molf.runconfig import dump_config, load_config
+    from molf.train.config import dump_config, load_config
 
     explicit = {
         "method": args.method,
@@ -35,7 +35,7 @@ def _train(args: argparse.Namespace) -> int:
         code = _launch_under_torchrun(args, cfg)
         if code is not None:
             return code
-    from molf.train import run
+    from molf.train.loop import run
 
     summary = run(cfg, resume=args.resume, overwrite=args.overwrite)
     if summary:  # in a distributed run only rank 0 has one
@@ -60,7 +60,7 @@ def _launch_under_torchrun(args: argparse.Namespace, cfg: Any) -> int | None:
         return None
     if args.nproc < 1:
         raise MolfError(f"--nproc: must be >= 1, got {args.nproc}")
-    from molf.distributed import check_launcher, check_setup
+    from molf.train.distributed import check_launcher, check_setup
 
     # what every rank would refuse, refused once here
     mode = cfg.distributed if cfg.distributed != "none" else "ddp"
@@ -129,7 +129,7 @@ def format_summary(summary: dict[str, Any]) -> str:
 
 
 def _eval(args: argparse.Namespace) -> int:
-    from molf.evaluate import evaluate_path
+    from molf.train.evaluate import evaluate_path
 
     result = evaluate_path(
         args.model,
@@ -150,7 +150,7 @@ def _eval(args: argparse.Namespace) -> int:
 
 
 def _compare(args: argparse.Namespace) -> int:
-    from molf.compare import run_compare
+    from molf.experiments.compare import run_compare
 
     return run_compare(args)
 
@@ -290,8 +290,15 @@ def main(argv: list[str] | None = None) -> int:
         args.config = None
     warnings.filterwarnings("ignore", category=FutureWarning)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    from molf.train import Interrupted
-
+    try:
+        from molf.train.loop import Interrupted
+    except ModuleNotFoundError as e:  # `pip install molf` brings the core only
+        print(
+            f"molf: error: the molf command needs the training extras (missing module "
+            f"'{e.name}'): pip install 'molf[train]'",
+            file=sys.stderr,
+        )
+        return 2
     try:
         return args.func(args)
     except MolfError as e:

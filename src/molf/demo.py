@@ -14,8 +14,8 @@ def main() -> int:
     warnings.filterwarnings("ignore", category=FutureWarning)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     from molf.cli import format_summary
-    from molf.runconfig import load_config
-    from molf.train import run
+    from molf.train.config import load_config
+    from molf.train.loop import run
 
     cfg = load_config("demo", sys.argv[1:])
     print(

@@ -10,7 +10,7 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from molf.checkpoint import atomic_directory
+from molf._files import atomic_directory
 from molf.errors import MolfError
 from molf.layer import MoLFLinear, molf_modules
 
@@ -114,4 +114,4 @@ def export_peft_lora(
         save_file(tensors, str(tmp / "adapter_model.safetensors"), metadata={"format": "pt"})
         (tmp / "adapter_config.json").write_text(json.dumps(adapter_config, indent=2))
 
-    return atomic_directory(Path(out_dir), fill, manifest=False)
+    return atomic_directory(Path(out_dir), fill)

@@ -2,7 +2,7 @@
 
     y = x W^T + b + sum_i s_i * B_i A_i dropout(x)
 
-All experts are trainable in one dense forward pass; the optimizer (molf.optimizer) decides per
+All experts are trainable in one dense forward pass; the optimizer (molf.optim.adamw) decides per
 step which of them is updated.
 """
 

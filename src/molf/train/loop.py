@@ -4,7 +4,7 @@ setup (model, data, optimizer, schedule) -> resume -> loop (accumulate, clip, sk
 step, log, checkpoint) -> final artefacts (merged model and/or PEFT adapter, routing log,
 summary). Checkpoints are atomic; SIGINT/SIGTERM write one and exit 130/143.
 
-With `distributed: ddp | fsdp2` (under torchrun, see molf.distributed) the same recipe runs on
+With `distributed: ddp | fsdp2` (under torchrun, see molf.train.distributed) the same recipe runs on
 every rank: each micro-batch of `batch_size` examples is split across the ranks, the loss is
 normalised by the micro-batch's global token count so that the averaged gradient is the
 one-process gradient, gradients are synchronised on the last micro-batch of a step only, every
@@ -17,7 +17,6 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-import os
 import resource
 import shutil
 import signal
@@ -33,13 +32,15 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 import molf
-from molf import checkpoint as ckpt
-from molf import distributed
-from molf.data import StepOrder, collate, tokenize_examples
-from molf.distributed import DistContext
+from molf._files import write_json_atomic
 from molf.errors import MolfError
-from molf.runconfig import TrainConfig, dump_config
+from molf.optim.sharded import attach_score_reducer, check_model
 from molf.tasks import build_task
+from molf.train import checkpoint as ckpt
+from molf.train import distributed
+from molf.train.config import TrainConfig, dump_config
+from molf.train.data import StepOrder, collate, tokenize_examples
+from molf.train.distributed import DistContext
 
 SUMMARY = "summary.json"
 
@@ -105,7 +106,7 @@ def apply_method(
     model = method_model(model, cfg, total_steps)
     if shard is not None:
         shard(model)
-    distributed.check_model(model)
+    check_model(model)
     return model, method_optimizer(model, cfg)
 
 
@@ -287,7 +288,7 @@ def prepare(
     engine = distributed.wrap_ddp(model, ctx) if ctx.mode == "ddp" else model
     label_counts: list[int] = []
     if ctx.enabled:
-        distributed.attach_score_reducer(opt)
+        attach_score_reducer(opt)
         # the loss of a micro-batch is normalised by its tokens on all ranks together
         label_counts = [sum(1 for y in lab[1:] if y != -100) for lab in tok.labels]
         if ctx.rank > 0:  # dropout masks: another stream per rank (rank 0 keeps the 1-GPU one)
@@ -316,7 +317,7 @@ def prepare(
 
 def _prepare_local(cfg: TrainConfig, resume: str, overwrite: bool, ctx: DistContext) -> tuple:
     """Everything of `prepare` that needs no other rank: checks, task, model, tokens."""
-    from molf.models import load_model
+    from molf.train.models import load_model
 
     if ctx.enabled:
         distributed.check_setup(cfg.method, ctx.mode, cfg.batch_size, ctx.world_size)
@@ -373,7 +374,7 @@ def save_checkpoint(s: Setup, step: int, log_lines: int) -> Path:
     """Write an atomic checkpoint of everything needed to continue bitwise from `step`.
 
     One process: safetensors weights plus torch-saved optimizer and trainer state. Distributed:
-    every rank writes its DCP shards and RNG state, rank 0 the rest (molf.distributed)."""
+    every rank writes its DCP shards and RNG state, rank 0 the rest (molf.train.distributed)."""
     opt = s.optimizer
     routed = routed_optimizer(opt)
 
@@ -743,12 +744,6 @@ def finalize(s: Setup, model: nn.Module | None = None) -> tuple[nn.Module, dict[
     return plain, paths
 
 
-def _write_json_atomic(path: Path, data: Any) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=1))
-    os.replace(tmp, path)
-
-
 class _NoLogger:
     """What ranks other than 0 log to: nothing (rank 0 keeps metrics.jsonl)."""
 
@@ -798,7 +793,7 @@ def _gather_final_model(s: Setup) -> nn.Module | None:
     s.optimizer.state.clear()
     if not ctx.is_main:
         return None
-    from molf.models import load_model
+    from molf.train.models import load_model
 
     dtype = torch.bfloat16 if s.cfg.dtype == "bfloat16" else torch.float32
     with torch.random.fork_rng(devices=[]):  # the adapter init below is overwritten anyway
@@ -845,7 +840,7 @@ def _run(cfg: TrainConfig, resume: str, overwrite: bool, ctx: DistContext) -> di
         routing_summary = routed.routing_log.summary()
         if ctx.is_main:
             routed.routing_log.write_jsonl(run_dir / "routing.jsonl")
-            _write_json_atomic(run_dir / "routing_summary.json", routing_summary)
+            write_json_atomic(run_dir / "routing_summary.json", routing_summary)
     trained = s.model
     if ctx.enabled:
         trained = _gather_final_model(s)
@@ -887,9 +882,7 @@ def _run(cfg: TrainConfig, resume: str, overwrite: bool, ctx: DistContext) -> di
     }
     if ctx.enabled:
         summary["world_size"] = ctx.world_size
-    _write_json_atomic(
-        run_dir / SUMMARY, summary
-    )  # written last: its presence marks a finished run
+    write_json_atomic(run_dir / SUMMARY, summary)  # written last: its presence marks a finished run
     with contextlib.suppress(OSError):
         shutil.rmtree(run_dir / "checkpoints")
     return summary

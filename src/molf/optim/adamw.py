@@ -31,10 +31,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from molf import _native
-from molf.distributed import check_model, make_score_reducer
 from molf.errors import MolfError
 from molf.layer import molf_modules
+from molf.optim import native as _native
+from molf.optim.sharded import check_model, make_score_reducer
 from molf.routing import RoutingLog
 from molf.scores import batched_partials, get_score
 

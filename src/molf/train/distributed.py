@@ -4,20 +4,12 @@ What this module gives the training loop, and a user's own loop:
 
 - `init(mode)` / `shutdown(ctx)`: the process group from torchrun's (or `accelerate launch`'s)
   environment, one device per process, and a `DistContext` saying who we are.
-- `make_score_reducer` / `attach_score_reducer(optimizer)`: every rank routes identically.
-  Under FSDP2 each rank holds a shard of every moment, so MoLFAdamW sums its float32 score
-  partials over the local shards (`to_local()`) and the reducer adds them up across ranks with
-  one `all_reduce(SUM)` of the packed [modules, experts] totals per step; the score then divides
-  by the global element count (`numel()` of a DTensor is global). Moments are never gathered.
-  MoLFAdamW installs that reducer itself when its parameters are DTensors. Under DDP the
-  gradients are averaged before the step, so every rank computes the same totals; the reducer
-  broadcasts rank 0's anyway, so that no rounding difference can make two ranks disagree.
-- `check_model(model)`: refuses engines that break per-module routing: FSDP1 (its flattened
-  parameters hide the expert tensors, and a shard's size is not the expert's) and DeepSpeed ZeRO.
+- `molf.optim.sharded` (`check_model`, `attach_score_reducer`, used by the loop): every rank
+  routes identically, and engines that hide the experts (FSDP1, DeepSpeed ZeRO) are refused.
 - data and gradient helpers (`local_part`, `gradient_sync`, `all_reduce_floats`, `scalar`),
   and `save_checkpoint` / `load_checkpoint`: `torch.distributed.checkpoint` (DCP) with sharded
   model and optimizer state, written as safetensors (no pickle anywhere) into the atomic,
-  checksummed directory scheme of `molf.checkpoint`.
+  checksummed directory scheme of `molf.train.checkpoint`.
 """
 
 from __future__ import annotations
@@ -38,8 +30,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from molf import checkpoint as ckpt
+from molf._files import fsync_tree
 from molf.errors import MolfError
+from molf.optim.sharded import torch_dist
+from molf.train import checkpoint as ckpt
 
 MODES = ("none", "ddp", "fsdp2")
 DCP_DIR = "dcp"
@@ -187,18 +181,12 @@ def shutdown(ctx: DistContext) -> None:
 
 
 # -- collectives -------------------------------------------------------------------------------
-def _dist() -> Any:
-    import torch.distributed as dist
-
-    return dist
-
-
 def broadcast_object(obj: Any, ctx: DistContext) -> Any:
     """Rank 0's `obj` on every rank."""
     if not ctx.enabled:
         return obj
     box = [obj]
-    _dist().broadcast_object_list(box, src=0)
+    torch_dist().broadcast_object_list(box, src=0)
     return box[0]
 
 
@@ -210,7 +198,7 @@ def agree(error: str | None, ctx: DistContext) -> None:
             raise MolfError(error)
         return
     errors: list[str | None] = [None] * ctx.world_size
-    _dist().all_gather_object(errors, error)
+    torch_dist().all_gather_object(errors, error)
     first = next((e for e in errors if e is not None), None)
     if first is not None:
         raise MolfError(first)
@@ -221,7 +209,7 @@ def all_reduce_floats(values: Sequence[float], ctx: DistContext) -> list[float]:
     if not ctx.enabled:
         return list(values)
     t = torch.tensor(list(values), dtype=torch.float64, device=ctx.device)
-    _dist().all_reduce(t)
+    torch_dist().all_reduce(t)
     return t.tolist()
 
 
@@ -274,35 +262,6 @@ def gradient_sync(engine: nn.Module, ctx: DistContext, sync: bool) -> Iterator[N
 
 
 # -- models --------------------------------------------------------------------------------------
-def check_model(model: nn.Module) -> None:
-    """Refuse models prepared by engines that break per-module routing (method.md section 4)."""
-    try:
-        from torch.distributed.fsdp import FullyShardedDataParallel as FSDP1
-    except ImportError:  # pragma: no cover - torch without distributed
-        FSDP1 = ()  # noqa: N806
-    for name, module in model.named_modules():
-        if isinstance(module, FSDP1):
-            where = f" ('{name}')" if name else ""
-            raise MolfError(
-                f"model{where} is wrapped by FSDP1 (FullyShardedDataParallel), whose flattened "
-                "parameters hide the expert tensors and their global sizes from MoLF's routing; "
-                "use FSDP2 (torch.distributed.fsdp.fully_shard, distributed=fsdp2) instead"
-            )
-        if type(module).__name__ == "DeepSpeedEngine":
-            raise MolfError(
-                "model is wrapped by a DeepSpeed engine: ZeRO partitions and flattens parameters "
-                "and optimizer state, which breaks MoLF's per-module routing; use FSDP2 "
-                "(distributed=fsdp2) instead"
-            )
-    for name, p in model.named_parameters():
-        if type(p).__name__ == "FlatParameter" or hasattr(p, "ds_id"):
-            raise MolfError(
-                f"parameter '{name}' is a flattened or ZeRO-partitioned parameter (FSDP1 or "
-                "DeepSpeed), which breaks MoLF's per-module routing; use FSDP2 "
-                "(torch.distributed.fsdp.fully_shard, distributed=fsdp2) instead"
-            )
-
-
 def _block_classes(model: nn.Module) -> set[str]:
     """Class names of the repeated blocks (transformers' `_no_split_modules`, e.g. decoder
     layers): each becomes one FSDP2 unit, so only one block is unsharded at a time."""
@@ -345,85 +304,11 @@ def full_state_dict(model: nn.Module, ctx: DistContext) -> dict[str, torch.Tenso
     return get_model_state_dict(model, options=opts)
 
 
-# -- routing -------------------------------------------------------------------------------------
-def _sharded_groups(params: Sequence[torch.Tensor]) -> list[Any] | None:
-    """Process groups over which the parameters are sharded (None: no DTensor parameters)."""
-    from torch.distributed.tensor import DTensor, Shard
-
-    meshes = {}
-    for p in params:
-        if isinstance(p, DTensor):
-            dims = tuple(i for i, pl in enumerate(p.placements) if isinstance(pl, Shard))
-            # equal meshes compare equal: fully_shard without a mesh makes a new one per call
-            meshes[(p.device_mesh, dims)] = (p.device_mesh, dims)
-    if not meshes:
-        return None
-    if len(meshes) > 1:
-        raise MolfError(
-            "MoLFAdamW: the parameters are sharded over different device meshes or mesh "
-            "dimensions; shard the whole model with one fully_shard mesh"
-        )
-    mesh, dims = next(iter(meshes.values()))
-    return [mesh.get_group(d) for d in dims]
-
-
-def make_score_reducer(
-    mode: str, params: Sequence[torch.Tensor] = ()
-) -> Callable[[torch.Tensor], torch.Tensor]:
-    """The per-step reduction of the packed [modules, experts] score totals for `mode`.
-
-    fsdp2: all_reduce(SUM) over the shard group(s) of `params` (default: the whole world): the
-    totals are sums of local-shard partials. ddp: broadcast of rank 0's totals (all ranks hold the
-    same moments; this makes the decision provably identical).
-    """
-    dist = _dist()
-    if mode == "fsdp2":
-        groups = _sharded_groups(params) if params else None
-        groups = groups or [None]
-
-        def reduce_sum(totals: torch.Tensor) -> torch.Tensor:
-            for group in groups:
-                dist.all_reduce(totals, op=dist.ReduceOp.SUM, group=group)
-            return totals
-
-        return reduce_sum
-    if mode == "ddp":
-
-        def from_rank0(totals: torch.Tensor) -> torch.Tensor:
-            dist.broadcast(totals, src=0)
-            return totals
-
-        return from_rank0
-    raise MolfError(f"score reducer: mode must be 'ddp' or 'fsdp2', got {mode!r}")
-
-
-def attach_score_reducer(optimizer: torch.optim.Optimizer) -> None:
-    """Give a MoLFAdamW the reducer its parameters need: FSDP2 (DTensor) parameters the
-    shard-group sum (MoLFAdamW sets that one itself), replicated parameters in a multi-process
-    run (DDP) the rank-0 broadcast; a single process needs none. Other optimizers are left
-    alone."""
-    if not hasattr(optimizer, "score_reducer"):
-        return
-    dist = _dist()
-    params = [p for g in optimizer.param_groups for p in g["params"]]
-    if _sharded_groups(params) is not None:
-        optimizer.score_reducer = make_score_reducer("fsdp2", params)
-    elif dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        optimizer.score_reducer = make_score_reducer("ddp")
-
-
 # -- checkpoints ---------------------------------------------------------------------------------
 def _describe(e: BaseException) -> str:
     if isinstance(e, OSError) and e.strerror:
         return e.strerror + (f": {e.filename}" if e.filename else "")
     return f"{type(e).__name__}: {e}"
-
-
-def _fsync_tree(directory: Path) -> None:
-    for p in directory.rglob("*"):
-        if p.is_file():
-            with p.open("rb") as f:
-                os.fsync(f.fileno())
 
 
 def atomic_directory(
@@ -433,7 +318,7 @@ def atomic_directory(
     fill_main: Callable[[Path], None],
     manifest_extra: dict[str, Any] | None = None,
 ) -> Path:
-    """The collective version of `molf.checkpoint.atomic_directory`.
+    """The collective version of `molf.train.checkpoint.atomic_directory`.
 
     Rank 0 makes the temporary directory; every rank writes its part (`fill_all`, e.g. its DCP
     shards); once all have finished, rank 0 writes its own files (`fill_main`), the checksum
@@ -459,13 +344,13 @@ def atomic_directory(
     errors: list[str | None] = [error]
     if ctx.enabled:
         errors = [None] * ctx.world_size
-        _dist().all_gather_object(errors, error)
+        torch_dist().all_gather_object(errors, error)
     error = next((e for e in errors if e is not None), None)
     if error is None and ctx.is_main:
         try:
             fill_main(tmp)
             ckpt.write_manifest(tmp, manifest_extra)
-            _fsync_tree(tmp)
+            fsync_tree(tmp)
             if final.exists():
                 shutil.rmtree(final)
             os.replace(tmp, final)

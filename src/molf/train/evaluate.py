@@ -24,8 +24,8 @@ def evaluate_path(
     A directory written by `molf train` carries `molf_run.json`: its seed and split sizes are
     the defaults, so the test split is the one the run held out.
     """
-    from molf.models import load_model
-    from molf.train import evaluate
+    from molf.train.loop import evaluate
+    from molf.train.models import load_model
 
     info: dict[str, Any] = {}
     run_info = Path(model) / "molf_run.json"
@@ -42,7 +42,7 @@ def evaluate_path(
         task, data, seed, info.get("n_train", 256), info.get("n_val", 32), n_test
     )
     lm, tokenizer = load_model(model, trust_remote_code=trust_remote_code)
-    from molf.train import pick_device
+    from molf.train.loop import pick_device
 
     lm.to(pick_device())
     metrics = evaluate(task_obj, lm, tokenizer, splits.test, batch_size)

@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import shutil
-import tempfile
 import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+
+from molf import _files
 
 MANIFEST = "manifest.json"
 
@@ -58,30 +58,16 @@ def verify(directory: Path) -> str | None:
 
 
 def atomic_directory(
-    final: Path,
-    fill: Callable[[Path], None],
-    manifest_extra: dict | None = None,
-    manifest: bool = True,
+    final: Path, fill: Callable[[Path], None], manifest_extra: dict | None = None
 ) -> Path:
-    """Write a directory atomically: `fill(tmp)` writes the files, then the manifest (unless
-    `manifest=False`, for directories other tools read), fsync, rename over `final`."""
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{final.name}-", dir=final.parent))
-    try:
+    """Write a checkpoint-like directory atomically (`molf._files.atomic_directory`), with the
+    checksum manifest written last."""
+
+    def fill_and_sign(tmp: Path) -> None:
         fill(tmp)
-        if manifest:
-            write_manifest(tmp, manifest_extra)
-        for p in tmp.rglob("*"):
-            if p.is_file():
-                with p.open("rb") as f:
-                    os.fsync(f.fileno())
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return final
+        write_manifest(tmp, manifest_extra)
+
+    return _files.atomic_directory(final, fill_and_sign)
 
 
 def checkpoint_dir(run_dir: Path, step: int) -> Path:

@@ -100,8 +100,9 @@ from typing import Any
 
 import yaml
 
+from molf._files import write_json_atomic
 from molf.errors import MolfError
-from molf.report import (
+from molf.experiments.report import (
     CELL_META,
     FAILED,
     LR_KEYS,
@@ -113,7 +114,7 @@ from molf.report import (
     read_cell,
     write_report,
 )
-from molf.runconfig import METHODS, TrainConfig, load_config
+from molf.train.config import METHODS, TrainConfig, load_config
 
 # Keys compare sets per cell; users pick them with --tasks/--methods/--model/--seed/--data.
 _RESERVED = ("method", "task", "model", "output_dir", "seed", "data")
@@ -433,12 +434,6 @@ def _reset_peak_memory() -> None:
         Path("/proc/self/clear_refs").write_text("5")
 
 
-def _write_json(path: Path, data: Any) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=1))
-    os.replace(tmp, path)
-
-
 def _headline_text(summary: dict[str, Any]) -> str:
     h = summary.get("headline_metric")
     val = (summary.get("validation") or {}).get(h)
@@ -453,7 +448,7 @@ def _headline_text(summary: dict[str, Any]) -> str:
 
 def run_cell(cell: Cell, skip_failed: bool = False) -> Outcome:
     """Run one cell unless it is done; record a failure instead of raising (interrupts excepted)."""
-    from molf.train import Interrupted, run
+    from molf.train.loop import Interrupted, run
 
     d = cell.directory
     if (d / "summary.json").exists():
@@ -481,11 +476,11 @@ def run_cell(cell: Cell, skip_failed: bool = False) -> Outcome:
         if _config_mismatch(old, cell.config.to_dict()):
             shutil.rmtree(d)  # a leftover of another config: its checkpoints cannot be resumed
     d.mkdir(parents=True, exist_ok=True)
-    _write_json(
+    write_json_atomic(
         d / CELL_META,
         {"task": cell.task, "method": cell.method, "lrs": cell.lrs, "label": d.name},
     )
-    _write_json(d / RUNNING, {"attempts": attempts + 1, "pid": os.getpid()})
+    write_json_atomic(d / RUNNING, {"attempts": attempts + 1, "pid": os.getpid()})
     with contextlib.suppress(FileNotFoundError):
         (d / FAILED).unlink()
     _reset_peak_memory()
@@ -508,7 +503,7 @@ def run_cell(cell: Cell, skip_failed: bool = False) -> Outcome:
     # CPU seconds (all threads) say what a cell costs even when the machine is shared
     meta = {"task": cell.task, "method": cell.method, "lrs": cell.lrs, "label": d.name}
     meta["cpu_seconds"] = round(time.process_time() - cpu0, 1)
-    _write_json(d / CELL_META, meta)
+    write_json_atomic(d / CELL_META, meta)
     with contextlib.suppress(FileNotFoundError):
         (d / RUNNING).unlink()
     gc.collect()
@@ -526,7 +521,7 @@ def config_from_dict(values: dict[str, Any]) -> TrainConfig:
 
 
 def _launch(cell: Cell, threads: int | None) -> subprocess.Popen:
-    """Start `python -m molf.compare --cell <spec>` for one cell; its output goes to log.txt."""
+    """Start `python -m molf.experiments.compare --cell <spec>` for one cell; its output goes to log.txt."""
     d = cell.directory
     d.mkdir(parents=True, exist_ok=True)
     spec = {
@@ -536,13 +531,13 @@ def _launch(cell: Cell, threads: int | None) -> subprocess.Popen:
         "threads": threads,
         "config": cell.config.to_dict(),
     }
-    _write_json(d / JOB_SPEC, spec)
+    write_json_atomic(d / JOB_SPEC, spec)
     env = dict(os.environ, TOKENIZERS_PARALLELISM="false")
     if threads:
         env["OMP_NUM_THREADS"] = str(threads)
     with (d / "log.txt").open("ab") as log:
         return subprocess.Popen(
-            [sys.executable, "-m", "molf.compare", "--cell", str(d / JOB_SPEC)],
+            [sys.executable, "-m", "molf.experiments.compare", "--cell", str(d / JOB_SPEC)],
             stdout=log,
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
@@ -654,7 +649,7 @@ def _cell_main(spec_path: str) -> int:
 
     import torch
 
-    from molf.train import Interrupted
+    from molf.train.loop import Interrupted
 
     warnings.filterwarnings("ignore", category=FutureWarning)
     spec = json.loads(Path(spec_path).read_text())
@@ -804,7 +799,7 @@ def compare(
     if not report_only:  # the report names the versions the cells were trained with
         invocation["versions"] = package_versions()
     state["invocations"].append(invocation)
-    _write_json(state_path, state)
+    write_json_atomic(state_path, state)
 
     outcomes: list[Outcome] = []
     old_threads = torch.get_num_threads()
@@ -844,7 +839,7 @@ def compare(
                     entry["error"] = outcome.error
                     print(f"{label}: FAILED: {outcome.error}", flush=True)
                 state["cells"][cell.key] = entry
-                _write_json(state_path, state)
+                write_json_atomic(state_path, state)
                 pending.discard(i)
                 group = [
                     j for j, c in enumerate(cells) if (c.task, c.method) == (cell.task, cell.method)
@@ -865,7 +860,7 @@ def compare(
     finally:
         torch.set_num_threads(old_threads)
         invocation["wall_seconds"] = round(time.perf_counter() - t_start, 1)
-        _write_json(state_path, state)
+        write_json_atomic(state_path, state)
     notes = []
     if invocation["cells_run"]:  # how this invocation ran its cells (earlier ones: see above)
         if n_jobs:
@@ -940,7 +935,9 @@ def run_compare(args: argparse.Namespace) -> int:
 
 
 if __name__ == "__main__":
-    # `python -m molf.compare --cell <compare_job.json>`: one cell, started by _launch
+    # `python -m molf.experiments.compare --cell <compare_job.json>`: one cell, started by _launch
     if len(sys.argv) == 3 and sys.argv[1] == "--cell":
         sys.exit(_cell_main(sys.argv[2]))
-    sys.exit("usage: python -m molf.compare --cell <compare_job.json> (or use `molf compare`)")
+    sys.exit(
+        "usage: python -m molf.experiments.compare --cell <compare_job.json> (or use `molf compare`)"
+    )

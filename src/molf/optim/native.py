@@ -2,7 +2,7 @@
 themselves (`kernels/molf_step_cpu.cpp`), built once per machine with the system C++ compiler
 (as torch.compile's CPU backend does) and cached under $MOLF_CACHE_DIR or ~/.cache/molf. They
 read and write the tensors in place through their data pointers; `NativeLayout` checks dtypes
-and layout first. `molf.optimizer` drives them; nothing here is public API."""
+and layout first. `molf.optim.adamw` drives them; nothing here is public API."""
 
 from __future__ import annotations
 
@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 if TYPE_CHECKING:
-    from molf.optimizer import MoLFAdamW
+    from molf.optim.adamw import MoLFAdamW
 
 KERNEL_SOURCE = Path(__file__).with_name("kernels") / "molf_step_cpu.cpp"
 

@@ -1,0 +1,46 @@
+"""Writing files so that a reader never sees half of them: the core's only file helpers, shared by
+export, checkpoints and the experiment runner."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+
+def fsync_tree(directory: Path) -> None:
+    """Flush every file under `directory` to disk (before the rename that publishes it)."""
+    for p in directory.rglob("*"):
+        if p.is_file():
+            with p.open("rb") as f:
+                os.fsync(f.fileno())
+
+
+def atomic_directory(final: Path, fill: Callable[[Path], None]) -> Path:
+    """Write a directory atomically: `fill(tmp)` writes the files into a temporary sibling, which
+    is flushed and renamed over `final` only when `fill` returned; on any error it is removed and
+    `final` is left as it was."""
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{final.name}-", dir=final.parent))
+    try:
+        fill(tmp)
+        fsync_tree(tmp)
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return final
+
+
+def write_json_atomic(path: Path, data: Any) -> None:
+    """Write `data` as JSON to `path` through a temporary file and a rename."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(data, indent=1))
+    os.replace(tmp, path)

@@ -1,0 +1,1 @@
+"""Experiments: the `molf compare` grid (budgets, cells, runner) and its report."""
