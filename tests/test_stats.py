@@ -1,0 +1,76 @@
+"""Paired statistics of the comparison report (molf.experiments.stats)."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from molf.errors import MolfError
+from molf.experiments.stats import align, paired_difference
+
+
+def test_paired_error_is_the_std_of_differences():
+    a = [1, 1, 0, 1, 0, 1, 1, 0]
+    b = [1, 0, 0, 1, 0, 1, 0, 0]
+    d = np.array(a, float) - np.array(b, float)
+    r = paired_difference(a, b)
+    assert r.n == 8
+    assert r.mean == pytest.approx(0.25)
+    assert r.se == pytest.approx(d.std(ddof=1) / math.sqrt(8))
+    assert r.low <= r.mean <= r.high
+
+
+def test_agreeing_methods_have_a_much_smaller_paired_error_than_independent_ones():
+    rng = np.random.default_rng(1)
+    a = (rng.random(400) < 0.6).astype(float)
+    b = a.copy()
+    flip = rng.choice(400, size=12, replace=False)  # the methods disagree on 3% of the items
+    b[flip] = 1 - b[flip]
+    paired = paired_difference(a, b).se
+    independent = math.sqrt(a.mean() * (1 - a.mean()) / 400 + b.mean() * (1 - b.mean()) / 400)
+    assert paired < independent / 3
+
+
+def test_identical_scores_give_a_zero_width_interval():
+    r = paired_difference([1, 0, 1, 1], [1, 0, 1, 1])
+    assert (r.mean, r.se, r.low, r.high) == (0.0, 0.0, 0.0, 0.0)
+    assert r.excludes_below(0.015)
+
+
+def test_bootstrap_is_repeatable_and_covers_the_mean():
+    rng = np.random.default_rng(2)
+    a, b = rng.random(50), rng.random(50)
+    r1, r2 = paired_difference(a, b, seed=3), paired_difference(a, b, seed=3)
+    assert r1 == r2
+    assert r1.low < r1.mean < r1.high
+    # the percentile interval is close to mean +- 1.96 se for a sum of 50 bounded values
+    assert r1.high - r1.low == pytest.approx(2 * 1.96 * r1.se, rel=0.15)
+
+
+def test_excludes_below_reads_the_lower_end():
+    r = paired_difference([1, 1, 1, 0] * 10, [1, 1, 0, 0] * 10)
+    assert r.excludes_below(0.0)
+    r = paired_difference([1, 1, 0, 0] * 10, [1, 1, 1, 0] * 10)
+    assert not r.excludes_below(0.1)
+
+
+@pytest.mark.parametrize(
+    "a, b, match",
+    [
+        ([1, 0], [1], "2 scores against 1"),
+        ([1], [1], "at least 2"),
+        ([1, float("nan")], [1, 0], "not finite"),
+    ],
+)
+def test_bad_input_is_named(a, b, match):
+    with pytest.raises(MolfError, match=match):
+        paired_difference(a, b)
+
+
+def test_align_pairs_by_item_and_refuses_different_items():
+    ids, a, b = align({"q2": 1.0, "q1": 0.0}, {"q1": 1.0, "q2": 1.0})
+    assert (ids, a, b) == (["q1", "q2"], [0.0, 1.0], [1.0, 1.0])
+    with pytest.raises(MolfError, match="test items differ"):
+        align({"q1": 1.0}, {"q2": 1.0})
