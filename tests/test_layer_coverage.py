@@ -134,6 +134,7 @@ def test_conv1d_molf_trains_its_fft_expert_and_merges(tokens):
 
 # -- tied lm_head ----------------------------------------------------------------------------------
 def test_merge_unties_a_wrapped_lm_head_shared_with_the_embeddings(tmp_path, tokens):
+    from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
     model = tied_llama()
@@ -144,6 +145,10 @@ def test_merge_unties_a_wrapped_lm_head_shared_with_the_embeddings(tmp_path, tok
     assert molf.layer.shared_base_weights(model) == {"lm_head": ["model.embed_tokens.weight"]}
     _perturb(model)
     expected = _logits(model, tokens)
+    # peft applies the exported lm_head adapter on top of the tied matrix, leaving it tied
+    adapter = molf.export_peft_lora(model, tmp_path / "adapter", base_model_name_or_path="x")
+    peft_model = PeftModel.from_pretrained(tied_llama(), adapter).eval()
+    torch.testing.assert_close(_logits(peft_model, tokens), expected, rtol=1e-5, atol=1e-5)
 
     with pytest.warns(UserWarning, match=r"untied 'lm_head' with model\.embed_tokens\.weight"):
         plain = molf.merge_and_unload(model)
@@ -152,8 +157,8 @@ def test_merge_unties_a_wrapped_lm_head_shared_with_the_embeddings(tmp_path, tok
     assert torch.equal(plain.model.embed_tokens.weight, embeddings)  # the lookup did not change
     torch.testing.assert_close(_logits(plain, tokens), expected, rtol=1e-5, atol=1e-5)
 
-    plain.save_pretrained(tmp_path)
-    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    plain.save_pretrained(tmp_path / "merged")
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "merged").eval()
     assert reloaded.lm_head.weight is not reloaded.model.embed_tokens.weight
     torch.testing.assert_close(_logits(reloaded, tokens), expected, rtol=1e-5, atol=1e-5)
 

@@ -63,7 +63,7 @@ def merge_and_unload(model: nn.Module) -> nn.Module:
             f"merge_and_unload: untied {listed}: the merged layer got its own weight, the other "
             "holders keep the unmerged one, and config.tie_word_embeddings is now False, so the "
             "merged model gives the wrapped model's logits (and saves both matrices)",
-            stacklevel=2,
+            stacklevel=3,  # past torch.no_grad's wrapper, to the caller
         )
     if hasattr(model, "molf_config"):
         del model.molf_config
