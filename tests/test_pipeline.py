@@ -89,6 +89,38 @@ def test_adapter_reloads_to_the_merged_model(tmp_path, method):
         torch.testing.assert_close(adapted(**x).logits, merged(**x).logits, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("method", ["lora", "molf-e"])
+def test_adapter_base_resolves_with_auto_peft(tmp_path, monkeypatch, method):
+    """The adapter names its base by a path peft can open: AutoPeftModelForCausalLM loads it
+    (offline, no molf involved, from another working directory) and gives the merged model's
+    logits, although the run named its model by a relative path."""
+    from peft import AutoPeftModelForCausalLM
+    from transformers import AutoModelForCausalLM
+
+    from molf.train.models import load_model
+
+    base, tok = load_model("tiny-llama")
+    base.save_pretrained(tmp_path / "base")
+    tok.save_pretrained(tmp_path / "base")
+    out = tmp_path / "run"
+    monkeypatch.chdir(tmp_path)
+    argv = ["train", method, "--task", "fact-geo", "--model", "base"]
+    assert main([*argv, "--output-dir", str(out), *TINY]) == 0
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    adapter = out / "final" / "adapter"
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    assert config["base_model_name_or_path"] == str((tmp_path / "base").resolve())
+
+    adapted = AutoPeftModelForCausalLM.from_pretrained(adapter).eval()
+    merged = AutoModelForCausalLM.from_pretrained(out / "final" / "model").eval()
+    x = tok(["The capital of France is"], return_tensors="pt")
+    with torch.no_grad():
+        expected = merged(**x).logits
+        torch.testing.assert_close(adapted(**x).logits, expected, rtol=1e-4, atol=1e-4)
+        assert not torch.allclose(base(**x).logits, expected, atol=1e-4)  # training did something
+
+
 def test_print_config_and_overrides(capsys):
     assert main(["train", "molf-e", "lr_lora=2e-4", "top_k=2", "--print-config"]) == 0
     out = capsys.readouterr().out

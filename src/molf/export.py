@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from pathlib import Path
 
 import torch
@@ -12,47 +13,90 @@ from torch import nn
 
 from molf._files import atomic_directory
 from molf.errors import MolfError
-from molf.layer import MoLFLinear, molf_modules
+from molf.layer import MoLFLinear, molf_modules, shared_base_weights
 
 
 @torch.no_grad()
 def merge_and_unload(model: nn.Module) -> nn.Module:
-    """W <- W + sum_i s_i B_i A_i in float32 (cast back once), then put the plain `nn.Linear`s back.
+    """W <- W + sum_i s_i B_i A_i in float32 (cast back once), then put the plain layers back.
 
     Returns the same model object, now free of molf modules: a transformers model saves and
-    reloads with plain transformers and gives the same logits.
+    reloads with plain transformers and gives the same logits. A wrapped layer whose weight is
+    shared (an `lm_head` tied to the input embeddings) gets its own merged weight, leaving the
+    other holders as they were, and `config.tie_word_embeddings` becomes False; a warning says so.
+    Quantized base layers (bitsandbytes) are refused: rounding the merged weight back to 4 or 8
+    bits would lose most of the update, so export the adapter with `export_peft_lora` instead.
     """
     modules = molf_modules(model)
     if not modules:
         raise MolfError("merge_and_unload: the model has no MoLF modules")
+    quantized = [(n, m) for n, m in modules.items() if m.kind.quantized]
+    if quantized:
+        name, m = quantized[0]
+        raise MolfError(
+            f"merge_and_unload: '{name}' ({len(quantized)} layers) is a {m.kind.name}; merging "
+            "into quantized weights would round the update away. Export the adapter with "
+            "molf.export_peft_lora and merge it into an unquantized copy of the base"
+        )
+    shared = shared_base_weights(model)
     for name, m in modules.items():
         base = m.base_layer
-        merged = base.weight.detach().float() + m.delta_weight(torch.float32)
-        base.weight.data = merged.to(base.weight.dtype)
+        delta = m.delta_weight(torch.float32)
+        if m.kind.fan_in_fan_out:
+            delta = delta.t()  # the base stores W as [in, out]
+        merged = (base.weight.detach().float() + delta).to(base.weight.dtype)
+        if name in shared:
+            # A new tensor for this layer only: the embeddings keep the unmerged matrix, which is
+            # what the wrapped model's embedding lookup used.
+            base.weight = nn.Parameter(merged, requires_grad=True)
+        else:
+            base.weight.data = merged
         for p in base.parameters():
             p.requires_grad_(True)
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
         setattr(parent, child, base)
+    if shared:
+        _untie_config(model)
+        listed = "; ".join(f"'{n}' with {', '.join(o)}" for n, o in shared.items())
+        warnings.warn(
+            f"merge_and_unload: untied {listed}: the merged layer got its own weight, the other "
+            "holders keep the unmerged one, and config.tie_word_embeddings is now False, so the "
+            "merged model gives the wrapped model's logits (and saves both matrices)",
+            stacklevel=3,  # past torch.no_grad's wrapper, to the caller
+        )
     if hasattr(model, "molf_config"):
         del model.molf_config
     return model
 
 
+def _untie_config(model: nn.Module) -> None:
+    """Tell transformers the output embeddings are no longer tied, so that neither a reload nor
+    `tie_weights()` ties them again."""
+    config = getattr(model, "config", None)
+    if config is None:
+        return
+    configs = [config]
+    if hasattr(config, "get_text_config"):
+        configs.append(config.get_text_config())
+    for c in configs:
+        if hasattr(c, "tie_word_embeddings"):
+            c.tie_word_embeddings = False
+
+
 def _module_key_names(model: nn.Module, wrapped: dict[str, MoLFLinear]) -> list[str]:
     """Short target names (q_proj, ...) when they select exactly the wrapped modules, else full names.
 
-    Short names are what vLLM and most PEFT tooling expect.
+    Short names are what vLLM and most PEFT tooling expect. peft matches a short name against
+    every module whose dotted name ends with it, whatever its type, so all modules count here.
     """
     short = sorted({n.rsplit(".", 1)[-1] for n in wrapped})
-    linears = [
+    named = [
         n
-        for n, m in model.named_modules()
-        if isinstance(m, (nn.Linear, MoLFLinear)) and n.rsplit(".", 1)[-1] in short
+        for n, _ in model.named_modules()
+        if n.rsplit(".", 1)[-1] in short and not n.endswith(".base_layer")
     ]
-    inner = {n for n in linears if n.endswith(".base_layer")}
-    linears = [n for n in linears if n not in inner]
-    if sorted(linears) == sorted(wrapped):
+    if sorted(named) == sorted(wrapped):
         return short
     return sorted(wrapped)
 
@@ -67,7 +111,9 @@ def export_peft_lora(
 
     Experts concatenate exactly into rank R = sum r_i: A = [A_1; A_2], B = [s_1 B_1, s_2 B_2],
     lora_alpha = R (scale 1). The adapter holds float32 weights; `peft.PeftModel.from_pretrained`
-    and vLLM load it as plain LoRA. Refuses a model whose base weights were trainable (MoLF with
+    and vLLM load it as plain LoRA, also on a quantized (bitsandbytes) copy of the base.
+    `base_model_name_or_path` defaults to the model's `config.name_or_path`: give a hub id or a
+    local directory, so that `AutoPeftModelForCausalLM.from_pretrained(out_dir)` finds the base. Refuses a model whose base weights were trainable (MoLF with
     an FFT expert, or unfrozen embeddings/norms): an adapter cannot carry those changes.
     """
     wrapped = molf_modules(model)
@@ -104,7 +150,9 @@ def export_peft_lora(
         "use_rslora": False,
         "target_modules": _module_key_names(model, wrapped),
         "bias": "none",
-        "fan_in_fan_out": False,
+        # peft's flag for bases that store W as [in, out] (GPT-2's Conv1D); peft resets it per
+        # layer for plain linears of a mixed model, so it is set when any wrapped layer needs it.
+        "fan_in_fan_out": any(m.kind.fan_in_fan_out for m in wrapped.values()),
         "init_lora_weights": True,
         "modules_to_save": None,
         "inference_mode": True,

@@ -10,6 +10,10 @@ from __future__ import annotations
 
 import math
 import re
+import sys
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -18,24 +22,131 @@ from molf.config import MoLFConfig
 from molf.errors import MolfError
 
 
-class MoLFLinear(nn.Module):
-    """Wraps an `nn.Linear` (kept as `base_layer`) and adds LoRA experts `lora_A[i]`, `lora_B[i]`."""
+@dataclass(frozen=True)
+class BaseLayerKind:
+    """One type of base layer `wrap` accepts, and what molf must know to wrap it.
 
-    def __init__(self, base_layer: nn.Linear, config: MoLFConfig) -> None:
+    A new base type is one more entry in `BASE_LAYER_KINDS`, never an `if` in the layer.
+
+    Attributes:
+        name: how messages and the README call it.
+        matches: whether a module is of this kind.
+        features: (in_features, out_features) of such a module.
+        fan_in_fan_out: the weight is stored [in, out] (transformers' Conv1D), not [out, in], so
+            merging adds the transposed update and the PEFT adapter says `fan_in_fan_out`.
+        quantized: the weight is packed integers (bitsandbytes): it can only stay frozen (MoLF-E)
+            and an update cannot be merged into it.
+    """
+
+    name: str
+    matches: Callable[[nn.Module], bool]
+    features: Callable[[nn.Module], tuple[int, int]]
+    fan_in_fan_out: bool = False
+    quantized: bool = False
+
+
+def _imported_class(module: str, name: str) -> type | None:
+    """`module.name` if that module has been imported, else None.
+
+    A library that was never imported cannot have built a layer of its types, so molf detects
+    transformers' Conv1D and bitsandbytes layers without importing either: `import molf` stays
+    torch-only.
+    """
+    mod = sys.modules.get(module)
+    cls = getattr(mod, name, None) if mod is not None else None
+    return cls if isinstance(cls, type) else None
+
+
+def _instance_of(module: str, name: str) -> Callable[[nn.Module], bool]:
+    def matches(layer: nn.Module) -> bool:
+        cls = _imported_class(module, name)
+        return cls is not None and isinstance(layer, cls)
+
+    return matches
+
+
+def _linear_features(layer: nn.Module) -> tuple[int, int]:
+    return layer.in_features, layer.out_features
+
+
+def _conv1d_features(layer: nn.Module) -> tuple[int, int]:
+    n_in, n_out = layer.weight.shape  # Conv1D computes x @ W + b with W stored [in, out]
+    return int(n_in), int(n_out)
+
+
+BASE_LAYER_KINDS: list[BaseLayerKind] = [
+    # Exactly nn.Linear: a subclass may use its weight in ways a wrapper cannot see (torch's
+    # MultiheadAttention reads out_proj.weight without calling out_proj), so each needs its entry.
+    BaseLayerKind("nn.Linear", lambda m: type(m) is nn.Linear, _linear_features),
+    BaseLayerKind(
+        "transformers Conv1D (GPT-2)",
+        _instance_of("transformers.pytorch_utils", "Conv1D"),
+        _conv1d_features,
+        fan_in_fan_out=True,
+    ),
+    BaseLayerKind(
+        "bitsandbytes Linear4bit",
+        _instance_of("bitsandbytes.nn", "Linear4bit"),
+        _linear_features,
+        quantized=True,
+    ),
+    BaseLayerKind(
+        "bitsandbytes Linear8bitLt",
+        _instance_of("bitsandbytes.nn", "Linear8bitLt"),
+        _linear_features,
+        quantized=True,
+    ),
+]
+
+
+def base_layer_kind(layer: nn.Module) -> BaseLayerKind | None:
+    """The entry of `BASE_LAYER_KINDS` that `layer` is, or None when molf cannot wrap it."""
+    return next((k for k in BASE_LAYER_KINDS if k.matches(layer)), None)
+
+
+def _supported_names() -> str:
+    return ", ".join(k.name for k in BASE_LAYER_KINDS)
+
+
+class MoLFLinear(nn.Module):
+    """Wraps a linear layer (kept as `base_layer`) and adds LoRA experts `lora_A[i]`, `lora_B[i]`.
+
+    The base layer is any kind in `BASE_LAYER_KINDS`: `nn.Linear`, transformers' `Conv1D`, or a
+    bitsandbytes 4-/8-bit linear (frozen, MoLF-E only). The experts always have PEFT's layout,
+    A [r, in] and B [out, r], whatever the layout of the base weight.
+    """
+
+    def __init__(self, base_layer: nn.Module, config: MoLFConfig) -> None:
         super().__init__()
+        kind = base_layer_kind(base_layer)
+        if kind is None:
+            raise MolfError(
+                f"MoLFLinear: cannot wrap a {type(base_layer).__name__}; "
+                f"supported: {_supported_names()}"
+            )
+        if kind.quantized and config.train_base:
+            raise MolfError(
+                f"MoLFConfig.train_base: True, but the base layer is a {kind.name} whose "
+                "quantized weights cannot be fully fine-tuned; use MoLF-E (train_base=False) on "
+                "a quantized base, or load the base unquantized for MoLF"
+            )
         self.base_layer = base_layer
+        self.kind = kind
+        self.in_features, self.out_features = kind.features(base_layer)
         self.ranks = tuple(config.lora_ranks)
         self.scalings = tuple(config.scalings)
         self.train_base = config.train_base
         self.expert_names = config.expert_names
         self.dropout = nn.Dropout(config.lora_dropout) if config.lora_dropout > 0 else nn.Identity()
         w = base_layer.weight
+        # Experts on a packed integer weight train in float32, as peft's do on a quantized base.
+        dtype = torch.float32 if kind.quantized else w.dtype
         self.lora_A = nn.ParameterList(
-            nn.Parameter(torch.empty(r, base_layer.in_features, device=w.device, dtype=w.dtype))
+            nn.Parameter(torch.empty(r, self.in_features, device=w.device, dtype=dtype))
             for r in self.ranks
         )
         self.lora_B = nn.ParameterList(
-            nn.Parameter(torch.zeros(base_layer.out_features, r, device=w.device, dtype=w.dtype))
+            nn.Parameter(torch.zeros(self.out_features, r, device=w.device, dtype=dtype))
             for r in self.ranks
         )
         self.reset_lora_parameters()
@@ -49,14 +160,6 @@ class MoLFLinear(nn.Module):
         for a, b in zip(self.lora_A, self.lora_B):
             nn.init.kaiming_uniform_(a, a=math.sqrt(5))
             b.zero_()
-
-    @property
-    def in_features(self) -> int:
-        return self.base_layer.in_features
-
-    @property
-    def out_features(self) -> int:
-        return self.base_layer.out_features
 
     @property
     def weight(self) -> torch.Tensor:
@@ -80,7 +183,7 @@ class MoLFLinear(nn.Module):
         return ([self.fft_expert()] if self.train_base else []) + self.lora_experts()
 
     def delta_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        """sum_i s_i B_i A_i computed in `dtype`."""
+        """sum_i s_i B_i A_i computed in `dtype`, laid out [out, in] (transpose for Conv1D)."""
         delta = torch.zeros(
             self.out_features, self.in_features, dtype=dtype, device=self.weight.device
         )
@@ -116,25 +219,68 @@ def _is_target(name: str, config: MoLFConfig) -> bool:
     return _name_matches(name, tuple(target))
 
 
-def wrap(model: nn.Module, config: MoLFConfig | None = None) -> nn.Module:
-    """Replace every target `nn.Linear` of `model` by a `MoLFLinear`, in place; returns `model`.
+def _own_weights(module: nn.Module) -> list[tuple[str, nn.Parameter]]:
+    """Parameters of 2+ dims held by `module` itself (not its children): weight-like tensors."""
+    return [(n, p) for n, p in module.named_parameters(recurse=False) if p.dim() >= 2]
 
-    Raises MolfError when no module matches `config.target_modules` or the model is wrapped twice.
+
+def _shown(target: str | tuple[str, ...]) -> str:
+    return repr(target if isinstance(target, str) else list(target))
+
+
+def _type_counts(modules: list[nn.Module]) -> str:
+    counts: dict[str, int] = {}
+    for m in modules:
+        counts[type(m).__name__] = counts.get(type(m).__name__, 0) + 1
+    return ", ".join(f"{n} {name}" for name, n in sorted(counts.items(), key=lambda kv: -kv[1]))
+
+
+def wrap(model: nn.Module, config: MoLFConfig | None = None) -> nn.Module:
+    """Replace every target linear layer of `model` by a `MoLFLinear`, in place; returns `model`.
+
+    Targets are the modules `config.target_modules` selects whose type is in `BASE_LAYER_KINDS`.
+    Raises MolfError, before changing anything, when nothing can be wrapped (naming the types the
+    patterns did match), when named targets include a weight-holding module of another type, when
+    the model is already wrapped, or when MoLF (train_base=True) targets a quantized layer. Under
+    "all-linear" it warns about weight tensors it left unwrapped (e.g. fused MoE experts) and, for
+    every wrapped layer whose weight is shared (a tied lm_head), about what training does to it.
     """
     config = config or MoLFConfig()
     if molf_modules(model):
         raise MolfError("wrap: the model is already wrapped by molf")
-    targets = [
-        name
-        for name, module in model.named_modules()
-        if type(module) is nn.Linear and name and _is_target(name, config)
-    ]
+    matched = [(n, m) for n, m in model.named_modules() if n and _is_target(n, config)]
+    targets = [(n, m) for n, m in matched if base_layer_kind(m) is not None]
+    named = config.target_modules != "all-linear"
+    if named:
+        # A module the user named but molf cannot wrap is an error, never a silent skip.
+        refused = [(n, m) for n, m in matched if base_layer_kind(m) is None and _own_weights(m)]
+        if refused:
+            name, module = refused[0]
+            more = f" (and {len(refused) - 1} more)" if len(refused) > 1 else ""
+            raise MolfError(
+                f"MoLFConfig.target_modules: {_shown(config.target_modules)} matches '{name}'{more}, a "
+                f"{type(module).__name__}, which molf cannot wrap (supported: "
+                f"{_supported_names()}); narrow target_modules or add it to exclude_modules"
+            )
     if not targets:
+        seen = [m for _, m in matched if named or _own_weights(m)]
+        what = f"it matched {_type_counts(seen)}" if seen else "it matched no module"
         raise MolfError(
-            f"MoLFConfig.target_modules: no nn.Linear of {type(model).__name__} matches "
-            f"{config.target_modules!r} (excluding {list(config.exclude_modules)})"
+            f"MoLFConfig.target_modules: no layer molf can wrap ({_supported_names()}) in "
+            f"{type(model).__name__} matches {_shown(config.target_modules)} (excluding "
+            f"{list(config.exclude_modules)}); {what}"
         )
-    for name in targets:
+    if config.train_base:
+        quantized = [(n, m) for n, m in targets if base_layer_kind(m).quantized]
+        if quantized:
+            name, module = quantized[0]
+            raise MolfError(
+                f"MoLFConfig.train_base: True, but '{name}' is a {base_layer_kind(module).name} "
+                f"({len(quantized)} quantized target layers): quantized weights cannot be fully "
+                "fine-tuned; use MoLF-E (train_base=False) on a quantized base (QLoRA-style), or "
+                "load the base unquantized for MoLF"
+            )
+    for name, _ in targets:
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
         setattr(parent, child, MoLFLinear(getattr(parent, child), config))
@@ -148,7 +294,82 @@ def wrap(model: nn.Module, config: MoLFConfig | None = None) -> nn.Module:
             if id(p) not in wrapped_params:
                 p.requires_grad_(False)
     model.molf_config = config
+    _warn_shared(model, config)
+    if not named:
+        _warn_unwrapped(model, config)
     return model
+
+
+def shared_base_weights(model: nn.Module) -> dict[str, list[str]]:
+    """Wrapped modules whose base weight is also held elsewhere in `model` (a tied lm_head), with
+    the other names of that tensor: {"lm_head": ["model.embed_tokens.weight"]}."""
+    holders: dict[int, list[str]] = {}
+    for n, p in model.named_parameters(remove_duplicate=False):
+        holders.setdefault(id(p), []).append(n)
+    shared = {}
+    for name, m in molf_modules(model).items():
+        others = [n for n in holders.get(id(m.weight), []) if n != f"{name}.base_layer.weight"]
+        if others:
+            shared[name] = others
+    return shared
+
+
+def _warn_shared(model: nn.Module, config: MoLFConfig) -> None:
+    for name, others in shared_base_weights(model).items():
+        also = ", ".join(others)
+        if config.train_base:
+            what = (
+                "its FFT expert is that one matrix: it is scored on the gradient of both uses and, "
+                f"when the FFT expert wins on '{name}', {also} moves with it"
+            )
+        elif not config.freezes_non_wrapped:
+            what = f"so {also} stays frozen with the base, although freeze_non_wrapped=False"
+        else:
+            continue  # frozen either way; merge_and_unload says what it does
+        warnings.warn(
+            f"molf.wrap: '{name}' shares its weight with {also}; {what}. "
+            "molf.merge_and_unload unties them.",
+            stacklevel=3,
+        )
+
+
+def _warn_unwrapped(model: nn.Module, config: MoLFConfig) -> None:
+    """Under "all-linear": name the weight tensors of 2+ dims left unwrapped, other than
+    embeddings, norms and excluded modules (lm_head): fused MoE experts, routers, convolutions,
+    linear subclasses molf does not know. The same name in every layer is listed once."""
+    skip: set[int] = set()
+    for name, m in model.named_modules():
+        if (
+            isinstance(m, (MoLFLinear, nn.Embedding))
+            or "norm" in type(m).__name__.lower()
+            or (name and _name_matches(name, tuple(config.exclude_modules)))
+        ):
+            skip |= {id(p) for p in m.parameters()}
+    groups: dict[str, list[str]] = {}
+    for name, m in model.named_modules():
+        for pname, p in _own_weights(m):
+            if id(p) in skip:
+                continue
+            skip.add(id(p))
+            full = f"{name}.{pname}" if name else pname
+            key = re.sub(r"\.\d+\.", ".*.", full)
+            if key not in groups:
+                state = "trainable" if p.requires_grad else "frozen"
+                groups[key] = [f"{list(p.shape)} ({type(m).__name__}, {state})"]
+            groups[key].append(full)
+    if not groups:
+        return
+    listed = [
+        f"{key} {v[0]}" + (f" x{len(v) - 1}" if len(v) > 2 else "") for key, v in groups.items()
+    ]
+    warnings.warn(
+        f"molf.wrap: target_modules='all-linear' left {sum(len(v) - 1 for v in groups.values())} "
+        f"weight tensors unwrapped, of types molf cannot wrap (supported: {_supported_names()}): "
+        + "; ".join(listed)
+        + ". Trainable ones train as plain parameters, outside the routing "
+        "(freeze_non_wrapped=True freezes them)",
+        stacklevel=3,
+    )
 
 
 def molf_modules(model: nn.Module) -> dict[str, MoLFLinear]:

@@ -700,6 +700,15 @@ def _save_run_info(directory: Path, cfg: TrainConfig) -> None:
     (directory / "molf_run.json").write_text(json.dumps(info, indent=1))
 
 
+def _adapter_base(model: nn.Module, cfg: TrainConfig) -> str:
+    """The base an adapter names: where `load_model` found the model's files (the hub id, the
+    absolute local directory, an embedded model's cached safetensors directory), so that peft's
+    `AutoPeftModelForCausalLM` resolves it; the run's model name for the in-memory tiny models."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    found = getattr(getattr(base, "config", None), "_name_or_path", None)
+    return str(found) if found else cfg.model
+
+
 def finalize(s: Setup, model: nn.Module | None = None) -> tuple[nn.Module, dict[str, Path]]:
     """Write the method's artefacts atomically; returns the plain model for evaluation and paths.
 
@@ -712,7 +721,7 @@ def finalize(s: Setup, model: nn.Module | None = None) -> tuple[nn.Module, dict[
     if cfg.method in ("lora", "adalora"):
 
         def fill_adapter(tmp: Path) -> None:
-            model.peft_config["default"].base_model_name_or_path = cfg.model
+            model.peft_config["default"].base_model_name_or_path = _adapter_base(model, cfg)
             # save_embedding_layers=False: embeddings are not trained, and "auto" looks up the hub
             model.save_pretrained(tmp, save_embedding_layers=False)
             _save_run_info(tmp, cfg)
@@ -722,7 +731,9 @@ def finalize(s: Setup, model: nn.Module | None = None) -> tuple[nn.Module, dict[
     elif cfg.method == "molf-e":
 
         def fill_molf_e(tmp: Path) -> None:
-            molf.export_peft_lora(model, tmp / "a", base_model_name_or_path=cfg.model)
+            molf.export_peft_lora(
+                model, tmp / "a", base_model_name_or_path=_adapter_base(model, cfg)
+            )
             for f in (tmp / "a").iterdir():
                 f.rename(tmp / f.name)
             (tmp / "a").rmdir()

@@ -184,11 +184,11 @@ def _load_embedded(
                 gguf_path = Path(gemma.assemble(Path(tmp) / gemma.MODEL_NAME))
                 _convert_gguf(gguf_path, out, name, None)
 
-    target = _ensure_cached(root / "models" / name, build, source)
+    target = _ensure_cached(root / "models" / name, build, source).resolve()
     model = AutoModelForCausalLM.from_pretrained(target, dtype=dtype)
-    # Adapters saved from this model then name the embedded model, not this machine's cache.
-    model.config.name_or_path = name
-    model.name_or_path = name
+    # name_or_path stays the cached directory: an adapter saved from this model then names a
+    # base that peft (AutoPeftModelForCausalLM) can load, and `load_model` maps it back to the
+    # embedded name on a machine whose cache lives elsewhere (see _load_adapter).
     model.eval()
     return model, _load_tokenizer_dir(target)
 
@@ -370,8 +370,12 @@ def _load_adapter(
     if not base_name:
         raise MolfError(f"{config_file}: missing field 'base_model_name_or_path'")
     beside = path / base_name
-    if not Path(base_name).expanduser().exists() and beside.is_dir():
-        base_name = str(beside)  # a relative base path saved next to the adapter
+    moved = Path(base_name)
+    if not moved.expanduser().exists():
+        if beside.is_dir():
+            base_name = str(beside)  # a relative base path saved next to the adapter
+        elif moved.parent.name == "models" and moved.name in EMBEDDED_MODELS:
+            base_name = moved.name  # an embedded model's cache on another machine
     base_model, tokenizer = load_model(
         base_name, dtype, trust_remote_code, cache_dir, merge_adapter=True
     )
