@@ -148,6 +148,9 @@ def wrap(model: nn.Module, config: MoLFConfig | None = None) -> nn.Module:
             if id(p) not in wrapped_params:
                 p.requires_grad_(False)
     model.molf_config = config
+    from molf.saving import guard_save_pretrained  # molf.saving imports this module
+
+    guard_save_pretrained(model)
     return model
 
 
