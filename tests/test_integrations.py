@@ -262,3 +262,26 @@ def test_trl_sft_trainer_trains_molf_e(tmp_path):
     for name, m in molf.molf_modules(model).items():
         assert torch.equal(m.weight, base[name])  # MoLF-E: the base stays frozen
     assert any(b.abs().sum() > 0 for m in molf.molf_modules(model).values() for b in m.lora_B)
+
+
+def test_load_best_model_at_end_reads_molf_checkpoints(tmp_path):
+    args = arguments(
+        tmp_path,
+        max_steps=4,
+        save_steps=2,
+        eval_strategy="steps",
+        eval_steps=2,
+        load_best_model_at_end=True,
+        metric_for_best_model="loss",
+        greater_is_better=True,  # the worse checkpoint, so that "best" is not the last one
+    )
+    model = wrapped()
+    trainer = Trainer(model=model, args=args, train_dataset=dataset(), eval_dataset=dataset(8))
+    use_molf(trainer)
+    trainer.train()
+    assert trainer.state.best_model_checkpoint == str(tmp_path / "checkpoint-2")
+    best = molf.from_pretrained(tmp_path / "checkpoint-2")
+    last = molf.from_pretrained(tmp_path / "checkpoint-4")
+    for (name, p), (_, q) in zip(model.named_parameters(), best.named_parameters()):
+        assert torch.equal(p, q), name
+    assert any(not torch.equal(p, r) for p, r in zip(model.parameters(), last.parameters()))
