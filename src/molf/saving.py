@@ -53,6 +53,16 @@ BUFFERS_NAME = "molf_buffers.safetensors"
 CONFIG_NAME = "molf_config.json"
 FORMAT = "molf-wrapped"
 FORMAT_VERSION = 1
+_INFO_KEYS = {
+    "format_version",
+    "molf_config",
+    "wrapped_modules",
+    "tied",
+    "nonpersistent_buffers",
+    "frozen",
+    "dtype",
+    "architecture",
+}
 # transformers' weight files: a plain from_pretrained would load these as a different model.
 _HF_WEIGHTS = re.compile(
     r"(model|pytorch_model)(-\d{5}-of-\d{5})?\.(safetensors|bin)(\.index\.json)?"
@@ -83,7 +93,7 @@ def _tensors(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, torch
 def _for_file(tensors: dict[str, torch.Tensor], skip: dict[str, str]) -> dict[str, torch.Tensor]:
     """CPU copies (or the tensors themselves on the CPU) to write, each buffer once."""
     out: dict[str, torch.Tensor] = {}
-    storages: set[tuple[int, int]] = set()
+    storages: set[int] = set()
     for name, t in tensors.items():
         if name in skip:
             continue
@@ -93,10 +103,10 @@ def _for_file(tensors: dict[str, torch.Tensor], skip: dict[str, str]) -> dict[st
                 "full state dict and pass it as state_dict="
             )
         t = t.detach().to("cpu").contiguous()
-        key = (t.untyped_storage().data_ptr(), t.storage_offset())
-        if key in storages:  # a view of another tensor: safetensors stores each buffer once
+        storage = t.untyped_storage().data_ptr()
+        if storage in storages:  # a view into another tensor's memory: safetensors refuses those
             t = t.clone()
-        storages.add(key)
+        storages.add(storage)
         out[name] = t
     return out
 
@@ -223,7 +233,10 @@ def _read_info(directory: Path) -> dict[str, Any]:
         raise MolfError(f"{path}: not valid JSON ({e})") from None
     if not isinstance(info, dict) or info.get("format") != FORMAT:
         raise MolfError(f"{path}: not a molf save (format is not {FORMAT!r})")
-    if info.get("format_version", 0) > FORMAT_VERSION:
+    lacking = sorted(_INFO_KEYS - set(info))
+    if lacking:
+        raise MolfError(f"{path}: incomplete, no {', '.join(lacking)}")
+    if info["format_version"] > FORMAT_VERSION:
         raise MolfError(
             f"{path}: format version {info['format_version']} is newer than this molf reads "
             f"({FORMAT_VERSION}); upgrade molf"
