@@ -131,7 +131,9 @@ class MoLFLinear(nn.Module):
                 "a quantized base, or load the base unquantized for MoLF"
             )
         self.base_layer = base_layer
-        self.kind = kind
+        # the entry's name, not the entry: its match functions are closures, which would make a
+        # wrapped model unpicklable (deepcopy and pickle must keep working)
+        self.kind_name = kind.name
         self.in_features, self.out_features = kind.features(base_layer)
         self.ranks = tuple(config.lora_ranks)
         self.scalings = tuple(config.scalings)
@@ -153,6 +155,11 @@ class MoLFLinear(nn.Module):
         if not config.train_base:
             for p in base_layer.parameters():
                 p.requires_grad_(False)
+
+    @property
+    def kind(self) -> BaseLayerKind:
+        """The `BASE_LAYER_KINDS` entry of the base layer (how to read, merge and export it)."""
+        return next(k for k in BASE_LAYER_KINDS if k.name == self.kind_name)
 
     @torch.no_grad()
     def reset_lora_parameters(self) -> None:
@@ -297,6 +304,9 @@ def wrap(model: nn.Module, config: MoLFConfig | None = None) -> nn.Module:
     _warn_shared(model, config)
     if not named:
         _warn_unwrapped(model, config)
+    from molf.saving import guard_save_pretrained  # molf.saving imports this module
+
+    guard_save_pretrained(model)
     return model
 
 

@@ -127,6 +127,11 @@ class RoutingLog:
             return {e: 0.0 for e in self.expert_names}
         return {e: float(c) / total for e, c in zip(self.expert_names, counts)}
 
+    def overall_shares(self, start: int = 0) -> dict[str, float]:
+        """Share of module-steps won by each expert over `records[start:]` (e.g. since the last
+        time a caller logged them); with top-k > 1 the shares sum to k."""
+        return self._shares(range(len(self.module_names)), slice(start, None))
+
     def share_over_steps(self, expert: int = 0) -> list[tuple[int, float]]:
         """(step, share of active modules where `expert` won) for every step."""
         out = []
