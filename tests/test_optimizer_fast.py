@@ -1,5 +1,6 @@
 """The fast MoLFAdamW paths: the native CPU kernels, the distributed (two-phase) native step and
-the sync-free device-mask update, each against the float64 oracle and against each other."""
+the sync-free device-mask update, each against the float64 oracle and against each other; the
+backend registry and the kernels' build."""
 
 import copy
 
@@ -8,27 +9,31 @@ import torch
 from torch import nn
 
 import molf
-from molf.optim import native as _native
+from molf.optim import functional as F
+from molf.optim import kernels as K
+from molf.optim.backends import BACKENDS
+from molf.optim.backends.eager import EagerBackend
+from molf.optim.backends.native import NativeBackend
 from molf.scores import SCORES, Score
-from tests import test_optimizer_oracle as oracle
 from tests.conftest import tiny_causal_lm
+from tests.optim_helpers import CASES, case_id, check_against_oracle
 
-native_available = _native.cpu_kernels() is not None
+native_available = K.cpu_kernels() is not None
 needs_native = pytest.mark.skipif(
-    not native_available, reason=f"no native kernels: {_native.KERNEL_STATE['error']}"
+    not native_available, reason=f"no native kernels: {K.KERNEL_STATE['error']}"
 )
 
 
-def _spy(monkeypatch, name):
-    """Count the calls of MoLFAdamW.<name>."""
+def _spy(monkeypatch, cls, name):
+    """Count the calls of cls.<name>."""
     calls = []
-    orig = getattr(molf.MoLFAdamW, name)
+    orig = getattr(cls, name)
 
     def wrapper(self, *args, **kwargs):
         calls.append(name)
         return orig(self, *args, **kwargs)
 
-    monkeypatch.setattr(molf.MoLFAdamW, name, wrapper)
+    monkeypatch.setattr(cls, name, wrapper)
     return calls
 
 
@@ -45,27 +50,34 @@ def _with_score_reducer(monkeypatch, reducer):
 
 @needs_native
 @pytest.mark.parametrize("two_phase", [False, True], ids=["fused", "score_reducer"])
-@pytest.mark.parametrize("case", oracle.CASES, ids=lambda c: f"{c[0]}-{c[1]}-k{c[2]}-{c[3]}")
+@pytest.mark.parametrize("case", CASES, ids=case_id)
 def test_native_kernels_match_the_float64_oracle(monkeypatch, case, two_phase):
     monkeypatch.setenv("MOLF_OPTIMIZER_BACKEND", "native")
     reduced = []
     if two_phase:  # the distributed path: all totals pass the reducer before any decision
         _with_score_reducer(monkeypatch, lambda t: reduced.append(t.shape) or t.clone())
-    eager_steps = _spy(monkeypatch, "_step_routed")
-    native_steps = _spy(monkeypatch, "_step_native")
-    oracle.test_matches_float64_oracle(*case)
+    eager_steps = _spy(monkeypatch, EagerBackend, "step")
+    native_steps = _spy(monkeypatch, NativeBackend, "step")
+    check_against_oracle(*case)
     assert not eager_steps and len(native_steps) == 8
     assert len(reduced) == (8 if two_phase else 0)
 
 
-@pytest.mark.parametrize("case", oracle.CASES[:3], ids=lambda c: f"{c[0]}-{c[1]}-k{c[2]}-{c[3]}")
+@pytest.mark.parametrize("case", CASES[:3], ids=case_id)
 def test_device_mask_update_matches_the_float64_oracle(monkeypatch, case):
     # The sync-free accelerator path, forced on CPU: winners applied through a device mask.
     monkeypatch.setenv("MOLF_OPTIMIZER_BACKEND", "eager")
-    monkeypatch.setattr(molf.MoLFAdamW, "_mask_on_device", lambda self, device: True)
-    masked = _spy(monkeypatch, "_apply_masked")
-    oracle.test_matches_float64_oracle(*case)
-    assert len(masked) == 8
+    monkeypatch.setattr(EagerBackend, "mask_on_device", lambda self, device, settings: True)
+    masked = []
+    update = F.adam_update
+
+    def spy(*args, won=None, **kwargs):
+        masked.append(won is not None)
+        return update(*args, won=won, **kwargs)
+
+    monkeypatch.setattr(F, "adam_update", spy)
+    check_against_oracle(*case)
+    assert masked.count(True) == 8  # the routed tensors, once a step
 
 
 def test_device_path_reads_back_once_per_step_and_never_without_a_routing_log(monkeypatch):
@@ -277,11 +289,11 @@ def test_backend_choice_and_its_errors(monkeypatch):
 
 
 def test_kernels_that_cannot_be_built_fall_back_to_eager(monkeypatch, tmp_path):
-    monkeypatch.setattr(_native, "KERNEL_STATE", {"lib": None, "error": None, "tried": False})
+    monkeypatch.setattr(K, "KERNEL_STATE", {"kernels": None, "error": None, "tried": False})
     monkeypatch.setenv("MOLF_CACHE_DIR", str(tmp_path))
     monkeypatch.setenv("CXX", "/bin/false")
-    assert _native.cpu_kernels() is None
-    assert _native.KERNEL_STATE["error"]
+    assert K.cpu_kernels() is None
+    assert K.KERNEL_STATE["error"]
     model = molf.wrap(nn.Sequential(nn.Linear(4, 4)), molf.MoLFConfig(lora_ranks=(2,)))
     assert molf.MoLFAdamW(model).backend == "eager"
     with pytest.raises(ValueError, match="could not be built"):
@@ -289,33 +301,90 @@ def test_kernels_that_cannot_be_built_fall_back_to_eager(monkeypatch, tmp_path):
 
 
 def test_missing_kernel_source_falls_back_to_eager(monkeypatch, tmp_path):
-    monkeypatch.setattr(_native, "KERNEL_STATE", {"lib": None, "error": None, "tried": False})
-    monkeypatch.setattr(_native, "KERNEL_SOURCE", tmp_path / "absent.cpp")
-    _native.kernel_source.cache_clear()
+    monkeypatch.setattr(K, "KERNEL_STATE", {"kernels": None, "error": None, "tried": False})
+    monkeypatch.setattr(K, "KERNEL_SOURCE", tmp_path / "absent.cpp")
+    K.kernel_source.cache_clear()
     try:
-        assert _native.cpu_kernels() is None
-        assert "kernel source missing" in _native.KERNEL_STATE["error"]
+        assert K.cpu_kernels() is None
+        assert "kernel source missing" in K.KERNEL_STATE["error"]
         model = molf.wrap(nn.Sequential(nn.Linear(4, 4)), molf.MoLFConfig(lora_ranks=(2,)))
         assert molf.MoLFAdamW(model).backend == "eager"
     finally:
-        _native.kernel_source.cache_clear()
+        K.kernel_source.cache_clear()
 
 
 @needs_native
 def test_kernels_build_into_the_cache_dir(monkeypatch, tmp_path):
-    monkeypatch.setattr(_native, "KERNEL_STATE", {"lib": None, "error": None, "tried": False})
+    monkeypatch.setattr(K, "KERNEL_STATE", {"kernels": None, "error": None, "tried": False})
     monkeypatch.setenv("MOLF_CACHE_DIR", str(tmp_path))
-    assert _native.cpu_kernels() is not None
+    assert K.cpu_kernels() is not None
     built = list((tmp_path / "kernels").glob("molf_kernels_*.so"))
     assert len(built) == 1
-    assert _native.cpu_kernels() is _native.KERNEL_STATE["lib"]  # built once per process
+    assert K.cpu_kernels() is K.KERNEL_STATE["kernels"]  # built once per process
 
 
-def test_batched_partials_equal_the_per_tensor_partials():
+@pytest.mark.parametrize("batch", [1 << 24, 50, 1])
+def test_kernel_partials_equal_the_formulas_in_any_batching(monkeypatch, batch):
+    monkeypatch.setattr(F, "PARTIAL_BATCH_ELEMENTS", batch)
     g = torch.Generator().manual_seed(0)
     ms = [torch.randn(n, generator=g, dtype=torch.float64) for n in (3, 70, 1)]
     vs = [torch.rand(n, generator=g, dtype=torch.float64) for n in (3, 70, 1)]
-    for score in (SCORES["epd"], SCORES["pfn"]):
-        expected = torch.stack([score.partial(m, v, 1e-8) for m, v in zip(ms, vs)])
-        got = molf.scores.batched_partials(score, ms, vs, 1e-8)
+    eps = 1e-3
+    formulas = {  # method.md section 3, written out
+        "epd": lambda m, v: (m * m / (v.sqrt() + eps)).sum(),
+        "pfn": lambda m, v: ((m / (v.sqrt() + eps)) ** 2).sum(),
+    }
+    assert set(formulas) == set(F.SCORE_KERNELS)
+    for kernel, formula in formulas.items():
+        expected = torch.stack([formula(m, v) for m, v in zip(ms, vs)])
+        got = F.kernel_partials(kernel, ms, vs, eps)
         torch.testing.assert_close(got, expected, rtol=1e-12, atol=0)
+        score = SCORES[kernel]
+        torch.testing.assert_close(score.partials(ms, vs, eps), got, rtol=1e-12, atol=0)
+        torch.testing.assert_close(score.partial(ms[1], vs[1], eps), got[1], rtol=1e-12, atol=0)
+
+
+@needs_native
+def test_the_cpp_kernels_implement_exactly_the_python_score_kernels():
+    kernels = K.cpu_kernels()
+    assert sorted(kernels.score_ids) == sorted(F.SCORE_KERNELS)
+    assert sorted(kernels.score_ids.values()) == list(range(len(F.SCORE_KERNELS)))
+
+
+@needs_native
+def test_kernel_args_are_filled_completely_and_unknown_kernel_ids_are_refused():
+    names = [name for name, _ in K.KernelArgs._fields_]
+    values = dict.fromkeys(names, 0)
+    with pytest.raises(ValueError, match="missing \\['wins'\\]"):
+        K.KernelArgs.filled({k: v for k, v in values.items() if k != "wins"})
+    with pytest.raises(ValueError, match="unknown \\['winner'\\]"):
+        K.KernelArgs.filled(values | {"winner": 0})
+    args = K.KernelArgs.filled(values | {"kind": len(F.SCORE_KERNELS), "n_threads": 1})
+    with pytest.raises(RuntimeError, match="unknown score kernel"):
+        K.cpu_kernels().run(args)
+
+
+def test_a_registered_backend_is_selectable_and_auto_tries_the_registry_in_order(monkeypatch):
+    stepped = []
+
+    class Recording(EagerBackend):
+        name = "recording_test"
+
+        @staticmethod
+        def preferred_on(device):
+            return True
+
+        def step(self, settings):
+            stepped.append(settings.slot_lrs)
+            return super().step(settings)
+
+    monkeypatch.setitem(BACKENDS, "recording_test", Recording)
+    model = molf.wrap(nn.Sequential(nn.Linear(4, 4)), molf.MoLFConfig(lora_ranks=(2,)))
+    opt = molf.MoLFAdamW(model, backend="recording_test", lr_fft=1e-3, lr_lora=2e-3)
+    model(torch.randn(3, 4)).sum().backward()
+    opt.step()
+    assert opt.backend == "recording_test" and stepped == [(1e-3, 2e-3)]
+    # "auto" takes the first registered backend that prefers the device and is available
+    auto_first = {"recording_test": Recording, **BACKENDS}  # the same entries, this one first
+    monkeypatch.setattr("molf.optim.backends.BACKENDS", auto_first)
+    assert molf.MoLFAdamW(model).backend == "recording_test"

@@ -1,4 +1,6 @@
-// MoLF CPU kernels (built by molf._native at first use, driven by molf.optimizer).
+// MoLF CPU kernels: the native backend of MoLFAdamW (molf/optim/backends/native.py builds this
+// file at first use and fills `MolfStep` through its ctypes mirror `KernelArgs`). The maths is
+// docs/method.md section 3, the same as molf/optim/functional.py, which the tests compare it to.
 // One pass per tensor advances m and v and accumulates the score partial; the winners of a
 // module are then updated while their moments are still in cache. A whole module is one work
 // item of one thread, so its result does not depend on the thread count and needs no barrier.
@@ -11,7 +13,8 @@
 namespace {
 
 enum Dtype { F32 = 0, F64 = 1, BF16 = 2, F16 = 3 };
-enum Kind { EPD = 0, PFN = 1 };
+// Score kernels by id; `molf_score_kernels` lists their names in id order for the Python side.
+enum Kind { EPD = 0, PFN = 1, N_KINDS = 2 };
 enum Phase { FUSED = 0, SCORE = 1, APPLY = 2 };
 const int64_t BLOCK = 2048;  // elements per float partial sum (then summed in double)
 const int64_t CHUNK = 1 << 18;  // elements per work item of the plain AdamW tensors
@@ -94,8 +97,30 @@ template <> struct Io<F16> {
   template <class C> static inline void st(T* p, int64_t i, C x) { p[i] = float_to_half(float(x)); }
 };
 
-// m <- m + c1 (g - m); v <- b2 v + c2 g^2 on [lo, hi), c = 1 - b computed in double (1 - 0.999
-// in float is off by 1e-5); returns the score partial.
+// m <- m + c1 (g - m); v <- b2 v + c2 g^2 for element i, c = 1 - b computed in double (1 - 0.999
+// in float is off by 1e-5); stores m and v and returns them as stored (rounded, for
+// low-precision moments), which is what the score and the update read.
+template <int G, int M, class C>
+inline void advance(const typename Io<G>::T* g, typename Io<M>::T* m, typename Io<M>::T* v,
+                    int64_t i, C c1, C b2, C c2, C& m_out, C& v_out) {
+  const C gi = Io<G>::template ld<C>(g, i);
+  const C mi = Io<M>::template ld<C>(m, i) + c1 * (gi - Io<M>::template ld<C>(m, i));
+  const C vi = b2 * Io<M>::template ld<C>(v, i) + c2 * (gi * gi);
+  Io<M>::st(m, i, mi);
+  Io<M>::st(v, i, vi);
+  m_out = Io<M>::round(mi);
+  v_out = Io<M>::round(vi);
+}
+
+// p decay - step * m / (sqrt(v) + eps'): the Adam update of one element, where the caller folds
+// the bias corrections into step = lr sqrt(bc2) / bc1 and eps' = eps sqrt(bc2) (one division and
+// one square root per element, which bound these loops on CPUs with fast memory).
+template <class C>
+inline C updated(C p, C m, C v, C decay, C step, C eps) {
+  return p * decay - step * (m / (std::sqrt(v) + eps));
+}
+
+// Advances m and v on [lo, hi) and returns the score partial of those elements.
 template <int P, int G, int M, class C, int K>
 double moments(const void* g_, void* m_, void* v_, int64_t lo, int64_t hi, C c1, C b2, C c2,
                C eps) {
@@ -108,13 +133,8 @@ double moments(const void* g_, void* m_, void* v_, int64_t lo, int64_t hi, C c1,
     C acc = 0;
 #pragma omp simd reduction(+ : acc)
     for (int64_t i = b; i < e; ++i) {
-      const C gi = Io<G>::template ld<C>(g, i);
-      const C mi = Io<M>::template ld<C>(m, i) + c1 * (gi - Io<M>::template ld<C>(m, i));
-      const C vi = b2 * Io<M>::template ld<C>(v, i) + c2 * (gi * gi);
-      Io<M>::st(m, i, mi);
-      Io<M>::st(v, i, vi);
-      // the score reads the moments as stored (rounded, for low-precision moments)
-      const C ms = Io<M>::round(mi), vs = Io<M>::round(vi);
+      C ms, vs;
+      advance<G, M, C>(g, m, v, i, c1, b2, c2, ms, vs);
       const C d = std::sqrt(vs) + eps;
       if (K == EPD) {
         acc += ms * ms / d;
@@ -128,9 +148,7 @@ double moments(const void* g_, void* m_, void* v_, int64_t lo, int64_t hi, C c1,
   return total;
 }
 
-// p <- p (1 - lr wd) - lr / bc1 * m / (sqrt(v) / sqrt(bc2) + eps) on [lo, hi), computed as
-// p decay - step * m / (sqrt(v) + eps'), step = lr sqrt(bc2) / bc1, eps' = eps sqrt(bc2): one
-// division and one square root per element, which bound this loop on CPUs with fast memory.
+// The winners' update on [lo, hi).
 template <int P, int M, class C>
 void apply(void* p_, const void* m_, const void* v_, int64_t lo, int64_t hi, C decay, C step,
            C eps) {
@@ -138,11 +156,10 @@ void apply(void* p_, const void* m_, const void* v_, int64_t lo, int64_t hi, C d
   const typename Io<M>::T* m = static_cast<const typename Io<M>::T*>(m_);
   const typename Io<M>::T* v = static_cast<const typename Io<M>::T*>(v_);
 #pragma omp simd
-  for (int64_t i = lo; i < hi; ++i) {
-    const C d = std::sqrt(Io<M>::template ld<C>(v, i)) + eps;
-    const C pi = Io<P>::template ld<C>(p, i) * decay;
-    Io<P>::st(p, i, pi - step * (Io<M>::template ld<C>(m, i) / d));
-  }
+  for (int64_t i = lo; i < hi; ++i)
+    Io<P>::st(p, i,
+              updated<C>(Io<P>::template ld<C>(p, i), Io<M>::template ld<C>(m, i),
+                         Io<M>::template ld<C>(v, i), decay, step, eps));
 }
 
 // Plain AdamW in one pass, for parameters outside the wrapped modules.
@@ -155,14 +172,9 @@ void adamw(void* p_, const void* g_, void* m_, void* v_, int64_t lo, int64_t hi,
   typename Io<M>::T* v = static_cast<typename Io<M>::T*>(v_);
 #pragma omp simd
   for (int64_t i = lo; i < hi; ++i) {
-    const C gi = Io<G>::template ld<C>(g, i);
-    const C mi = Io<M>::template ld<C>(m, i) + c1 * (gi - Io<M>::template ld<C>(m, i));
-    const C vi = b2 * Io<M>::template ld<C>(v, i) + c2 * (gi * gi);
-    Io<M>::st(m, i, mi);
-    Io<M>::st(v, i, vi);
-    const C d = std::sqrt(Io<M>::round(vi)) + eps;
-    const C pi = Io<P>::template ld<C>(p, i) * decay;
-    Io<P>::st(p, i, pi - step * (Io<M>::round(mi) / d));
+    C ms, vs;
+    advance<G, M, C>(g, m, v, i, c1, b2, c2, ms, vs);
+    Io<P>::st(p, i, updated<C>(Io<P>::template ld<C>(p, i), ms, vs, decay, step, eps));
   }
 }
 
@@ -182,9 +194,12 @@ double run_moments(int64_t combo, int64_t kind, const void* g, void* m, void* v,
                    int64_t hi, double b1, double b2, double eps) {
 #define X(P, G, M, C)                                                                     \
   if (combo == P + 4 * G + 16 * M)                                                        \
-    return kind == EPD                                                                    \
-               ? moments<P, G, M, C, EPD>(g, m, v, lo, hi, C(1 - b1), C(b2), C(1 - b2), C(eps)) \
-               : moments<P, G, M, C, PFN>(g, m, v, lo, hi, C(1 - b1), C(b2), C(1 - b2), C(eps));
+    switch (kind) {                                                                       \
+      case EPD:                                                                           \
+        return moments<P, G, M, C, EPD>(g, m, v, lo, hi, C(1 - b1), C(b2), C(1 - b2), C(eps)); \
+      case PFN:                                                                           \
+        return moments<P, G, M, C, PFN>(g, m, v, lo, hi, C(1 - b1), C(b2), C(1 - b2), C(eps)); \
+    }
   MOLF_COMBOS(X)
 #undef X
   return NAN;
@@ -213,7 +228,10 @@ void run_adamw(int64_t combo, void* p, const void* g, void* m, void* v, int64_t 
 
 extern "C" {
 
-// Mirrors the ctypes Structure `_KernelArgs` in optimizer.py field by field.
+// The names of the score kernels, in the order of their ids (enum Kind).
+const char* molf_score_kernels() { return "epd pfn"; }
+
+// Mirrored field by field by the ctypes Structure `KernelArgs` in molf/optim/backends/native.py.
 struct MolfStep {
   // routed tensors, module-major and expert-minor; module i owns [mod_start[i], mod_start[i+1])
   int64_t n_mod, n_exp;
@@ -277,6 +295,7 @@ static void route_module(const MolfStep& s, int64_t i) {
   double score[MAX_EXPERTS];
   for (int64_t e = 0; e < E; ++e) {
     const double n = s.numel_exp[i * E + e];
+    // kind is EPD or PFN (checked in molf_step); functional.finalize_scores is the Python copy
     score[e] = s.kind == EPD ? s.lr[e] * total[e] / n : std::sqrt(total[e]) / std::sqrt(n);
     s.scores[i * E + e] = score[e];
     s.winners[i * E + e] = s.top_k >= E;
@@ -298,10 +317,12 @@ static void plain_chunk(const MolfStep& s, int64_t t, int64_t lo, int64_t hi) {
             s.eps * bc2_sqrt);
 }
 
-// One optimizer phase over all tensors. Returns 0, or -1 for too many experts.
+// One optimizer phase over all tensors. Returns 0, -1 for too many experts, -2 for an unknown
+// score kernel.
 int molf_step(const MolfStep* sp) {
   const MolfStep& s = *sp;
   if (s.n_exp > MAX_EXPERTS) return -1;
+  if (s.kind < 0 || s.kind >= N_KINDS) return -2;
   // Step counts first, serially: bias corrections below read them from any thread.
   if (s.phase != APPLY)
     for (int64_t i = 0; i < s.n_mod; ++i)

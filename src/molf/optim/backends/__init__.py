@@ -1,0 +1,129 @@
+"""The implementations of a MoLFAdamW step, behind one small interface.
+
+A backend is a class with a `name`, a `preferred_on(device)` and an `unavailable(layout, score)`
+check, built once per optimizer from its `RoutedLayout`; `step(settings)` takes one whole step
+(routed modules and the other parameters) and returns None, or why it cannot take this one (it
+must then have changed nothing, and the optimizer steps eager instead). Adding a backend is one
+new module with such a class and one `register_backend` line at the bottom of this file; the
+registration order is the order in which `backend="auto"` tries them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, ClassVar, Protocol
+
+import torch
+
+from molf.errors import MolfError
+from molf.optim import functional as F
+from molf.optim.layout import RoutedLayout
+
+if TYPE_CHECKING:
+    from molf.routing import RoutingLog
+    from molf.scores import Score
+
+
+@dataclass(frozen=True)
+class StepSettings:
+    """What one step uses besides the tensors: hyperparameters as the parameter groups hold them
+    now (after any LR scheduler), the score, the cross-rank reducer and the routing log."""
+
+    beta1: float
+    beta2: float
+    eps: float
+    top_k: int
+    score: Score
+    slot_lrs: tuple[float, ...]  # per expert slot
+    slot_weight_decays: tuple[float, ...]
+    group_lrs: tuple[float, ...]  # per parameter group (the other parameters name their group)
+    group_weight_decays: tuple[float, ...]
+    score_reducer: Callable[[torch.Tensor], torch.Tensor] | None
+    routing_log: RoutingLog | None
+
+
+class Backend(Protocol):
+    """The interface every backend implements (see the module docstring)."""
+
+    name: ClassVar[str]
+
+    @staticmethod
+    def preferred_on(device: torch.device) -> bool:
+        """Whether `backend="auto"` should try this backend for parameters on `device`."""
+        ...
+
+    @staticmethod
+    def unavailable(layout: RoutedLayout, score: Score) -> str | None:
+        """Why this backend cannot step this optimizer at all, or None."""
+        ...
+
+    def __init__(self, layout: RoutedLayout) -> None: ...
+
+    def step(self, settings: StepSettings) -> str | None:
+        """One whole step; None, or why this step could not be taken (nothing changed)."""
+        ...
+
+
+BACKENDS: dict[str, type[Backend]] = {}
+
+
+def register_backend(cls: type[Backend]) -> type[Backend]:
+    """Make `cls` selectable as `MoLFAdamW(backend=cls.name)` and by "auto"."""
+    BACKENDS[cls.name] = cls
+    return cls
+
+
+def choose_backend(requested: str, field: str, layout: RoutedLayout, score: Score) -> type[Backend]:
+    """The backend class for `requested` ("auto" or a registered name); MolfError naming
+    `field` when it is unknown or cannot run this optimizer."""
+    if requested == "auto":
+        for cls in BACKENDS.values():
+            if cls.preferred_on(layout.device) and cls.unavailable(layout, score) is None:
+                return cls
+        raise MolfError(f"{field}: no backend can step parameters on {layout.device}")
+    if requested not in BACKENDS:
+        raise MolfError(
+            f"{field}: must be one of {', '.join(['auto', *BACKENDS])}, got {requested!r}"
+        )
+    cls = BACKENDS[requested]
+    why = cls.unavailable(layout, score)
+    if why is not None:
+        raise MolfError(f"{field}: {requested!r} is not available: {why}")
+    return cls
+
+
+def on_device(
+    values: Sequence[float | int | bool], dtype: torch.dtype, device: torch.device
+) -> torch.Tensor:
+    """A small host list as a tensor on `device`, copied without making the host wait."""
+    t = torch.tensor(values, dtype=dtype)
+    if device.type != "cuda":
+        return t.to(device)
+    return t.pin_memory().to(device, non_blocking=True)
+
+
+def decide(
+    settings: StepSettings, totals: torch.Tensor, numel: torch.Tensor, active: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Steps 3-4 on the packed [modules, experts] score totals: the reducer (so that every rank
+    decides on the same sums, method.md section 4), the scores and the top-k winners of the
+    active modules. `numel` (the layout's, in the totals' dtype) and `active` (bool [modules])
+    are on the totals' device."""
+    if settings.score_reducer is not None:
+        totals = settings.score_reducer(totals)
+    lrs = on_device(settings.slot_lrs, totals.dtype, totals.device)
+    scores = settings.score.finalize(totals, numel, lrs[None, :])
+    winners = F.top_k_mask(scores, settings.top_k) & active[:, None]
+    return scores, winners
+
+
+def _register_builtin() -> None:
+    from molf.optim.backends.eager import EagerBackend
+    from molf.optim.backends.native import NativeBackend
+
+    register_backend(NativeBackend)
+    register_backend(EagerBackend)  # last: "auto" falls back to it on any device
+
+
+_register_builtin()
