@@ -1,6 +1,6 @@
 """The native CPU backend of MoLFAdamW: the pointer layout the kernels read, and the kernels
 themselves (`kernels/molf_step_cpu.cpp`), built once per machine with the system C++ compiler
-(as torch.compile's CPU backend does) and cached under $MOLF_CACHE_DIR or ~/.cache/molf. They
+(as torch.compile's CPU backend does) and cached under `molf._files.cache_root()`. They
 read and write the tensors in place through their data pointers; `NativeLayout` checks dtypes
 and layout first. `molf.optim.adamw` drives them; nothing here is public API."""
 
@@ -20,6 +20,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
+
+from molf._files import cache_root
 
 if TYPE_CHECKING:
     from molf.optim.adamw import MoLFAdamW
@@ -216,10 +218,7 @@ KERNEL_LOCK = threading.Lock()
 
 
 def cache_dir() -> Path:
-    if os.environ.get("MOLF_CACHE_DIR"):
-        return Path(os.environ["MOLF_CACHE_DIR"]) / "kernels"
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "molf" / "kernels"
+    return cache_root() / "kernels"
 
 
 def cpu_fingerprint() -> str:
