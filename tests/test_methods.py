@@ -17,25 +17,21 @@ from molf.experiments.grid import plan_grid
 from molf.train import methods
 from molf.train.config import load_config
 from molf.train.methods import Method
+from tests.runs import tiny_run
 
 SRC = Path(__file__).resolve().parents[1] / "src" / "molf"
-TINY = [
-    "--model",
-    "tiny-llama",
-    "--task",
-    "fact-geo",
-    "n_train=8",
-    "n_val=0",
-    "n_test=2",
-    "max_steps=2",
-    "batch_size=2",
-    "grad_accum=1",
-    "max_length=64",
-    "lr_fft=1e-3",
-    "lr_lora=1e-3",
-    "progress=false",
-    "eval_before=false",
-]
+SETTINGS = dict(
+    n_train=8,
+    n_val=0,
+    n_test=2,
+    max_steps=2,
+    batch_size=2,
+    grad_accum=1,
+    max_length=64,
+    lr_fft="1e-3",
+    lr_lora="1e-3",
+    save_every=1,
+)
 
 
 def _train_norms(model: torch.nn.Module, cfg, total_steps: int) -> torch.nn.Module:
@@ -106,8 +102,9 @@ def test_a_registered_method_is_accepted_everywhere(registered, tmp_path, capsys
     # the training loop, its checkpoints and its final artefacts
     for name in ("norms", "three-ranks"):
         out = tmp_path / name
-        argv = ["train", "--method", name, *TINY, "save_every=1", "--output-dir", str(out)]
-        assert main(argv + (["top_k=2"] if name == "three-ranks" else [])) == 0, capsys.readouterr()
+        top_k = {"top_k": 2} if name == "three-ranks" else {}
+        argv = ["train", *tiny_run(name, **SETTINGS, **top_k), "--output-dir", str(out)]
+        assert main(argv) == 0, capsys.readouterr()
         summary = json.loads((out / "summary.json").read_text())
         assert summary["method"] == name and summary["steps"] == 2
         assert (out / "final" / "model" / "model.safetensors").exists()
