@@ -24,7 +24,7 @@ import signal
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -60,40 +60,34 @@ class Interrupted(Exception):
 
 
 @dataclass(kw_only=True)
-class Setup:
-    """Everything the loop needs, built by `prepare`."""
+class Loaded:
+    """What each rank builds on its own before the first collective (see `prepare`): the plain
+    model, the task and its splits, the tokenized training examples and their order."""
 
-    cfg: TrainConfig
-    method: Method
     model: nn.Module
-    # what runs forward and backward: the model itself, or its DDP wrapper
-    engine: nn.Module
     tokenizer: PreTrainedTokenizerBase
-    optimizer: torch.optim.Optimizer
-    scheduler: torch.optim.lr_scheduler.LambdaLR
     task: Task
     splits: TaskSplits
     data: Tokenized
     order: StepOrder
     total_steps: int
     device: torch.device
-    dist: DistContext = field(default_factory=DistContext)
     before: dict[str, float] = field(default_factory=dict)  # test metrics of the untrained model
 
 
 @dataclass(kw_only=True)
-class _Loaded:
-    """What each rank builds on its own before the first collective (see `prepare`)."""
+class Setup(Loaded):
+    """Everything the loop needs, built by `prepare`: what `Loaded` holds, with `model` now the
+    method's trainable model, plus the method, its optimizer and schedule, and the run's place in
+    a distributed world."""
 
-    model: nn.Module
-    tokenizer: PreTrainedTokenizerBase
-    task: Task
-    splits: TaskSplits
-    data: Tokenized
-    order: StepOrder
-    total_steps: int
-    device: torch.device
-    before: dict[str, float]
+    cfg: TrainConfig
+    method: Method
+    # what runs forward and backward: the model itself, or its DDP wrapper
+    engine: nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+    dist: DistContext = field(default_factory=DistContext)
 
 
 # -- model + optimizer per method --------------------------------------------------------------
@@ -225,26 +219,19 @@ def prepare(
         attach_score_reducer(opt)
         if ctx.rank > 0:  # dropout masks: another stream per rank (rank 0 keeps the 1-GPU one)
             torch.manual_seed(cfg.seed + 1_000_003 * ctx.rank)
+    loaded_fields = {f.name: getattr(loaded, f.name) for f in fields(loaded)}
     return Setup(
+        **(loaded_fields | {"model": model}),
         cfg=cfg,
         method=methods.get(cfg.method),
-        model=model,
         engine=engine,
-        tokenizer=loaded.tokenizer,
         optimizer=opt,
         scheduler=make_schedule(opt, cfg, loaded.total_steps),
-        task=loaded.task,
-        splits=loaded.splits,
-        data=loaded.data,
-        order=loaded.order,
-        total_steps=loaded.total_steps,
-        device=loaded.device,
         dist=ctx,
-        before=loaded.before,
     )
 
 
-def _prepare_local(cfg: TrainConfig, resume: str, overwrite: bool, ctx: DistContext) -> _Loaded:
+def _prepare_local(cfg: TrainConfig, resume: str, overwrite: bool, ctx: DistContext) -> Loaded:
     """Everything of `prepare` that needs no other rank: checks, task, model, tokens."""
     from molf.train.models import load_model
 
@@ -272,7 +259,7 @@ def _prepare_local(cfg: TrainConfig, resume: str, overwrite: bool, ctx: DistCont
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.config.use_cache = False
-    return _Loaded(
+    return Loaded(
         model=model,
         tokenizer=tokenizer,
         task=task,
