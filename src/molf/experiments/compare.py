@@ -12,8 +12,6 @@ module ties them to the command line and records each invocation in `<out>/grid.
 from __future__ import annotations
 
 import argparse
-import contextlib
-import json
 import shlex
 import time
 from dataclasses import dataclass
@@ -23,7 +21,16 @@ from typing import Any
 from molf._files import write_json_atomic
 from molf.errors import MolfError
 from molf.experiments import runner
-from molf.experiments.grid import BUDGETS, Cell, check_finished, format_lr, parse_lr_grid, plan_grid
+from molf.experiments.grid import (
+    BUDGETS,
+    Cell,
+    check_finished,
+    format_lr,
+    is_done,
+    parse_lr_grid,
+    plan_grid,
+    read_json,
+)
 from molf.experiments.report import package_versions, write_report
 from molf.experiments.runner import Outcome
 from molf.train import methods as registry
@@ -90,7 +97,7 @@ def format_plan(cells: list[Cell]) -> str:
             f"{c.key}: {cfg.model}, n_train {cfg.n_train}, n_val {cfg.n_val}, n_test {cfg.n_test}, "
             f"{steps}, batch {cfg.batch_size}x{cfg.grad_accum}, {lrs}"
             + (", eval_before" if cfg.eval_before else "")
-            + (" [done]" if (c.directory / "summary.json").exists() else "")
+            + (" [done]" if is_done(c) else "")
         )
     return "\n".join(lines)
 
@@ -160,10 +167,7 @@ def compare(
     t_start = time.perf_counter()
     out.mkdir(parents=True, exist_ok=True)
     state_path = out / "grid.json"
-    state: dict[str, Any] = {}
-    if state_path.exists():
-        with contextlib.suppress(ValueError):
-            state = json.loads(state_path.read_text()) or {}
+    state: dict[str, Any] = read_json(state_path) or {}
     if report_only and state.get("command"):
         command = state["command"]  # the report describes the run that made the cells
     state.update(
@@ -241,7 +245,7 @@ def compare(
                 runner.run_in_subprocesses(cells, n_jobs, n_threads, skip_failed, starting, record)
             else:
                 for i, cell in enumerate(cells):
-                    if not runner.is_done(cell):
+                    if not is_done(cell):
                         starting(i)
                     record(i, runner.run_cell(cell, skip_failed=skip_failed))
     finally:

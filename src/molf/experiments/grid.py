@@ -20,6 +20,7 @@ from molf.errors import MolfError
 from molf.train import methods
 from molf.train.config import TrainConfig, load_config
 
+SUMMARY = "summary.json"  # written last by `molf train`: its presence marks a finished run
 CELL_META = "compare_cell.json"
 FAILED = "FAILED"
 RUNNING = "RUNNING"
@@ -283,17 +284,13 @@ def config_mismatch(old: dict[str, Any], new: dict[str, Any]) -> str | None:
 def check_finished(cells: list[Cell]) -> None:
     """Refuse to reuse a finished cell whose config differs from the one planned now."""
     for c in cells:
-        path = c.directory / "summary.json"
-        if not path.exists():
-            continue
-        try:
-            old = json.loads(path.read_text()).get("config") or {}
-        except ValueError:
-            continue  # unreadable: treated as not finished when it is run
-        diff = config_mismatch(old, c.config.to_dict())
+        summary = read_summary(c.directory)
+        if summary is None:
+            continue  # not finished, or unreadable: treated as not finished when it is run
+        diff = config_mismatch(summary.get("config") or {}, c.config.to_dict())
         if diff:
             raise MolfError(
-                f"{path}: this finished cell was run with a different config ({diff}); "
+                f"{c.directory / SUMMARY}: this finished cell was run with a different config ({diff}); "
                 "use another --output-dir, or delete the cell to rerun it"
             )
 
@@ -334,17 +331,28 @@ class CellRecord:
         return ", ".join(f"{k}={format_lr(v)}" for k, v in self.lrs.items())
 
 
-def _read_json(path: Path) -> Any:
+def read_json(path: Path) -> Any:
+    """The JSON value in `path`; None when the file is missing or not (yet) valid JSON."""
     try:
         return json.loads(path.read_text())
     except (OSError, ValueError):
         return None
 
 
+def is_done(cell: Cell) -> bool:
+    return (cell.directory / SUMMARY).exists()
+
+
+def read_summary(directory: Path) -> dict[str, Any] | None:
+    """A finished cell's summary.json; None when the cell has none (or an unreadable one)."""
+    summary = read_json(directory / SUMMARY)
+    return summary if isinstance(summary, dict) else None
+
+
 def read_cell(directory: Path, task: str, method: str) -> CellRecord:
     """The state of one cell directory: done (summary.json), failed (FAILED) or interrupted."""
-    meta = _read_json(directory / CELL_META) or {}
-    summary = _read_json(directory / "summary.json")
+    meta = read_json(directory / CELL_META) or {}
+    summary = read_summary(directory)
     lrs = dict(meta.get("lrs") or {})
     if not lrs and summary:
         config = summary.get("config") or {}
@@ -353,7 +361,7 @@ def read_cell(directory: Path, task: str, method: str) -> CellRecord:
     record = CellRecord(task, method, directory.name, directory, "interrupted", lrs=lrs)
     cpu = meta.get("cpu_seconds")
     record.cpu_seconds = float(cpu) if isinstance(cpu, (int, float)) else None
-    if isinstance(summary, dict):
+    if summary is not None:
         record.status, record.summary = "done", summary
     elif (directory / FAILED).exists():
         record.status = "failed"

@@ -35,10 +35,13 @@ from molf.experiments.grid import (
     FAILED,
     JOB_SPEC,
     RUNNING,
+    SUMMARY,
     Cell,
     choose,
     config_mismatch,
+    is_done,
     read_cell,
+    read_summary,
 )
 from molf.train.config import TrainConfig, load_config
 
@@ -85,13 +88,9 @@ def run_cell(cell: Cell, skip_failed: bool = False) -> Outcome:
     from molf.train.loop import Interrupted, run
 
     d = cell.directory
-    if (d / "summary.json").exists():
-        try:
-            summary = json.loads((d / "summary.json").read_text())
-        except ValueError:
-            summary = None
-        if summary is not None:
-            return Outcome(cell, "skipped", summary=summary)
+    summary = read_summary(d)
+    if summary is not None:
+        return Outcome(cell, "skipped", summary=summary)
     if skip_failed and (d / FAILED).exists():
         return Outcome(cell, "skipped-failed", error=read_cell(d, cell.task, cell.method).error)
     attempts = 0
@@ -104,7 +103,7 @@ def run_cell(cell: Cell, skip_failed: bool = False) -> Outcome:
             )
             _mark_failed(d, msg)
             return Outcome(cell, "failed", error=msg)
-    if (d / "config.yaml").exists() and not (d / "summary.json").exists():
+    if (d / "config.yaml").exists() and not (d / SUMMARY).exists():
         old = yaml.safe_load((d / "config.yaml").read_text()) or {}
         if config_mismatch(old, cell.config.to_dict()):
             shutil.rmtree(d)  # a leftover of another config: its checkpoints cannot be resumed
@@ -133,10 +132,6 @@ def run_cell(cell: Cell, skip_failed: bool = False) -> Outcome:
     _drop_running(d)
     gc.collect()
     return Outcome(cell, "done", seconds, summary=summary)
-
-
-def is_done(cell: Cell) -> bool:
-    return (cell.directory / "summary.json").exists()
 
 
 def config_from_dict(values: dict[str, Any]) -> TrainConfig:
@@ -224,8 +219,7 @@ def run_in_subprocesses(
                 i = queue.pop(0)
                 cell = cells[i]
                 if is_done(cell):
-                    summary = json.loads((cell.directory / "summary.json").read_text())
-                    record(i, Outcome(cell, "skipped", summary=summary))
+                    record(i, Outcome(cell, "skipped", summary=read_summary(cell.directory)))
                 elif skip_failed and (cell.directory / FAILED).exists():
                     rec = read_cell(cell.directory, cell.task, cell.method)
                     record(i, Outcome(cell, "skipped-failed", error=rec.error))
