@@ -367,7 +367,7 @@ def load_checkpoint(s: Setup, path: Path) -> tuple[int, int]:
         torch.set_rng_state(trainer["rng_cpu"])
         if trainer["rng_cuda"] and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(trainer["rng_cuda"])
-    # "adalora": where checkpoints written before methods had a state hook keep it
+    # older checkpoints keep AdaLoRA's allocator state under the key "adalora"
     method_state = trainer.get("method_state", trainer.get("adalora"))
     if s.method.load_state is not None and method_state:
         s.method.load_state(s.model, method_state)
