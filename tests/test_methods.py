@@ -142,3 +142,31 @@ def test_no_module_but_the_registry_branches_on_a_method_name():
             continue
         for n, line in enumerate(path.read_text().splitlines(), 1):
             assert not branch.search(line), f"{path.relative_to(SRC)}:{n}: {line.strip()}"
+
+
+def test_a_methods_own_state_survives_a_checkpoint(tmp_path):
+    """AdaLoRA's rank allocator keeps importance scores outside the model and optimizer: the
+    method's save_state/load_state carry them through a checkpoint."""
+    from molf.train.loop import MetricLogger, load_checkpoint, prepare, save_checkpoint, train_loop
+
+    def setup(out):
+        args = tiny_run("adalora", **(SETTINGS | {"max_steps": 3, "lora_rank": 4}))
+        overrides = [a for a in args if "=" in a]
+        cfg = load_config(None, overrides, model="tiny-llama", method="adalora", task="fact-geo")
+        cfg.output_dir = str(out)
+        cfg.run_dir.mkdir(parents=True)
+        return prepare(cfg)
+
+    s = setup(tmp_path / "a")
+    train_loop(s, 0, MetricLogger(s.cfg, None))
+    state = s.method.save_state(s.model)
+    assert state["ipt"] and state["exp_avg_ipt"]  # scores that a resumed run must not lose
+    path = save_checkpoint(s, s.total_steps, 0)
+    resumed = setup(tmp_path / "b")
+    assert not resumed.method.save_state(resumed.model)["ipt"]
+    load_checkpoint(resumed, path)
+    restored = resumed.method.save_state(resumed.model)
+    for key, scores in state.items():
+        assert restored[key].keys() == scores.keys(), key
+        for name, value in scores.items():
+            assert torch.equal(restored[key][name], value), (key, name)
