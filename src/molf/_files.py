@@ -85,12 +85,30 @@ def cache_root(cache_dir: str | os.PathLike[str] | None = None) -> Path:
     return Path(chosen).expanduser()
 
 
-def looks_like_path(name: str, suffixes: tuple[str, ...] = ()) -> bool:
-    """True for a name that can only mean a local file or directory, never a hub id (`name` or
-    `org/name`): it starts with `.`, `/`, `~` or a drive letter, ends with a separator, has a
-    backslash or more than one `/`, or ends with one of the file `suffixes` (e.g. `.jsonl`)."""
-    if name.startswith((".", "/", "~", "\\")) or name.endswith(("/", "\\")):
+# File types that name data or model files: a spec ending in one can only be a local path.
+_FILE_SUFFIXES = (
+    ".json",
+    ".jsonl",
+    ".csv",
+    ".parquet",
+    ".arrow",
+    ".txt",
+    ".yaml",
+    ".yml",
+    ".gguf",
+    ".safetensors",
+)
+
+
+def looks_like_path(spec: str) -> bool:
+    """True for a spec that can only mean a local path, never a hub id.
+
+    Hub ids are `name` or `org/name`; a spec that starts with `.`, `/`, `~` or a drive letter,
+    ends with a separator, holds a backslash or more than one `/`, or ends in a data or model file
+    suffix is a path. Callers check for an existing file first: this decides whether a missing
+    one is reported as "not found" rather than tried on the hub."""
+    if spec.startswith((".", "/", "~", "\\")) or spec.endswith(("/", "\\")):
         return True
-    if name.count("/") > 1 or "\\" in name or (len(name) > 1 and name[1] == ":"):
+    if "\\" in spec or spec.count("/") > 1 or (len(spec) > 1 and spec[1] == ":"):
         return True
-    return bool(suffixes) and name.lower().endswith(tuple(s.lower() for s in suffixes))
+    return spec.lower().endswith(_FILE_SUFFIXES)
