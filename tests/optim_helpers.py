@@ -1,4 +1,4 @@
-"""Shared helpers of the optimizer tests: a float64 oracle of MoLF written from method.md section 3
+"""Shared helpers of the optimizer tests: a float64 oracle of MoLF written from docs/method.md section 3
 with plain tensors, and the check of a MoLFAdamW run against it.
 
 The oracle shares nothing with molf: its own forward pass (x W^T + b + sum_i s_i B_i A_i x), its

@@ -10,25 +10,31 @@ from pathlib import Path
 import pytest
 import torch
 
-import molf.experiments.compare
+import molf.experiments.runner
 import molf.train.loop
 from molf.cli import main
 from molf.errors import MolfError
-from molf.experiments.compare import BUDGETS, _collect, check_finished, parse_lr_grid, plan_grid
-from molf.experiments.report import (
-    METHOD_NAMES,
+from molf.experiments.grid import (
+    BUDGETS,
+    check_finished,
     choose,
+    format_lr,
+    load_results,
+    parse_lr_grid,
+    plan_grid,
+    read_cell,
+)
+from molf.experiments.report import (
     claims,
     expert_share,
-    format_lr,
     layer_step_matrix,
-    load_results,
-    read_cell,
     standard_error,
     type_shares,
     write_report,
 )
+from molf.experiments.runner import _collect
 from molf.routing import RoutingLog
+from molf.train import methods
 
 METHODS = ["fft", "lora", "adalora", "molf", "molf-e"]
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -89,7 +95,7 @@ def test_smoke_grid_end_to_end(tmp_path, monkeypatch, capsys):
     results_md = (out / "results.md").read_text()
     report = (out / "report.md").read_text()
     for method in METHODS:
-        md_row = _table_row(results_md, METHOD_NAMES[method])
+        md_row = _table_row(results_md, methods.label(method))
         scores = []
         for i, task in enumerate(tasks):
             summaries = {
@@ -467,10 +473,10 @@ def test_a_cell_killed_next_to_others_runs_again_alone(tmp_path, monkeypatch, ca
         (cell.directory / "RUNNING").write_text("{}")
         return proc
 
-    monkeypatch.setattr(molf.experiments.compare, "_launch", launch)
-    monkeypatch.setattr(molf.experiments.compare.time, "sleep", lambda s: None)
+    monkeypatch.setattr(molf.experiments.runner, "_launch", launch)
+    monkeypatch.setattr(molf.experiments.runner.time, "sleep", lambda s: None)
     outcomes = {}
-    molf.experiments.compare._run_in_subprocesses(
+    molf.experiments.runner.run_in_subprocesses(
         cells, 2, 1, False, lambda i: None, lambda i, o: outcomes.setdefault(cells[i].key, o)
     )
     printed = capsys.readouterr().out

@@ -23,31 +23,25 @@ from pathlib import Path
 import pytest
 import torch
 
-SRC = Path(__file__).resolve().parents[1] / "src"
+from tests.runs import child_env, tiny_run, train
+
 GRAD_ACCUM = 2
 # lr_fft = 2 lr_lora makes this tiny model route about half its modules to each expert, with
 # score margins far above float32 noise; no dropout, so that every rank sees the one-process
 # computation.
-RUN = [
-    "--model",
-    "tiny-llama",
-    "--method",
+RUN = tiny_run(
     "molf",
-    "--task",
-    "fact-geo",
-    "n_train=16",
-    "n_val=0",
-    "n_test=2",
-    "max_steps=6",
-    "batch_size=4",
-    f"grad_accum={GRAD_ACCUM}",
-    "lora_rank=4",
-    "lr_fft=2e-3",
-    "lr_lora=1e-3",
-    "lora_dropout=0",
-    "progress=false",
-    "eval_before=false",
-]
+    n_train=16,
+    n_val=0,
+    n_test=2,
+    max_steps=6,
+    batch_size=4,
+    grad_accum=GRAD_ACCUM,
+    lora_rank=4,
+    lr_fft="2e-3",
+    lr_lora="1e-3",
+    lora_dropout=0,
+)
 
 pytestmark = pytest.mark.skipif(
     not torch.distributed.is_available() or not torch.distributed.is_gloo_available(),
@@ -55,19 +49,8 @@ pytestmark = pytest.mark.skipif(
 )
 
 
-def _env() -> dict[str, str]:
-    env = dict(os.environ)
-    env["PYTHONPATH"] = str(SRC) + os.pathsep + env.get("PYTHONPATH", "")
-    env["HF_HUB_OFFLINE"] = "1"
-    env["OMP_NUM_THREADS"] = "1"  # 2 ranks on 2 cores: more threads make torch far slower
-    for key in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(key, None)
-    return env
-
-
 def _train(out: Path, *extra: str) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "molf.cli", "train", *RUN, "--output-dir", str(out), *extra]
-    return subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=300)
+    return train(RUN, out, *extra, timeout=300)
 
 
 def _ok(proc: subprocess.CompletedProcess) -> None:
@@ -185,7 +168,7 @@ def test_fsdp2_signal_checkpoint_and_resume_match_the_uninterrupted_run(fsdp2_ru
     argv = [*RUN, "distributed=fsdp2", "--output-dir", str(out)]
     worker = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
     worker += ["--nproc-per-node", "2", __file__, *argv]
-    first = subprocess.run(worker, env=_env(), capture_output=True, text=True, timeout=300)
+    first = subprocess.run(worker, env=child_env(), capture_output=True, text=True, timeout=300)
     assert first.returncode != 0
     # both ranks stopped after the same step (3), with one checkpoint, and exit 143
     assert first.stderr.count("interrupted (exit 143)") == 2, first.stderr[-3000:]

@@ -12,7 +12,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from molf._files import looks_like_path
 from molf.errors import MolfError
+from molf.optim import kernels
 from molf.train import models
 from molf.train.models import EMBEDDED_MODELS, TINY_MODELS, cache_root, describe_model, load_model
 
@@ -41,11 +43,38 @@ def _logits(model, batch) -> torch.Tensor:
 def test_names_and_cache_root(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     assert set(TINY_MODELS) == set(ARCHS)
     assert EMBEDDED_MODELS == ("smollm2-135m", "gemma3-270m")
-    monkeypatch.setenv("MOLF_CACHE", str(tmp_path / "c"))
+    monkeypatch.delenv("MOLF_CACHE", raising=False)
+    monkeypatch.setenv("MOLF_CACHE_DIR", str(tmp_path / "c"))
     assert cache_root() == tmp_path / "c"
+    assert kernels.cache_dir() == tmp_path / "c" / "kernels"  # one variable for the whole cache
     assert cache_root(str(tmp_path / "d")) == tmp_path / "d"
+    monkeypatch.delenv("MOLF_CACHE_DIR")
+    monkeypatch.setenv("MOLF_CACHE", str(tmp_path / "old"))  # the old name, still read
+    with pytest.warns(DeprecationWarning, match="MOLF_CACHE_DIR"):
+        assert cache_root() == tmp_path / "old"
     monkeypatch.delenv("MOLF_CACHE")
+    monkeypatch.delenv("XDG_CACHE_HOME", raising=False)
     assert cache_root() == Path.home() / ".cache" / "molf"
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert cache_root() == tmp_path / "xdg" / "molf"
+
+
+@pytest.mark.parametrize(
+    "name,is_path",
+    [
+        ("Qwen/Qwen2.5-1.5B", False),
+        ("gpt2", False),
+        ("./tiny-llama", True),
+        ("/abs/model", True),
+        ("~/models/x", True),
+        ("runs/a/final", True),
+        ("model/", True),
+        ("C:\\models\\x", True),
+        ("model.gguf", True),
+    ],
+)
+def test_a_local_path_is_told_from_a_hub_id(name: str, is_path: bool) -> None:
+    assert looks_like_path(name) is is_path
 
 
 @pytest.mark.parametrize("name", TINY_MODELS)

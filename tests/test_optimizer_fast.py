@@ -330,7 +330,7 @@ def test_kernel_partials_equal_the_formulas_in_any_batching(monkeypatch, batch):
     ms = [torch.randn(n, generator=g, dtype=torch.float64) for n in (3, 70, 1)]
     vs = [torch.rand(n, generator=g, dtype=torch.float64) for n in (3, 70, 1)]
     eps = 1e-3
-    formulas = {  # method.md section 3, written out
+    formulas = {  # docs/method.md section 3, written out
         "epd": lambda m, v: (m * m / (v.sqrt() + eps)).sum(),
         "pfn": lambda m, v: ((m / (v.sqrt() + eps)) ** 2).sum(),
     }

@@ -1,4 +1,4 @@
-"""MoLFAdamW against the float64 oracle of tests/optim_helpers.py (method.md section 3), with
+"""MoLFAdamW against the float64 oracle of tests/optim_helpers.py (docs/method.md section 3), with
 whichever backend "auto" picks here."""
 
 import pytest

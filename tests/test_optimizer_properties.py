@@ -1,4 +1,4 @@
-"""Property-based tests of MoLFAdamW against method.md section 3, through the public API only.
+"""Property-based tests of MoLFAdamW against docs/method.md section 3, through the public API only.
 
 Each example wraps a small random nn.Sequential (1-3 nn.Linear with random dims and biases,
 LayerNorms sometimes, a random subset targeted) with a random MoLFConfig, in float64 so that an
@@ -297,7 +297,7 @@ def expected_adam(
 def expert_score(
     ms: list[torch.Tensor], vs: list[torch.Tensor], lr: float, eps: float, score: str
 ) -> float:
-    """EPD or PFN of one expert from its raw moments, in float64 (method.md section 3)."""
+    """EPD or PFN of one expert from its raw moments, in float64 (docs/method.md section 3)."""
     n = sum(m.numel() for m in ms)
     if score == "epd":
         total = sum(float((m * m / (v.sqrt() + eps)).sum()) for m, v in zip(ms, vs))

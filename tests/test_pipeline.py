@@ -7,43 +7,28 @@ import torch
 
 from molf.cli import main
 from molf.train.evaluate import evaluate_path
+from tests.runs import tiny_run
 
-TINY = [
-    "n_train=8",
-    "n_val=0",
-    "n_test=3",
-    "max_steps=2",
-    "batch_size=2",
-    "grad_accum=2",
-    "lora_rank=4",
-    "molf_e_ranks=[2,4]",
-    "lr_fft=1e-3",
-    "lr_lora=1e-3",
-    "max_length=96",
-    "progress=false",
-    "eval_before=false",
-]
+TINY = dict(
+    n_train=8,
+    n_val=0,
+    n_test=3,
+    max_steps=2,
+    batch_size=2,
+    grad_accum=2,
+    lora_rank=4,
+    molf_e_ranks="[2,4]",
+    lr_fft="1e-3",
+    lr_lora="1e-3",
+    max_length=96,
+)
 METHODS = ["fft", "lora", "adalora", "molf", "molf-e"]
 TASKS = ["fact-geo", "med-icd10", "spider-dev"]
 
 
 def _train(tmp_path, method, task, *extra):
     out = tmp_path / f"{task}-{method}"
-    code = main(
-        [
-            "train",
-            "--method",
-            method,
-            "--task",
-            task,
-            "--model",
-            "tiny-llama",
-            "--output-dir",
-            str(out),
-            *TINY,
-            *extra,
-        ]
-    )
+    code = main(["train", *tiny_run(method, task, **TINY), "--output-dir", str(out), *extra])
     return code, out
 
 
@@ -168,43 +153,18 @@ def test_bad_method_is_rejected_by_the_parser(capsys):
 
 def test_bad_records_and_empty_data(tmp_path, capsys):
     cf = tmp_path / "cf.json"
+
+    def train_on_cf(out):
+        argv = ["train", "--task", "counterfact", "--data", str(cf), "--model", "tiny-llama"]
+        return main([*argv, "--output-dir", str(out)])
+
     cf.write_text(
         json.dumps([{"case_id": 0, "requested_rewrite": {"prompt": "{} is in", "subject": "X"}}])
     )
-    assert (
-        main(
-            [
-                "train",
-                "--task",
-                "counterfact",
-                "--data",
-                str(cf),
-                "--model",
-                "tiny-llama",
-                "--output-dir",
-                str(tmp_path / "a"),
-            ]
-        )
-        == 2
-    )
+    assert train_on_cf(tmp_path / "a") == 2
     assert "record 0: missing field 'requested_rewrite.target_true" in _error_line(capsys)
     cf.write_text("[]")
-    assert (
-        main(
-            [
-                "train",
-                "--task",
-                "counterfact",
-                "--data",
-                str(cf),
-                "--model",
-                "tiny-llama",
-                "--output-dir",
-                str(tmp_path / "b"),
-            ]
-        )
-        == 2
-    )
+    assert train_on_cf(tmp_path / "b") == 2
     line = _error_line(capsys)
     assert "no" in line and ("record" in line or "example" in line or "empty" in line)
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()

@@ -8,7 +8,6 @@ import random
 import re
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -18,39 +17,25 @@ import torch
 from molf.cli import main
 from molf.errors import MolfError
 from molf.train import checkpoint as ckpt
+from tests.runs import SRC, start_training, tiny_run, train
 
-SRC = Path(__file__).resolve().parents[1] / "src"
-RUN = [
-    "--model",
-    "tiny-llama",
-    "--method",
+RUN = tiny_run(
     "molf",
-    "--task",
-    "fact-geo",
-    "n_train=16",
-    "n_val=0",
-    "n_test=2",
-    "max_steps=8",
-    "batch_size=2",
-    "grad_accum=2",
-    "lora_rank=4",
-    "lr_fft=1e-3",
-    "lr_lora=1e-3",
-    "lora_dropout=0.1",
-    "progress=false",
-    "eval_before=false",
-]
+    n_train=16,
+    n_val=0,
+    n_test=2,
+    max_steps=8,
+    batch_size=2,
+    grad_accum=2,
+    lora_rank=4,
+    lr_fft="1e-3",
+    lr_lora="1e-3",
+    lora_dropout=0.1,
+)
 
 
-def _cli(out: Path, *extra: str) -> list[str]:
-    return [sys.executable, "-m", "molf.cli", "train", *RUN, "--output-dir", str(out), *extra]
-
-
-def _env() -> dict[str, str]:
-    env = dict(os.environ)
-    env["PYTHONPATH"] = str(SRC) + os.pathsep + env.get("PYTHONPATH", "")
-    env["HF_HUB_OFFLINE"] = "1"
-    return env
+def _finished(proc) -> None:
+    assert proc.returncode == 0, proc.stderr
 
 
 def _wait_for(pred, proc, timeout=240.0):
@@ -73,7 +58,7 @@ def _final_state(run_dir: Path) -> dict[str, torch.Tensor]:
 @pytest.fixture(scope="module")
 def straight_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("straight") / "run"
-    subprocess.run(_cli(out), check=True, env=_env(), capture_output=True)
+    _finished(train(RUN, out))
     return out
 
 
@@ -91,21 +76,14 @@ def _assert_same_run(a: Path, b: Path) -> None:
 def test_sigkill_then_resume_auto_is_bitwise(tmp_path, straight_run):
     kill_after = random.Random(os.getpid()).randint(2, 6)
     out = tmp_path / "run"
-    proc = subprocess.Popen(
-        _cli(out, "save_every=1", "keep_checkpoints=2"),
-        env=_env(),
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
+    proc = start_training(RUN, out, "save_every=1", "keep_checkpoints=2")
     target = ckpt.checkpoint_dir(out, kill_after)
     assert _wait_for(lambda: (target / ckpt.MANIFEST).exists(), proc), "no checkpoint appeared"
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert not (out / "summary.json").exists()
-    done = subprocess.run(
-        _cli(out, "save_every=1", "--resume", "auto"), env=_env(), capture_output=True, text=True
-    )
-    assert done.returncode == 0, done.stderr
+    done = train(RUN, out, "save_every=1", "--resume", "auto")
+    _finished(done)
     assert re.search(r"resumed from .*step-\d+ at step \d+", done.stderr)
     _assert_same_run(out, straight_run)
 
@@ -113,9 +91,7 @@ def test_sigkill_then_resume_auto_is_bitwise(tmp_path, straight_run):
 @pytest.mark.parametrize("sig,code", [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
 def test_signal_writes_a_checkpoint_and_exits(tmp_path, straight_run, sig, code):
     out = tmp_path / "run"
-    proc = subprocess.Popen(
-        _cli(out), env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
-    )
+    proc = start_training(RUN, out, stderr=subprocess.PIPE, text=True)
     metrics = out / "metrics.jsonl"
     assert _wait_for(lambda: metrics.exists() and metrics.read_text().count("\n") >= 2, proc)
     proc.send_signal(sig)
@@ -123,19 +99,14 @@ def test_signal_writes_a_checkpoint_and_exits(tmp_path, straight_run, sig, code)
     assert proc.returncode == code, err
     assert ckpt.latest_good_checkpoint(out) is not None
     assert not (out / "summary.json").exists()
-    done = subprocess.run(_cli(out, "--resume", "auto"), env=_env(), capture_output=True, text=True)
-    assert done.returncode == 0, done.stderr
+    done = train(RUN, out, "--resume", "auto")
+    _finished(done)
     _assert_same_run(out, straight_run)
 
 
 def test_corrupted_checkpoint_falls_back_to_the_previous_one(tmp_path, straight_run):
     out = tmp_path / "run"
-    proc = subprocess.Popen(
-        _cli(out, "save_every=1", "keep_checkpoints=3"),
-        env=_env(),
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
+    proc = start_training(RUN, out, "save_every=1", "keep_checkpoints=3")
     assert _wait_for(lambda: (ckpt.checkpoint_dir(out, 4) / ckpt.MANIFEST).exists(), proc)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
@@ -146,8 +117,8 @@ def test_corrupted_checkpoint_falls_back_to_the_previous_one(tmp_path, straight_
     with pytest.warns(UserWarning, match="checksum mismatch"):
         good = ckpt.latest_good_checkpoint(out)
     assert good == ckpt.list_checkpoints(out)[-2]
-    done = subprocess.run(_cli(out, "--resume", "auto"), env=_env(), capture_output=True, text=True)
-    assert done.returncode == 0, done.stderr
+    done = train(RUN, out, "--resume", "auto")
+    _finished(done)
     assert "skipping checkpoint" in done.stderr
     _assert_same_run(out, straight_run)
 

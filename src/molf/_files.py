@@ -1,5 +1,6 @@
-"""Writing files so that a reader never sees half of them: the core's only file helpers, shared by
-export, checkpoints and the experiment runner."""
+"""The core's file helpers: writing so that a reader never sees half a file or directory (shared by
+export, checkpoints and the experiment runner), where molf keeps its cache, and telling a local
+path from a hub id."""
 
 from __future__ import annotations
 
@@ -7,9 +8,14 @@ import json
 import os
 import shutil
 import tempfile
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+
+CACHE_ENV = "MOLF_CACHE_DIR"
+# the name `molf.train.models` read before the cache had one variable for everything
+_OLD_CACHE_ENV = "MOLF_CACHE"
 
 
 def fsync_tree(directory: Path) -> None:
@@ -20,19 +26,33 @@ def fsync_tree(directory: Path) -> None:
                 os.fsync(f.fileno())
 
 
+def temp_sibling(final: Path) -> Path:
+    """A fresh temporary directory next to `final`: on the same file system, so that renaming it
+    to `final` is atomic. Its name starts with `.tmp-`, which marks leftovers of crashed writers."""
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    return Path(tempfile.mkdtemp(prefix=f".tmp-{final.name}-", dir=final.parent))
+
+
+def publish(tmp: Path, final: Path) -> Path:
+    """Flush the complete directory `tmp` to disk and rename it to `final`, replacing what was
+    there (a directory cannot be renamed over a non-empty one, so the old one goes first)."""
+    fsync_tree(tmp)
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    return final
+
+
 def atomic_directory(final: Path, fill: Callable[[Path], None]) -> Path:
     """Write a directory atomically: `fill(tmp)` writes the files into a temporary sibling, which
     is flushed and renamed over `final` only when `fill` returned; on any error it is removed and
     `final` is left as it was."""
     final = Path(final)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{final.name}-", dir=final.parent))
+    tmp = temp_sibling(final)
     try:
         fill(tmp)
-        fsync_tree(tmp)
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
+        publish(tmp, final)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -44,3 +64,51 @@ def write_json_atomic(path: Path, data: Any) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(json.dumps(data, indent=1))
     os.replace(tmp, path)
+
+
+def cache_root(cache_dir: str | os.PathLike[str] | None = None) -> Path:
+    """Where molf keeps what it builds once (converted models, tokenizers, compiled kernels):
+    `cache_dir`, else `$MOLF_CACHE_DIR`, else `$XDG_CACHE_HOME/molf`, else `~/.cache/molf`.
+
+    `$MOLF_CACHE` is still read, with a DeprecationWarning, when `$MOLF_CACHE_DIR` is unset."""
+    chosen = cache_dir if cache_dir is not None else os.environ.get(CACHE_ENV) or None
+    if chosen is None and os.environ.get(_OLD_CACHE_ENV):
+        warnings.warn(
+            f"${_OLD_CACHE_ENV} is deprecated: set ${CACHE_ENV} instead",
+            DeprecationWarning,
+            stacklevel=2,
+        )
+        chosen = os.environ[_OLD_CACHE_ENV]
+    if chosen is None:
+        base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+        return Path(base) / "molf"
+    return Path(chosen).expanduser()
+
+
+# File types that name data or model files: a spec ending in one can only be a local path.
+_FILE_SUFFIXES = (
+    ".json",
+    ".jsonl",
+    ".csv",
+    ".parquet",
+    ".arrow",
+    ".txt",
+    ".yaml",
+    ".yml",
+    ".gguf",
+    ".safetensors",
+)
+
+
+def looks_like_path(spec: str) -> bool:
+    """True for a spec that can only mean a local path, never a hub id.
+
+    Hub ids are `name` or `org/name`; a spec that starts with `.`, `/`, `~` or a drive letter,
+    ends with a separator, holds a backslash or more than one `/`, or ends in a data or model file
+    suffix is a path. Callers check for an existing file first: this decides whether a missing
+    one is reported as "not found" rather than tried on the hub."""
+    if spec.startswith((".", "/", "~", "\\")) or spec.endswith(("/", "\\")):
+        return True
+    if "\\" in spec or spec.count("/") > 1 or (len(spec) > 1 and spec[1] == ":"):
+        return True
+    return spec.lower().endswith(_FILE_SUFFIXES)

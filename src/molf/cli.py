@@ -156,21 +156,26 @@ def _compare(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from molf.experiments.grid import BUDGETS
+    from molf.train import methods
+    from molf.train.config import bundled_configs
+
+    method_names = methods.names()
     parser = argparse.ArgumentParser(
         prog="molf", description="MoLF: Mixture of LoRA and Full fine-tuning"
     )
     sub = parser.add_subparsers(dest="command", required=True)
 
-    t = sub.add_parser("train", help="fine-tune a model with fft, lora, adalora, molf or molf-e")
+    t = sub.add_parser("train", help=f"fine-tune a model with {', '.join(method_names)}")
     t.add_argument(
         "config",
         nargs="?",
-        help="YAML file or bundled config name (fft, lora, adalora, molf, molf-e, demo)",
+        help=f"YAML file or bundled config name ({', '.join(bundled_configs())})",
     )
     t.add_argument(
         "overrides", nargs="*", help="key=value overrides, e.g. lr_fft=1e-4 max_steps=50"
     )
-    t.add_argument("--method", choices=["fft", "lora", "adalora", "molf", "molf-e"])
+    t.add_argument("--method", choices=method_names)
     t.add_argument(
         "--task",
         help="fact-geo, med-icd10, spider-dev, counterfact, medmcqa, gretel, fact, med, sql",
@@ -226,11 +231,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="default: the budget's (tiny-llama, smollm2-135m, google/gemma-3-1b-pt)",
     )
     c.add_argument("--tasks", default="fact-geo,med-icd10,spider-dev", help="comma list")
-    c.add_argument("--methods", default="fft,lora,adalora,molf,molf-e", help="comma list")
+    c.add_argument("--methods", default=",".join(method_names), help="comma list")
     c.add_argument(
         "--budget",
         default="small",
-        choices=["smoke", "small", "paper"],
+        choices=list(BUDGETS),
         help="smoke: tiny model, seconds; small: smollm2-135m on CPU, ~2 h; paper: the paper's GPU settings",
     )
     c.add_argument("--output-dir", default=None, help="default: runs/compare-<budget>")
@@ -275,6 +280,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the `molf` console script."""
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    try:
+        from molf.train.loop import Interrupted
+    except ModuleNotFoundError as e:  # `pip install molf` brings the core only
+        print(
+            f"molf: error: the molf command needs the training extras (missing module "
+            f"'{e.name}'): pip install 'molf[train]'",
+            file=sys.stderr,
+        )
+        return 2
     parser = build_parser()
     # key=value overrides may come after options; argparse leaves those in `extra`
     args, extra = parser.parse_known_args(argv)
@@ -288,17 +304,6 @@ def main(argv: list[str] | None = None) -> int:
     if getattr(args, "config", None) and "=" in args.config:
         args.overrides = [args.config, *args.overrides]
         args.config = None
-    warnings.filterwarnings("ignore", category=FutureWarning)
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    try:
-        from molf.train.loop import Interrupted
-    except ModuleNotFoundError as e:  # `pip install molf` brings the core only
-        print(
-            f"molf: error: the molf command needs the training extras (missing module "
-            f"'{e.name}'): pip install 'molf[train]'",
-            file=sys.stderr,
-        )
-        return 2
     try:
         return args.func(args)
     except MolfError as e:

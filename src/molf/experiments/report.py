@@ -1,8 +1,8 @@
 """The report of a `molf compare` grid: tables, paper-claim checks, routing plots, loss curves.
 
-Everything here reads what the cells left on disk (`<out>/cells/<task>/<method>/lr-<x>/`:
-summary.json, metrics.jsonl, routing.jsonl, compare_cell.json, FAILED), so a report can be
-rebuilt at any time, also from a half-finished grid. It writes into `<out>/`:
+Everything here reads what the cells left on disk (through `molf.experiments.grid`, which also
+picks each pair's learning rate on the validation split), so a report can be rebuilt at any time,
+also from a half-finished grid. It writes into `<out>/`:
 
   results.csv, results.md   methods x tasks, the test headline metric of each task (points,
                             i.e. percent), their mean, and the learning rate picked per cell;
@@ -10,8 +10,7 @@ rebuilt at any time, also from a half-finished grid. It writes into `<out>/`:
   report.md                 one page linking the PNGs below, with the paper-claim verdicts;
   *.png                     routing dynamics (paper Figures 4-6), loss curves, efficiency.
 
-The learning rate of a (task, method) pair is picked on the validation split's headline metric
-only; test scores of the other candidates are listed for transparency, never used to choose.
+Test scores of the candidates that were not chosen are listed for transparency, never used.
 """
 
 from __future__ import annotations
@@ -22,203 +21,18 @@ import json
 import math
 import platform
 import subprocess
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from molf.experiments.grid import CellRecord, Results, load_results, mean_of_all
 from molf.routing import RoutingLog, layer_index, module_type
+from molf.train import methods as registry
 
-# which TrainConfig keys a method's learning-rate grid sets (MoLF: both experts, tied)
-LR_KEYS: dict[str, tuple[str, ...]] = {
-    "fft": ("lr_fft",),
-    "lora": ("lr_lora",),
-    "adalora": ("lr_lora",),
-    "molf": ("lr_fft", "lr_lora"),
-    "molf-e": ("lr_lora",),
-}
-METHOD_NAMES = {
-    "fft": "FFT",
-    "lora": "LoRA",
-    "adalora": "AdaLoRA",
-    "molf": "MoLF",
-    "molf-e": "MoLF-E",
-}
 TYPE_ORDER = ("q", "k", "v", "o", "gate", "up", "down")
 # paper claim 1: MoLF within this many points of max(FFT, LoRA) on every task
 CLAIM_TOLERANCE_POINTS = 1.5
-CELL_META = "compare_cell.json"
-FAILED = "FAILED"
-RUNNING = "RUNNING"
-
-
-def format_lr(value: float) -> str:
-    """A short, filename-safe learning rate: 5e-05 -> '5e-5', 0.0001 -> '1e-4'."""
-    mantissa, exponent = f"{value:.6e}".split("e")
-    mantissa = mantissa.rstrip("0").rstrip(".")
-    return f"{mantissa}e{int(exponent)}"
-
-
-def lr_label(lrs: dict[str, float]) -> str:
-    """A candidate's directory name: 'lr-5e-5', or 'lr-fft1e-4-lora5e-5' when the LRs differ."""
-    values = list(lrs.values())
-    if values and all(v == values[0] for v in values):
-        return f"lr-{format_lr(values[0])}"
-    return "lr-" + "-".join(f"{k.removeprefix('lr_')}{format_lr(v)}" for k, v in lrs.items())
-
-
-# -- reading cells -------------------------------------------------------------------------------
-@dataclass
-class CellRecord:
-    """One learning-rate candidate of one (task, method) pair, as found on disk."""
-
-    task: str
-    method: str
-    label: str
-    directory: Path
-    status: str  # done | failed | interrupted (started, never finished)
-    summary: dict[str, Any] | None = None
-    error: str | None = None
-    lrs: dict[str, float] = field(default_factory=dict)
-    cpu_seconds: float | None = None
-
-    @property
-    def headline(self) -> str | None:
-        return self.summary.get("headline_metric") if self.summary else None
-
-    def score(self, split: str = "after") -> float | None:
-        """The headline metric on the test split ('after'), 'validation' or 'before' (fraction)."""
-        if not self.summary or not self.headline:
-            return None
-        value = (self.summary.get(split) or {}).get(self.headline)
-        return float(value) if isinstance(value, (int, float)) and math.isfinite(value) else None
-
-    @property
-    def lr_text(self) -> str:
-        if not self.lrs:
-            return self.label.removeprefix("lr-")
-        values = list(self.lrs.values())
-        if all(v == values[0] for v in values):
-            return format_lr(values[0])
-        return ", ".join(f"{k}={format_lr(v)}" for k, v in self.lrs.items())
-
-
-def _read_json(path: Path) -> Any:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
-
-
-def read_cell(directory: Path, task: str, method: str) -> CellRecord:
-    """The state of one cell directory: done (summary.json), failed (FAILED) or interrupted."""
-    meta = _read_json(directory / CELL_META) or {}
-    summary = _read_json(directory / "summary.json")
-    lrs = dict(meta.get("lrs") or {})
-    if not lrs and summary:
-        config = summary.get("config") or {}
-        lrs = {k: config[k] for k in LR_KEYS.get(method, ()) if k in config}
-    record = CellRecord(task, method, directory.name, directory, "interrupted", lrs=lrs)
-    cpu = meta.get("cpu_seconds")
-    record.cpu_seconds = float(cpu) if isinstance(cpu, (int, float)) else None
-    if isinstance(summary, dict):
-        record.status, record.summary = "done", summary
-    elif (directory / FAILED).exists():
-        record.status = "failed"
-        text = (directory / FAILED).read_text(errors="replace").strip()
-        record.error = text.splitlines()[0] if text else "failed"
-    return record
-
-
-def load_cells(out_dir: str | Path, tasks: list[str], methods: list[str]) -> list[CellRecord]:
-    """Every candidate directory of the given tasks and methods under `<out_dir>/cells/`."""
-    root = Path(out_dir) / "cells"
-    found = []
-    for task in tasks:
-        for method in methods:
-            group = root / task / method
-            if group.is_dir():
-                for d in sorted(
-                    p for p in group.iterdir() if p.is_dir() and p.name.startswith("lr-")
-                ):
-                    found.append(read_cell(d, task, method))
-    return found
-
-
-def choose(candidates: list[CellRecord]) -> CellRecord | None:
-    """The candidate with the best validation headline metric (never the test split).
-
-    Ties go to the lower final training loss, then the label, so the choice is deterministic.
-    A lone finished candidate needs no validation metric; several without one give None.
-    """
-    done = [c for c in candidates if c.status == "done"]
-    if len(done) == 1:
-        return done[0]
-    scored = [c for c in done if c.score("validation") is not None]
-    if not scored:
-        return None
-
-    def key(c: CellRecord) -> tuple[float, float, str]:
-        loss = (c.summary or {}).get("final_loss")
-        loss = loss if isinstance(loss, (int, float)) and math.isfinite(loss) else math.inf
-        return (-c.score("validation"), loss, c.label)  # type: ignore[operator]
-
-    return min(scored, key=key)
-
-
-@dataclass
-class Results:
-    """The grid as read from disk: candidates per (task, method) and the chosen one."""
-
-    tasks: list[str]
-    methods: list[str]
-    cells: list[CellRecord]
-    groups: dict[tuple[str, str], list[CellRecord]] = field(default_factory=dict)
-    chosen: dict[tuple[str, str], CellRecord | None] = field(default_factory=dict)
-
-    def __post_init__(self) -> None:
-        for task in self.tasks:
-            for method in self.methods:
-                group = [c for c in self.cells if c.task == task and c.method == method]
-                self.groups[(task, method)] = group
-                self.chosen[(task, method)] = choose(group)
-
-    def score(self, task: str, method: str) -> float | None:
-        """Test headline metric of the chosen candidate, in points (percent)."""
-        cell = self.chosen.get((task, method))
-        value = cell.score("after") if cell else None
-        return None if value is None else 100.0 * value
-
-    def mean(self, method: str) -> float | None:
-        """Mean over tasks, only when every task has a score."""
-        return _mean([self.score(t, method) for t in self.tasks])
-
-    def headline(self, task: str) -> str:
-        for c in self.cells:
-            if c.task == task and c.headline:
-                return c.headline
-        return "headline"
-
-    def n_test(self, task: str) -> int | None:
-        """How many test records the task's scores are over (from any finished cell)."""
-        for c in self.cells:
-            n = (c.summary or {}).get("n_test_records") if c.task == task else None
-            if isinstance(n, int) and n > 0:
-                return n
-        return None
-
-    def base(self, task: str) -> float | None:
-        """The untrained model's test headline (points), from any cell that evaluated it."""
-        for c in self.cells:
-            if c.task == task and c.score("before") is not None:
-                return 100.0 * c.score("before")  # type: ignore[operator]
-        return None
-
-
-def load_results(out_dir: str | Path, tasks: list[str], methods: list[str]) -> Results:
-    """Read the grid under `out_dir` and pick each pair's learning rate on validation."""
-    return Results(list(tasks), list(methods), load_cells(out_dir, tasks, methods))
 
 
 # -- routing analysis ------------------------------------------------------------------------------
@@ -305,10 +119,6 @@ def _md_table(header: list[str], rows: list[list[str]]) -> list[str]:
     return lines
 
 
-def _name(method: str) -> str:
-    return METHOD_NAMES.get(method, method)
-
-
 # -- tables ----------------------------------------------------------------------------------------
 def results_table(res: Results) -> tuple[list[str], list[list[str]]]:
     """Markdown header and rows: methods x tasks (test headline, points), mean, chosen LRs."""
@@ -317,7 +127,7 @@ def results_table(res: Results) -> tuple[list[str], list[list[str]]]:
     rows = []
     if any(res.base(t) is not None for t in res.tasks):
         values = [res.base(t) for t in res.tasks]
-        mean = _mean(values)
+        mean = mean_of_all(values)
         rows.append(
             ["base model (no training)"]
             + [_pts(v) for v in values]
@@ -325,7 +135,7 @@ def results_table(res: Results) -> tuple[list[str], list[list[str]]]:
             + ["-" for _ in res.tasks]
         )
     for m in res.methods:
-        row = [_name(m)] + [_pts(res.score(t, m)) for t in res.tasks] + [_pts(res.mean(m))]
+        row = [registry.label(m)] + [_pts(res.score(t, m)) for t in res.tasks] + [_pts(res.mean(m))]
         for t in res.tasks:
             group, cell = res.groups[(t, m)], res.chosen[(t, m)]
             if cell is not None:
@@ -348,7 +158,12 @@ def write_results(res: Results, out: Path) -> dict[str, Path]:
         if any(res.base(t) is not None for t in res.tasks):
             base = [res.base(t) for t in res.tasks]
             w.writerow(
-                ["base", *[_csv_num(v) for v in base], _csv_num(_mean(base)), *["" for _ in base]]
+                [
+                    "base",
+                    *[_csv_num(v) for v in base],
+                    _csv_num(mean_of_all(base)),
+                    *["" for _ in base],
+                ]
             )
         for m in res.methods:
             lrs = []
@@ -416,13 +231,6 @@ def write_results(res: Results, out: Path) -> dict[str, Path]:
                     ]
                 )
     return paths
-
-
-def _mean(values: list[float | None]) -> float | None:
-    """Mean of the values, None unless every one is present."""
-    if not values or any(v is None for v in values):
-        return None
-    return sum(values) / len(values)  # type: ignore[arg-type]
 
 
 def _times100(v: float | None) -> float | None:
@@ -692,7 +500,7 @@ def plot_loss_curves(res: Results, path: Path) -> Path | None:
             steps, losses = _loss_curve(cell)
             if steps:
                 any_line = True
-                ax.plot(steps, losses, label=f"{_name(m)} (lr {cell.lr_text})")
+                ax.plot(steps, losses, label=f"{registry.label(m)} (lr {cell.lr_text})")
         ax.set_title(t)
         ax.set_xlabel("optimizer step")
         ax.set_ylabel("training loss")
@@ -720,7 +528,7 @@ def plot_efficiency(res: Results, path: Path) -> Path | None:
             xs = [i + (j - (len(res.tasks) - 1) / 2) * width for i in range(len(res.methods))]
             ax.bar(xs, values, width=width, label=t)
         ax.set_xticks(range(len(res.methods)))
-        ax.set_xticklabels([_name(m) for m in res.methods])
+        ax.set_xticklabels([registry.label(m) for m in res.methods])
         ax.set_ylabel(label)
         ax.set_ylim(0, ax.get_ylim()[1] * 1.2)  # headroom for the legend
         ax.legend(fontsize=8, ncol=len(res.tasks))
@@ -773,8 +581,7 @@ def _routing_section(res: Results, method: str, out: Path) -> tuple[list[str], d
         log = _routing_log(res.chosen.get((t, method)))
         if log is not None:
             logs[t] = log
-    title = {"molf": "MoLF: FFT expert vs LoRA expert", "molf-e": "MoLF-E: between the two ranks"}
-    lines = [f"### {title.get(method, method)}", ""]
+    lines = [f"### {registry.label(method)}: {registry.get(method).routing}", ""]
     if not logs:
         return lines + ["No routing logs (no finished cell of this method).", ""], {}
     experts = next(iter(logs.values())).expert_names
@@ -784,18 +591,18 @@ def _routing_section(res: Results, method: str, out: Path) -> tuple[list[str], d
         f"{method}_steps": plot_share_over_steps(
             logs,
             0,
-            f"{_name(method)}: share of modules routed to {first}",
+            f"{registry.label(method)}: share of modules routed to {first}",
             out / f"routing_{method}_steps.png",
         ),
         f"{method}_layers": plot_layer_heatmaps(
             logs,
             0,
-            f"{_name(method)}: share routed to {first} by layer and step",
+            f"{registry.label(method)}: share routed to {first} by layer and step",
             out / f"routing_{method}_layers.png",
         ),
         f"{method}_types": plot_type_shares(
             {t: type_shares(log, 0) for t, log in logs.items()},
-            f"{_name(method)}: share routed to {first} per module type",
+            f"{registry.label(method)}: share routed to {first} per module type",
             out / f"routing_{method}_types.png",
         ),
     }
@@ -867,7 +674,7 @@ def write_report(
     if meta.get("command"):
         lines += [f"- command: `{meta['command']}`"]
     lines += [
-        f"- tasks: {', '.join(tasks)}; methods: {', '.join(_name(m) for m in methods)}; "
+        f"- tasks: {', '.join(tasks)}; methods: {', '.join(registry.label(m) for m in methods)}; "
         f"seed {meta.get('seed', '?')}",
     ]
     invocations = meta.get("invocations") or []
@@ -918,9 +725,11 @@ def write_report(
         "## Routing dynamics",
         "",
     ]
-    if "molf" not in methods and "molf-e" not in methods:
-        lines += ["MoLF and MoLF-E are not in this grid: no routing to show.", ""]
-    for method in ("molf", "molf-e"):
+    routed = [m for m in registry.names() if registry.get(m).routed]
+    if not any(m in methods for m in routed):
+        labels = " and ".join(registry.label(m) for m in routed)
+        lines += [f"{labels} are not in this grid: no routing to show.", ""]
+    for method in routed:
         if method in methods:
             section, plots = _routing_section(res, method, out)
             lines += section
@@ -949,7 +758,7 @@ def write_report(
             s = cell.summary or {}
             rows.append(
                 [
-                    _name(m),
+                    registry.label(m),
                     t,
                     str(s.get("steps", "n/a")),
                     _num(s.get("tokens_per_s")),
@@ -983,7 +792,7 @@ def write_report(
             rows.append(
                 [
                     t,
-                    _name(m),
+                    registry.label(m),
                     c.lr_text,
                     c.status,
                     _pts(_times100(c.score("validation"))),

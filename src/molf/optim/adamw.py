@@ -187,7 +187,7 @@ class MoLFAdamW(torch.optim.Optimizer):
         self.layout = self._build_layout(routed, first.weight.device)
         self.score_reducer: Callable[[torch.Tensor], torch.Tensor] | None = None
         # FSDP2 (DTensor) parameters: each rank scores its shards, so the totals must be summed
-        # over the shard group before any decision (method.md section 4); never left to the user.
+        # over the shard group before any decision (docs/method.md section 4); never left to the user.
         if self.layout.sharded:
             self.score_reducer = make_score_reducer("fsdp2", self.layout.params)
         field = "backend"

@@ -28,7 +28,7 @@ def torch_dist() -> Any:
 
 
 def check_model(model: nn.Module) -> None:
-    """Refuse models prepared by engines that break per-module routing (method.md section 4)."""
+    """Refuse models prepared by engines that break per-module routing (docs/method.md section 4)."""
     try:
         from torch.distributed.fsdp import FullyShardedDataParallel as FSDP1
     except ImportError:  # pragma: no cover - torch without distributed

@@ -15,15 +15,16 @@ from typing import Any
 import yaml
 
 from molf.errors import MolfError
+from molf.train import methods
 
-METHODS = ("fft", "lora", "adalora", "molf", "molf-e")
 CONFIG_DIR = Path(__file__).parent / "configs"
 
 
 @dataclass
 class TrainConfig:
-    """Settings of one fine-tuning run. Defaults follow the paper (method.md section 1) where it
-    has one; sizes default to a CPU-sized run."""
+    """Settings of one fine-tuning run. Defaults follow the paper's setup (docs/method.md section 1)
+    where it has one; docs/method.md section 6 lists every default next to the reference's. Sizes
+    default to a CPU-sized run. `method` names an entry of `molf.train.methods`."""
 
     # what
     model: str = "smollm2-135m"
@@ -92,7 +93,7 @@ class TrainConfig:
     def validate(self) -> None:
         """Range and choice checks; raise MolfError naming the key."""
         choices = {
-            "method": METHODS,
+            "method": methods.names(),
             "too_long": ("truncate", "refuse"),
             "schedule": ("cosine", "linear", "constant"),
             "dtype": ("float32", "bfloat16"),
@@ -151,7 +152,8 @@ class TrainConfig:
             raise MolfError(
                 f"config key 'molf_e_ranks': ranks must be > 0, got {list(self.molf_e_ranks)}"
             )
-        n_experts = {"molf": 2, "molf-e": len(self.molf_e_ranks)}.get(self.method)
+        method = methods.get(self.method)
+        n_experts = method.n_experts(self) if method.n_experts is not None else None
         if n_experts is not None and self.top_k > n_experts:
             raise MolfError(
                 f"config key 'top_k': at most {n_experts} experts for {self.method}, got {self.top_k}"
@@ -222,6 +224,11 @@ def _check_key(key: str) -> None:
         raise MolfError(f"unknown config key '{key}'{hint}")
 
 
+def bundled_configs() -> list[str]:
+    """Names of the configs shipped in `configs/`: one per method, and `demo`."""
+    return sorted(p.stem for p in CONFIG_DIR.glob("*.yaml"))
+
+
 def resolve_config_path(name: str) -> Path:
     """A YAML path, or the name of a bundled config (e.g. 'molf-e', 'demo')."""
     path = Path(name)
@@ -230,7 +237,7 @@ def resolve_config_path(name: str) -> Path:
     bundled = CONFIG_DIR / f"{name}.yaml"
     if bundled.exists():
         return bundled
-    names = ", ".join(sorted(p.stem for p in CONFIG_DIR.glob("*.yaml")))
+    names = ", ".join(bundled_configs())
     raise MolfError(f"config '{name}': no such file, and not a bundled config ({names})")
 
 

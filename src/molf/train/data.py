@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any, Protocol
 
 import torch
 
@@ -16,11 +17,32 @@ from molf.errors import MolfError
 from molf.tasks.common import Example
 
 
+class Task(Protocol):
+    """What training and evaluation need of a task (`molf.tasks` builds them)."""
+
+    name: str
+    headline: str  # the metric a comparison reports
+
+    def evaluate(
+        self, model: Any, tokenizer: Any, records: list[dict[str, Any]], batch_size: int = ...
+    ) -> dict[str, float]: ...
+
+
 @dataclass
 class Tokenized:
+    """The training examples as token ids, and labels that mask the prompt (-100)."""
+
     input_ids: list[list[int]]
     labels: list[list[int]]
-    n_truncated: int
+    n_truncated: int  # examples cut to max_length
+
+    def __len__(self) -> int:
+        return len(self.input_ids)
+
+    def loss_tokens(self, indices: Sequence[int]) -> int:
+        """How many tokens the loss of these examples is taken on (labels after the causal
+        shift, which drops each example's first position)."""
+        return sum(1 for i in indices for y in self.labels[i][1:] if y != -100)
 
 
 def tokenize_examples(

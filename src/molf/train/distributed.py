@@ -1,4 +1,4 @@
-"""Multi-process training on the engines PyTorch ships: DDP and FSDP2 (method.md section 4).
+"""Multi-process training on the engines PyTorch ships: DDP and FSDP2 (docs/method.md section 4).
 
 What this module gives the training loop, and a user's own loop:
 
@@ -21,7 +21,6 @@ import json
 import os
 import shutil
 import socket
-import tempfile
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,10 +29,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from molf._files import fsync_tree
+from molf import _files
 from molf.errors import MolfError
 from molf.optim.sharded import torch_dist
 from molf.train import checkpoint as ckpt
+from molf.train import methods
 
 MODES = ("none", "ddp", "fsdp2")
 DCP_DIR = "dcp"
@@ -232,11 +232,11 @@ def check_batch_size(batch_size: int, world_size: int) -> None:
 def check_setup(method: str, mode: str, batch_size: int, world_size: int) -> None:
     """Refuse, before anything is loaded, what a distributed run of `method` cannot do."""
     check_batch_size(batch_size, world_size)
-    if mode == "fsdp2" and method == "adalora":
+    refusal = methods.get(method).fsdp2_refusal
+    if mode == "fsdp2" and refusal is not None:
         raise MolfError(
-            "config key 'distributed': method 'adalora' cannot run under fsdp2 (peft's AdaLoRA "
-            "reads its weights outside the forward pass, where FSDP2 keeps them sharded); use "
-            "distributed=ddp"
+            f"config key 'distributed': method '{method}' cannot run under fsdp2 ({refusal}); "
+            "use distributed=ddp"
         )
 
 
@@ -329,8 +329,7 @@ def atomic_directory(
     error: str | None = None
     if ctx.is_main:
         try:
-            final.parent.mkdir(parents=True, exist_ok=True)
-            made = tempfile.mkdtemp(prefix=f".tmp-{final.name}-", dir=final.parent)
+            made = str(_files.temp_sibling(final))
         except OSError as e:
             error = _describe(e)
     made, error = broadcast_object((made, error), ctx)
@@ -350,10 +349,7 @@ def atomic_directory(
         try:
             fill_main(tmp)
             ckpt.write_manifest(tmp, manifest_extra)
-            fsync_tree(tmp)
-            if final.exists():
-                shutil.rmtree(final)
-            os.replace(tmp, final)
+            _files.publish(tmp, final)
         except Exception as e:
             error = _describe(e)
     if ctx.is_main and error is not None:

@@ -2,7 +2,8 @@
 
 setup (model, data, optimizer, schedule) -> resume -> loop (accumulate, clip, skip non-finite,
 step, log, checkpoint) -> final artefacts (merged model and/or PEFT adapter, routing log,
-summary). Checkpoints are atomic; SIGINT/SIGTERM write one and exit 130/143.
+summary). Checkpoints are atomic; SIGINT/SIGTERM write one and exit 130/143. What differs from
+one method to another (model, optimizer, exports, extra state) is its `molf.train.methods` entry.
 
 With `distributed: ddp | fsdp2` (under torchrun, see molf.train.distributed) the same recipe runs on
 every rank: each micro-batch of `batch_size` examples is split across the ranks, the loss is
@@ -23,9 +24,9 @@ import signal
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -35,12 +36,16 @@ import molf
 from molf._files import write_json_atomic
 from molf.errors import MolfError
 from molf.optim.sharded import attach_score_reducer, check_model
-from molf.tasks import build_task
+from molf.tasks import TaskSplits, build_task
 from molf.train import checkpoint as ckpt
-from molf.train import distributed
+from molf.train import distributed, methods
 from molf.train.config import TrainConfig, dump_config
-from molf.train.data import StepOrder, collate, tokenize_examples
+from molf.train.data import StepOrder, Task, Tokenized, collate, tokenize_examples
 from molf.train.distributed import DistContext
+from molf.train.methods import Method
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
 SUMMARY = "summary.json"
 
@@ -54,45 +59,38 @@ class Interrupted(Exception):
         self.checkpoint = checkpoint
 
 
-@dataclass
-class Setup:
-    """Everything the loop needs, built by `prepare`."""
+@dataclass(kw_only=True)
+class Loaded:
+    """What each rank builds on its own before the first collective (see `prepare`): the plain
+    model, the task and its splits, the tokenized training examples and their order."""
 
-    cfg: TrainConfig
     model: nn.Module
-    tokenizer: Any
-    optimizer: torch.optim.Optimizer
-    scheduler: torch.optim.lr_scheduler.LambdaLR
-    task: Any
-    splits: Any
-    train_ids: list[list[int]]
-    train_labels: list[list[int]]
+    tokenizer: PreTrainedTokenizerBase
+    task: Task
+    splits: TaskSplits
+    data: Tokenized
     order: StepOrder
     total_steps: int
     device: torch.device
-    n_truncated: int = 0
-    before: dict[str, float] = field(default_factory=dict)
+    before: dict[str, float] = field(default_factory=dict)  # test metrics of the untrained model
+
+
+@dataclass(kw_only=True)
+class Setup(Loaded):
+    """Everything the loop needs, built by `prepare`: what `Loaded` holds, with `model` now the
+    method's trainable model, plus the method, its optimizer and schedule, and the run's place in
+    a distributed world."""
+
+    cfg: TrainConfig
+    method: Method
+    # what runs forward and backward: the model itself, or its DDP wrapper
+    engine: nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LambdaLR
     dist: DistContext = field(default_factory=DistContext)
-    # what runs forward/backward: the model itself, or its DDP wrapper
-    engine: nn.Module | None = None
-    # per example: the tokens its loss is taken on (labels after the causal shift)
-    label_counts: list[int] = field(default_factory=list)
 
 
 # -- model + optimizer per method --------------------------------------------------------------
-def _adamw_groups(model: nn.Module, lr: float, wd: float) -> list[dict[str, Any]]:
-    params = [p for p in model.parameters() if p.requires_grad]
-    return [
-        {"params": [p for p in params if p.dim() >= 2], "lr": lr, "weight_decay": wd},
-        {"params": [p for p in params if p.dim() < 2], "lr": lr, "weight_decay": 0.0},
-    ]
-
-
-def _plain_adamw(model: nn.Module, cfg: TrainConfig, lr: float, wd: float) -> torch.optim.AdamW:
-    groups = [g for g in _adamw_groups(model, lr, wd) if g["params"]]
-    return torch.optim.AdamW(groups, lr=lr, betas=tuple(cfg.betas), eps=cfg.eps)
-
-
 def apply_method(
     model: nn.Module,
     cfg: TrainConfig,
@@ -103,91 +101,19 @@ def apply_method(
 
     `shard`, if given, is applied to the trainable model before the optimizer is built (FSDP2
     replaces the parameters by sharded ones, which the optimizer must hold)."""
-    model = method_model(model, cfg, total_steps)
+    method = methods.get(cfg.method)
+    model = method.build_model(model, cfg, total_steps)
     if shard is not None:
         shard(model)
     check_model(model)
-    return model, method_optimizer(model, cfg)
-
-
-def method_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
-    """The method's optimizer over a model made by `method_model`."""
-    if cfg.method == "fft":
-        return _plain_adamw(model, cfg, cfg.lr_fft, cfg.weight_decay_fft)
-    if cfg.method in ("lora", "adalora"):
-        return _plain_adamw(model, cfg, cfg.lr_lora, cfg.weight_decay_lora)
-    return molf.MoLFAdamW(
-        model,
-        lr_fft=cfg.lr_fft,
-        lr_lora=cfg.lr_lora,
-        weight_decay_fft=cfg.weight_decay_fft,
-        weight_decay_lora=cfg.weight_decay_lora,
-        betas=tuple(cfg.betas),
-        eps=cfg.eps,
-        score=cfg.score,
-        top_k=cfg.top_k,
-    )
-
-
-def method_model(model: nn.Module, cfg: TrainConfig, total_steps: int) -> nn.Module:
-    """The method's trainable model: all weights (fft), a peft model (lora, adalora) or MoLF
-    layers (molf, molf-e). New adapter weights draw from the global RNG."""
-    targets = cfg.target_modules
-    if cfg.method == "fft":
-        for p in model.parameters():
-            p.requires_grad_(True)
-        return model
-    if cfg.method in ("lora", "adalora"):
-        from peft import AdaLoraConfig, LoraConfig, get_peft_model
-
-        common = dict(
-            lora_alpha=cfg.lora_alpha,
-            lora_dropout=cfg.lora_dropout,
-            use_rslora=cfg.use_rslora,
-            target_modules=targets,
-            task_type="CAUSAL_LM",
-        )
-        if cfg.method == "lora":
-            pcfg = LoraConfig(r=cfg.lora_rank, **common)
-        else:
-            # AdaLoRA starts at 1.5x the target rank and prunes to it between tinit and T - tfinal.
-            pcfg = AdaLoraConfig(
-                init_r=max(cfg.lora_rank * 3 // 2, cfg.lora_rank),
-                target_r=cfg.lora_rank,
-                total_step=total_steps,
-                tinit=int(0.1 * total_steps),
-                tfinal=int(0.2 * total_steps),
-                deltaT=max(1, total_steps // 20),
-                **common,
-            )
-        try:
-            return get_peft_model(model, pcfg)
-        except ValueError as e:
-            raise MolfError(f"config key 'target_modules': {e}") from None
-    if cfg.method == "molf":
-        mcfg = molf.MoLFConfig(
-            lora_ranks=(cfg.lora_rank,),
-            lora_alphas=(cfg.lora_alpha,),
-            lora_dropout=cfg.lora_dropout,
-            use_rslora=cfg.use_rslora,
-            target_modules=targets,
-        )
-    else:
-        mcfg = molf.MoLFConfig(
-            lora_ranks=tuple(cfg.molf_e_ranks),
-            lora_alphas=tuple(cfg.lora_alpha for _ in cfg.molf_e_ranks),
-            lora_dropout=cfg.lora_dropout,
-            use_rslora=cfg.use_rslora,
-            target_modules=targets,
-            train_base=False,
-        )
-    return molf.wrap(model, mcfg)
+    return model, method.build_optimizer(model, cfg)
 
 
 def make_schedule(
     opt: torch.optim.Optimizer, cfg: TrainConfig, total_steps: int
 ) -> torch.optim.lr_scheduler.LambdaLR:
-    """Linear warmup over `warmup_ratio` of the steps, then cosine, linear or constant."""
+    """Linear warmup over `warmup_ratio` of the steps, then cosine, linear or constant
+    (docs/method.md section 7.7 on the warmup's shape)."""
     warmup = int(math.ceil(cfg.warmup_ratio * total_steps))
 
     def factor(step: int) -> float:
@@ -247,6 +173,10 @@ def pick_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
+def _dtype(cfg: TrainConfig) -> torch.dtype:
+    return torch.bfloat16 if cfg.dtype == "bfloat16" else torch.float32
+
+
 def prepare(
     cfg: TrainConfig,
     resume: str = "none",
@@ -262,7 +192,7 @@ def prepare(
     ctx = ctx or DistContext()
     failure: Exception | None = None
     try:
-        local = _prepare_local(cfg, resume, overwrite, ctx)
+        loaded = _prepare_local(cfg, resume, overwrite, ctx)
     except Exception as e:
         if not ctx.enabled:
             raise
@@ -279,43 +209,29 @@ def prepare(
             if failure is not None and not isinstance(failure, MolfError):
                 raise failure from None
             raise
-    model, tokenizer, task, splits, tok, order, total, device, before = local
     torch.manual_seed(cfg.seed)  # LoRA init and dropout draw from here
     shard = (lambda m: distributed.shard_fsdp2(m, ctx)) if ctx.mode == "fsdp2" else None
-    model, opt = apply_method(model, cfg, total, shard=shard)
+    model, opt = apply_method(loaded.model, cfg, loaded.total_steps, shard=shard)
     if ctx.mode != "fsdp2":  # fully_shard has put the shards on the device already
-        model.to(device)
+        model.to(loaded.device)
     engine = distributed.wrap_ddp(model, ctx) if ctx.mode == "ddp" else model
-    label_counts: list[int] = []
     if ctx.enabled:
         attach_score_reducer(opt)
-        # the loss of a micro-batch is normalised by its tokens on all ranks together
-        label_counts = [sum(1 for y in lab[1:] if y != -100) for lab in tok.labels]
         if ctx.rank > 0:  # dropout masks: another stream per rank (rank 0 keeps the 1-GPU one)
             torch.manual_seed(cfg.seed + 1_000_003 * ctx.rank)
-    sched = make_schedule(opt, cfg, total)
+    loaded_fields = {f.name: getattr(loaded, f.name) for f in fields(loaded)}
     return Setup(
-        cfg,
-        model,
-        tokenizer,
-        opt,
-        sched,
-        task,
-        splits,
-        tok.input_ids,
-        tok.labels,
-        order,
-        total,
-        device,
-        tok.n_truncated,
-        before,
-        ctx,
-        engine,
-        label_counts,
+        **(loaded_fields | {"model": model}),
+        cfg=cfg,
+        method=methods.get(cfg.method),
+        engine=engine,
+        optimizer=opt,
+        scheduler=make_schedule(opt, cfg, loaded.total_steps),
+        dist=ctx,
     )
 
 
-def _prepare_local(cfg: TrainConfig, resume: str, overwrite: bool, ctx: DistContext) -> tuple:
+def _prepare_local(cfg: TrainConfig, resume: str, overwrite: bool, ctx: DistContext) -> Loaded:
     """Everything of `prepare` that needs no other rank: checks, task, model, tokens."""
     from molf.train.models import load_model
 
@@ -324,12 +240,13 @@ def _prepare_local(cfg: TrainConfig, resume: str, overwrite: bool, ctx: DistCont
     if ctx.is_main:
         check_output_dir(cfg, resume, overwrite)
     task, splits = build_task(cfg.task, cfg.data, cfg.seed, cfg.n_train, cfg.n_val, cfg.n_test)
-    dtype = torch.bfloat16 if cfg.dtype == "bfloat16" else torch.float32
-    model, tokenizer = load_model(cfg.model, dtype=dtype, trust_remote_code=cfg.trust_remote_code)
-    tok = tokenize_examples(splits.train, tokenizer, cfg.max_length, cfg.too_long)
-    if not tok.input_ids:
+    model, tokenizer = load_model(
+        cfg.model, dtype=_dtype(cfg), trust_remote_code=cfg.trust_remote_code
+    )
+    data = tokenize_examples(splits.train, tokenizer, cfg.max_length, cfg.too_long)
+    if not len(data):
         raise MolfError(f"task '{cfg.task}': no training examples left after tokenization")
-    order = StepOrder(len(tok.input_ids), cfg.batch_size, cfg.grad_accum, cfg.seed)
+    order = StepOrder(len(data), cfg.batch_size, cfg.grad_accum, cfg.seed)
     total = cfg.max_steps or order.steps_for(cfg.epochs)
     if ctx.is_main:
         check_disk_space(cfg, sum(p.numel() for p in model.parameters()), cfg.run_dir)
@@ -342,12 +259,26 @@ def _prepare_local(cfg: TrainConfig, resume: str, overwrite: bool, ctx: DistCont
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.config.use_cache = False
-    return model, tokenizer, task, splits, tok, order, total, device, before
+    return Loaded(
+        model=model,
+        tokenizer=tokenizer,
+        task=task,
+        splits=splits,
+        data=data,
+        order=order,
+        total_steps=total,
+        device=device,
+        before=before,
+    )
 
 
 @torch.no_grad()
 def evaluate(
-    task: Any, model: nn.Module, tokenizer: Any, records: list[dict], batch_size: int
+    task: Task,
+    model: nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    records: list[dict[str, Any]],
+    batch_size: int,
 ) -> dict[str, float]:
     """The task's metrics on `records`, in eval mode (restores the previous mode)."""
     was_training = model.training
@@ -363,11 +294,8 @@ def _trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
     return {n: p.detach().contiguous() for n, p in model.named_parameters() if p.requires_grad}
 
 
-def _adalora_state(model: nn.Module) -> dict[str, Any] | None:
-    alloc = getattr(getattr(model, "base_model", None), "rankallocator", None)
-    if alloc is None:
-        return None
-    return {k: dict(getattr(alloc, k)) for k in ("ipt", "exp_avg_ipt", "exp_avg_unc")}
+def _method_state(s: Setup) -> dict[str, Any] | None:
+    return s.method.save_state(s.model) if s.method.save_state is not None else None
 
 
 def save_checkpoint(s: Setup, step: int, log_lines: int) -> Path:
@@ -391,14 +319,14 @@ def save_checkpoint(s: Setup, step: int, log_lines: int) -> Path:
                 "scheduler": s.scheduler.state_dict(),
                 "rng_cpu": torch.get_rng_state(),
                 "rng_cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-                "adalora": _adalora_state(s.model),
+                "method_state": _method_state(s),
             },
             tmp / "trainer_state.pt",
         )
         fill_common(tmp)
 
     def fill_main(tmp: Path) -> None:  # distributed: rank 0's files beside the shards
-        state = {"scheduler": s.scheduler.state_dict(), "adalora": _adalora_state(s.model)}
+        state = {"scheduler": s.scheduler.state_dict(), "method_state": _method_state(s)}
         torch.save(state, tmp / "trainer_state.pt")
         fill_common(tmp)
 
@@ -439,10 +367,10 @@ def load_checkpoint(s: Setup, path: Path) -> tuple[int, int]:
         torch.set_rng_state(trainer["rng_cpu"])
         if trainer["rng_cuda"] and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(trainer["rng_cuda"])
-    alloc = getattr(getattr(s.model, "base_model", None), "rankallocator", None)
-    if alloc is not None and trainer.get("adalora"):
-        for k, v in trainer["adalora"].items():
-            setattr(alloc, k, dict(v))
+    # older checkpoints keep AdaLoRA's allocator state under the key "adalora"
+    method_state = trainer.get("method_state", trainer.get("adalora"))
+    if s.method.load_state is not None and method_state:
+        s.method.load_state(s.model, method_state)
     routed = routed_optimizer(s.optimizer)
     if routed is not None and routed.routing_log is not None and (path / "routing.jsonl").exists():
         routed.routing_log.records = molf.RoutingLog.read_jsonl(path / "routing.jsonl").records
@@ -557,6 +485,12 @@ def _progress(total: int, initial: int, enabled: bool):
     )
 
 
+def _micro_batch(s: Setup, idx: list[int], pad: int) -> dict[str, torch.Tensor]:
+    """The padded tensors of examples `idx`, on the run's device."""
+    batch = collate([s.data.input_ids[i] for i in idx], [s.data.labels[i] for i in idx], pad)
+    return {k: v.to(s.device) for k, v in batch.items()}
+
+
 def _distributed_micro_step(s: Setup, idx: list[int], pad: int, sync: bool) -> tuple[float, int]:
     """Forward and backward of this rank's share of one global micro-batch.
 
@@ -567,10 +501,8 @@ def _distributed_micro_step(s: Setup, idx: list[int], pad: int, sync: bool) -> t
     the one-process micro-batch loss, its tokens): summed over ranks, that loss."""
     ctx, cfg = s.dist, s.cfg
     # no loss tokens at all gives NaN and a skipped step, as with one process
-    count = sum(s.label_counts[i] for i in idx)
-    mine = distributed.local_part(idx, ctx)
-    batch = collate([s.train_ids[i] for i in mine], [s.train_labels[i] for i in mine], pad)
-    batch = {k: v.to(s.device) for k, v in batch.items()}
+    count = s.data.loss_tokens(idx)
+    batch = _micro_batch(s, distributed.local_part(idx, ctx), pad)
     with distributed.gradient_sync(s.engine, ctx, sync):
         out = s.engine(**batch, num_items_in_batch=count / ctx.world_size)
         (out.loss / cfg.grad_accum).backward()
@@ -598,10 +530,7 @@ def train_loop(s: Setup, start_step: int, logger: MetricLogger) -> dict[str, Any
                     loss_sum += part
                     n_tokens += toks
                     continue
-                batch = collate(
-                    [s.train_ids[i] for i in idx], [s.train_labels[i] for i in idx], pad
-                )
-                batch = {k: v.to(s.device) for k, v in batch.items()}
+                batch = _micro_batch(s, idx, pad)
                 out = model(**batch)
                 (out.loss / cfg.grad_accum).backward()
                 loss_sum += float(out.loss.detach())
@@ -644,8 +573,8 @@ def train_loop(s: Setup, start_step: int, logger: MetricLogger) -> dict[str, Any
             bad_in_a_row = 0
             lrs = [g["lr"] for g in opt.param_groups]
             opt.step()
-            if cfg.method == "adalora":
-                model.base_model.update_and_allocate(step)
+            if s.method.after_step is not None:
+                s.method.after_step(model, step)
             s.scheduler.step()
             opt.zero_grad(set_to_none=True)
             dt = time.perf_counter() - t0
@@ -700,15 +629,6 @@ def _save_run_info(directory: Path, cfg: TrainConfig) -> None:
     (directory / "molf_run.json").write_text(json.dumps(info, indent=1))
 
 
-def _adapter_base(model: nn.Module, cfg: TrainConfig) -> str:
-    """The base an adapter names: where `load_model` found the model's files (the hub id, the
-    absolute local directory, an embedded model's cached safetensors directory), so that peft's
-    `AutoPeftModelForCausalLM` resolves it; the run's model name for the in-memory tiny models."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    found = getattr(getattr(base, "config", None), "_name_or_path", None)
-    return str(found) if found else cfg.model
-
-
 def finalize(s: Setup, model: nn.Module | None = None) -> tuple[nn.Module, dict[str, Path]]:
     """Write the method's artefacts atomically; returns the plain model for evaluation and paths.
 
@@ -718,33 +638,16 @@ def finalize(s: Setup, model: nn.Module | None = None) -> tuple[nn.Module, dict[
     model = s.model if model is None else model
     final = cfg.run_dir / "final"
     paths: dict[str, Path] = {}
-    if cfg.method in ("lora", "adalora"):
+    save_adapter = s.method.save_adapter
+    if save_adapter is not None:
 
         def fill_adapter(tmp: Path) -> None:
-            model.peft_config["default"].base_model_name_or_path = _adapter_base(model, cfg)
-            # save_embedding_layers=False: embeddings are not trained, and "auto" looks up the hub
-            model.save_pretrained(tmp, save_embedding_layers=False)
+            save_adapter(model, cfg, tmp)
             _save_run_info(tmp, cfg)
 
+        # before merging: merging folds the adapter into the base weights
         paths["adapter"] = ckpt.atomic_directory(final / "adapter", fill_adapter)
-        plain = model.merge_and_unload()
-    elif cfg.method == "molf-e":
-
-        def fill_molf_e(tmp: Path) -> None:
-            molf.export_peft_lora(
-                model, tmp / "a", base_model_name_or_path=_adapter_base(model, cfg)
-            )
-            for f in (tmp / "a").iterdir():
-                f.rename(tmp / f.name)
-            (tmp / "a").rmdir()
-            _save_run_info(tmp, cfg)
-
-        paths["adapter"] = ckpt.atomic_directory(final / "adapter", fill_molf_e)
-        plain = molf.merge_and_unload(model)
-    elif cfg.method == "molf":
-        plain = molf.merge_and_unload(model)
-    else:
-        plain = model
+    plain = s.method.merge(model)
 
     def fill_model(tmp: Path) -> None:
         plain.save_pretrained(tmp)
@@ -806,10 +709,10 @@ def _gather_final_model(s: Setup) -> nn.Module | None:
         return None
     from molf.train.models import load_model
 
-    dtype = torch.bfloat16 if s.cfg.dtype == "bfloat16" else torch.float32
+    cfg = s.cfg
     with torch.random.fork_rng(devices=[]):  # the adapter init below is overwritten anyway
-        base, _ = load_model(s.cfg.model, dtype=dtype, trust_remote_code=s.cfg.trust_remote_code)
-        model = method_model(base, s.cfg, s.total_steps)
+        base, _ = load_model(cfg.model, dtype=_dtype(cfg), trust_remote_code=cfg.trust_remote_code)
+        model = s.method.build_model(base, cfg, s.total_steps)
     model.load_state_dict(full)
     return model.to(s.device)
 
@@ -879,8 +782,8 @@ def _run(cfg: TrainConfig, resume: str, overwrite: bool, ctx: DistContext) -> di
         "resumed_from_step": start,
         "skipped_steps": stats["skipped_steps"],
         "final_loss": stats["last_loss"],
-        "truncated_examples": s.n_truncated,
-        "n_train_examples": len(s.train_ids),
+        "truncated_examples": s.data.n_truncated,
+        "n_train_examples": len(s.data),
         "n_test_records": len(s.splits.test),
         "tokens_per_s": stats["tokens"] / stats["train_seconds"]
         if stats["train_seconds"]

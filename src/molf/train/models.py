@@ -43,6 +43,7 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
+from molf._files import cache_root, looks_like_path
 from molf.errors import MolfError
 
 EMBEDDED_MODELS: tuple[str, ...] = ("smollm2-135m", "gemma3-270m")
@@ -81,15 +82,6 @@ _DTYPES: dict[str, torch.dtype] = {
 }
 
 
-def cache_root(cache_dir: str | os.PathLike[str] | None = None) -> Path:
-    """Where molf keeps converted models and tokenizers: `cache_dir`, else `$MOLF_CACHE`, else
-    `~/.cache/molf`."""
-    chosen = cache_dir if cache_dir is not None else os.environ.get("MOLF_CACHE") or None
-    if chosen is None:
-        return Path.home() / ".cache" / "molf"
-    return Path(chosen).expanduser()
-
-
 def load_model(
     name_or_path: str | os.PathLike[str],
     dtype: torch.dtype | str = torch.float32,
@@ -126,7 +118,7 @@ def load_model(
         )
     if path.is_file():
         raise MolfError(f"model '{name}': is a file, expected a model directory")
-    if _looks_like_path(name):
+    if looks_like_path(name):
         raise MolfError(f"model '{name}': no such directory")
     return _load_from_hub(name, torch_dtype, trust_remote_code)
 
@@ -571,13 +563,6 @@ def _resolve_dtype(dtype: torch.dtype | str) -> torch.dtype:
     if key not in _DTYPES:
         raise MolfError(f"dtype '{dtype}': expected one of float32, bfloat16, float16")
     return _DTYPES[key]
-
-
-def _looks_like_path(name: str) -> bool:
-    """True for names that can only mean a local path (a hub id is `name` or `org/name`)."""
-    if name.startswith((".", "/", "~", "\\")) or name.endswith(("/", "\\")):
-        return True
-    return name.count("/") > 1 or "\\" in name or (len(name) > 1 and name[1] == ":")
 
 
 def _short(exc: BaseException, limit: int = 200) -> str:

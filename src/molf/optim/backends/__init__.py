@@ -107,7 +107,7 @@ def decide(
     settings: StepSettings, totals: torch.Tensor, numel: torch.Tensor, active: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Steps 3-4 on the packed [modules, experts] score totals: the reducer (so that every rank
-    decides on the same sums, method.md section 4), the scores and the top-k winners of the
+    decides on the same sums, docs/method.md section 4), the scores and the top-k winners of the
     active modules. `numel` (the layout's, in the totals' dtype) and `active` (bool [modules])
     are on the totals' device."""
     if settings.score_reducer is not None:

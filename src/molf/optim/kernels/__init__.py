@@ -21,6 +21,8 @@ from typing import Any
 
 import torch
 
+from molf._files import cache_root
+
 KERNEL_SOURCE = Path(__file__).with_name("molf_step_cpu.cpp")
 
 FUSED, SCORE, APPLY = 0, 1, 2  # phases: the whole step; moments and totals only; winners only
@@ -96,10 +98,8 @@ KERNEL_LOCK = threading.Lock()
 
 
 def cache_dir() -> Path:
-    if os.environ.get("MOLF_CACHE_DIR"):
-        return Path(os.environ["MOLF_CACHE_DIR"]) / "kernels"
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "molf" / "kernels"
+    """Where built kernels are kept: under molf's one cache directory."""
+    return cache_root() / "kernels"
 
 
 def cpu_fingerprint() -> str:

@@ -1,0 +1,467 @@
+"""The grid of `molf compare`: budgets, the cells they plan, the cells' on-disk format, and the
+choice of each (task, method) pair's learning rate on the validation split.
+
+On disk, one cell is one `molf train` run directory `<out>/cells/<task>/<method>/lr-<x>/`; besides
+what the run writes (summary.json, metrics.jsonl, routing.jsonl, final/) the runner keeps there
+`compare_cell.json` (task, method, learning rates, CPU seconds), `FAILED` (why it failed) and,
+while its process runs, `RUNNING`. A cell is done when its summary.json exists. docs/compare.md
+describes the protocol for users.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from molf.errors import MolfError
+from molf.train import methods
+from molf.train.config import TrainConfig, load_config
+
+SUMMARY = "summary.json"  # written last by `molf train`: its presence marks a finished run
+CELL_META = "compare_cell.json"
+FAILED = "FAILED"
+RUNNING = "RUNNING"
+JOB_SPEC = "compare_job.json"
+# Keys compare sets per cell; users pick them with --tasks/--methods/--model/--seed/--data.
+_RESERVED = ("method", "task", "model", "output_dir", "seed", "data")
+# Config keys that may differ between a finished cell and the grid asking for it.
+_IGNORED_KEYS = {"output_dir", "progress", "eval_before", "logger"}
+
+
+@dataclass(frozen=True)
+class Budget:
+    """A grid's size: the default model, TrainConfig values for every cell and per task family
+    (fact, med, sql), the torch thread count per cell (None: leave torch's) and how many cells
+    run at a time in their own processes (0: one at a time inside this process). Each method's
+    learning-rate grid under a budget is the method's own (`Method.lr_grids[budget.name]`)."""
+
+    name: str
+    model: str
+    settings: dict[str, Any]
+    per_task: dict[str, dict[str, Any]]
+    threads: int | None = None
+    jobs: int = 0
+
+    def lr_grid(self, method: str) -> tuple[float, ...]:
+        """`method`'s learning-rate candidates under this budget, the default first; a method
+        without a grid here tries only its config default (TrainConfig's value)."""
+        m = methods.get(method)
+        if self.name in m.lr_grids:
+            return tuple(m.lr_grids[self.name])
+        return (getattr(TrainConfig(), m.lr_keys[0]),)
+
+
+BUDGETS: dict[str, Budget] = {
+    "smoke": Budget(
+        name="smoke",
+        model="tiny-llama",
+        settings={
+            "n_train": 8,
+            "n_val": 2,
+            "n_test": 3,
+            "max_steps": 3,
+            "batch_size": 4,
+            "grad_accum": 1,
+            "max_length": 64,
+            "lora_rank": 8,
+            "molf_e_ranks": (4, 8),
+            "eval_batch_size": 8,
+            "progress": False,
+        },
+        per_task={},
+        # tiny matrices gain nothing from threads, and OpenMP spin-waiting on a busy machine
+        # makes 2 threads 10x slower than 1
+        threads=1,
+    ),
+    "small": Budget(
+        name="small",
+        model="smollm2-135m",
+        settings={
+            "batch_size": 8,
+            "grad_accum": 1,
+            "schedule": "cosine",
+            "warmup_ratio": 0.1,
+            "max_length": 256,
+            "lora_rank": 128,
+            "molf_e_ranks": (32, 128),
+            "eval_batch_size": 16,
+            "max_steps": None,
+        },
+        per_task={
+            "fact": {"n_train": 88, "n_val": 24, "n_test": 64, "epochs": 4.0},
+            "med": {"n_train": 128, "n_val": 32, "n_test": 128, "epochs": 2.0},
+            "sql": {"n_train": 96, "n_val": 16, "n_test": 48, "epochs": 2.0},
+        },
+        # two cells at a time with one thread each keeps both cores busy through the
+        # single-threaded parts (generation, AdaLoRA's rank bookkeeping, saving)
+        threads=1,
+        jobs=2,
+    ),
+    "paper": Budget(
+        name="paper",
+        model="google/gemma-3-1b-pt",
+        settings={
+            "n_train": None,
+            "n_val": 200,
+            "n_test": 500,
+            "epochs": 2.0,
+            "max_steps": None,
+            "batch_size": 8,
+            "grad_accum": 4,
+            "schedule": "cosine",
+            "warmup_ratio": 0.1,
+            "max_length": 1024,
+            "lora_rank": 128,
+            "molf_e_ranks": (32, 128),
+            "eval_batch_size": 32,
+        },
+        per_task={},
+        jobs=1,  # a fresh process per cell gives each its own GPU memory peak
+    ),
+}
+
+
+@dataclass
+class Cell:
+    """One planned run: its config, its directory and the learning rates it tries."""
+
+    task: str
+    method: str
+    lrs: dict[str, float]
+    config: TrainConfig
+
+    @property
+    def directory(self) -> Path:
+        return self.config.run_dir
+
+    @property
+    def key(self) -> str:
+        return f"{self.task}/{self.method}/{self.directory.name}"
+
+
+def format_lr(value: float) -> str:
+    """A short, filename-safe learning rate: 5e-05 -> '5e-5', 0.0001 -> '1e-4'."""
+    mantissa, exponent = f"{value:.6e}".split("e")
+    mantissa = mantissa.rstrip("0").rstrip(".")
+    return f"{mantissa}e{int(exponent)}"
+
+
+def lr_label(lrs: dict[str, float]) -> str:
+    """A candidate's directory name: 'lr-5e-5', or 'lr-fft1e-4-lora5e-5' when the LRs differ."""
+    values = list(lrs.values())
+    if values and all(v == values[0] for v in values):
+        return f"lr-{format_lr(values[0])}"
+    return "lr-" + "-".join(f"{k.removeprefix('lr_')}{format_lr(v)}" for k, v in lrs.items())
+
+
+# -- planning ------------------------------------------------------------------------------------
+def parse_lr_grid(spec: str | None, budget: Budget) -> dict[str, tuple[float, ...]]:
+    """The grids to use: the budget's, 'off' (each grid's first value) or 'm=v1/v2,...' edits."""
+    grids = {m: budget.lr_grid(m) for m in methods.names()}
+    if spec is None or spec.strip() in ("", "budget"):
+        return grids
+    if spec.strip() == "off":
+        return {m: g[:1] for m, g in grids.items()}
+    for entry in spec.split(","):
+        if not entry.strip():
+            continue
+        if "=" not in entry:
+            raise MolfError(f"--lr-grid entry '{entry}': expected method=lr1/lr2, or 'off'")
+        method, values = (x.strip() for x in entry.split("=", 1))
+        if method not in methods.REGISTRY:
+            known = ", ".join(methods.names())
+            raise MolfError(
+                f"--lr-grid entry '{entry}': unknown method '{method}' (known: {known})"
+            )
+        try:
+            parsed = tuple(float(v) for v in values.split("/") if v.strip())
+        except ValueError:
+            raise MolfError(
+                f"--lr-grid entry '{entry}': learning rates must be numbers like 5e-5"
+            ) from None
+        if not parsed or any(not v > 0 for v in parsed):
+            raise MolfError(f"--lr-grid entry '{entry}': give one or more learning rates > 0")
+        grids[method] = tuple(dict.fromkeys(parsed))
+    return grids
+
+
+def plan_grid(
+    budget: str,
+    tasks: list[str],
+    method_names: list[str],
+    output_dir: str | Path,
+    model: str | None = None,
+    seed: int = 0,
+    overrides: list[str] | None = None,
+    lr_grid: str | None = None,
+    data: dict[str, str] | None = None,
+) -> list[Cell]:
+    """Every cell of the grid, task-major (so each task's column completes early), configs
+    validated before any compute is spent."""
+    from molf.tasks import get_task
+
+    if budget not in BUDGETS:
+        raise MolfError(f"--budget: must be one of {', '.join(BUDGETS)}, got {budget!r}")
+    b = BUDGETS[budget]
+    for m in method_names:
+        if m not in methods.REGISTRY:
+            known = ", ".join(methods.names())
+            raise MolfError(f"--methods: unknown method '{m}' (known: {known})")
+    overrides = list(overrides or [])
+    user_keys = set()
+    for item in overrides:
+        if "=" not in item:
+            raise MolfError(f"override '{item}': expected key=value")
+        key = item.split("=", 1)[0].strip()
+        if key in _RESERVED:
+            raise MolfError(
+                f"override '{item}': compare sets '{key}' per cell "
+                "(use --tasks, --methods, --model, --seed, --data, --output-dir)"
+            )
+        user_keys.add(key)
+    grids = parse_lr_grid(lr_grid, b)
+    root = Path(output_dir) / "cells"
+    cells: list[Cell] = []
+    for task in tasks:
+        family = get_task(task).name
+        first_of_task = True
+        for method in method_names:
+            lr_keys = methods.get(method).lr_keys
+            grid = grids[method]
+            if any(k in user_keys for k in lr_keys):
+                grid = grid[:1]  # the override decides; the other tied key keeps the default
+            for lr in grid:
+                values = {**b.settings, **b.per_task.get(family, {})}
+                values.update({k: lr for k in lr_keys})
+                values = {k: v for k, v in values.items() if k not in user_keys}
+                if "eval_before" not in user_keys:
+                    # the untrained model is scored once per task, not once per cell
+                    values["eval_before"] = first_of_task
+                nulls = [f"{k}=null" for k, v in values.items() if v is None]
+                explicit = {k: v for k, v in values.items() if v is not None}
+                explicit.update(
+                    method=method,
+                    task=task,
+                    model=model or b.model,
+                    seed=seed,
+                    data=(data or {}).get(task),
+                    output_dir=str(root / task / method / "lr-pending"),
+                )
+                try:
+                    cfg = load_config(None, nulls + overrides, **explicit)
+                except MolfError as e:
+                    raise MolfError(f"cell {task}/{method} (lr {format_lr(lr)}): {e}") from None
+                lrs = {k: getattr(cfg, k) for k in lr_keys}
+                cfg.output_dir = str(root / task / method / lr_label(lrs))
+                if any(c.directory == cfg.run_dir for c in cells):
+                    continue  # the same candidate twice (an override collapsed the grid)
+                cells.append(Cell(task, method, lrs, cfg))
+                first_of_task = False
+    for c in cells:
+        n_candidates = sum(1 for o in cells if (o.task, o.method) == (c.task, c.method))
+        if n_candidates > 1 and c.config.n_val == 0:
+            raise MolfError(
+                f"cell {c.key}: choosing among {n_candidates} learning rates needs a validation "
+                "split, but n_val=0 (set n_val > 0, or use --lr-grid off)"
+            )
+    return cells
+
+
+def config_mismatch(old: dict[str, Any], new: dict[str, Any]) -> str | None:
+    """The first key (other than bookkeeping) whose value differs between two configs' dicts."""
+    for key in sorted(set(old) & set(new) - _IGNORED_KEYS):
+        a, b = old[key], new[key]
+        if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
+            a, b = list(a), list(b)
+        if a != b:
+            return f"{key}: {a!r} there, {b!r} now"
+    return None
+
+
+def check_finished(cells: list[Cell]) -> None:
+    """Refuse to reuse a finished cell whose config differs from the one planned now."""
+    for c in cells:
+        summary = read_summary(c.directory)
+        if summary is None:
+            continue  # not finished, or unreadable: treated as not finished when it is run
+        diff = config_mismatch(summary.get("config") or {}, c.config.to_dict())
+        if diff:
+            raise MolfError(
+                f"{c.directory / SUMMARY}: this finished cell was run with a different config ({diff}); "
+                "use another --output-dir, or delete the cell to rerun it"
+            )
+
+
+# -- the cells on disk, and the choice among them -------------------------------------------------
+@dataclass
+class CellRecord:
+    """One learning-rate candidate of one (task, method) pair, as found on disk."""
+
+    task: str
+    method: str
+    label: str
+    directory: Path
+    status: str  # done | failed | interrupted (started, never finished)
+    summary: dict[str, Any] | None = None
+    error: str | None = None
+    lrs: dict[str, float] = field(default_factory=dict)
+    cpu_seconds: float | None = None
+
+    @property
+    def headline(self) -> str | None:
+        return self.summary.get("headline_metric") if self.summary else None
+
+    def score(self, split: str = "after") -> float | None:
+        """The headline metric on the test split ('after'), 'validation' or 'before' (fraction)."""
+        if not self.summary or not self.headline:
+            return None
+        value = (self.summary.get(split) or {}).get(self.headline)
+        return float(value) if isinstance(value, (int, float)) and math.isfinite(value) else None
+
+    @property
+    def lr_text(self) -> str:
+        if not self.lrs:
+            return self.label.removeprefix("lr-")
+        values = list(self.lrs.values())
+        if all(v == values[0] for v in values):
+            return format_lr(values[0])
+        return ", ".join(f"{k}={format_lr(v)}" for k, v in self.lrs.items())
+
+
+def read_json(path: Path) -> Any:
+    """The JSON value in `path`; None when the file is missing or not (yet) valid JSON."""
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def is_done(cell: Cell) -> bool:
+    return (cell.directory / SUMMARY).exists()
+
+
+def read_summary(directory: Path) -> dict[str, Any] | None:
+    """A finished cell's summary.json; None when the cell has none (or an unreadable one)."""
+    summary = read_json(directory / SUMMARY)
+    return summary if isinstance(summary, dict) else None
+
+
+def read_cell(directory: Path, task: str, method: str) -> CellRecord:
+    """The state of one cell directory: done (summary.json), failed (FAILED) or interrupted."""
+    meta = read_json(directory / CELL_META) or {}
+    summary = read_summary(directory)
+    lrs = dict(meta.get("lrs") or {})
+    if not lrs and summary:
+        config = summary.get("config") or {}
+        lr_keys = methods.get(method).lr_keys if method in methods.REGISTRY else ()
+        lrs = {k: config[k] for k in lr_keys if k in config}
+    record = CellRecord(task, method, directory.name, directory, "interrupted", lrs=lrs)
+    cpu = meta.get("cpu_seconds")
+    record.cpu_seconds = float(cpu) if isinstance(cpu, (int, float)) else None
+    if summary is not None:
+        record.status, record.summary = "done", summary
+    elif (directory / FAILED).exists():
+        record.status = "failed"
+        text = (directory / FAILED).read_text(errors="replace").strip()
+        record.error = text.splitlines()[0] if text else "failed"
+    return record
+
+
+def load_cells(out_dir: str | Path, tasks: list[str], method_names: list[str]) -> list[CellRecord]:
+    """Every candidate directory of the given tasks and methods under `<out_dir>/cells/`."""
+    root = Path(out_dir) / "cells"
+    found = []
+    for task in tasks:
+        for method in method_names:
+            group = root / task / method
+            if group.is_dir():
+                for d in sorted(
+                    p for p in group.iterdir() if p.is_dir() and p.name.startswith("lr-")
+                ):
+                    found.append(read_cell(d, task, method))
+    return found
+
+
+def choose(candidates: list[CellRecord]) -> CellRecord | None:
+    """The candidate with the best validation headline metric (never the test split).
+
+    Ties go to the lower final training loss, then the label, so the choice is deterministic.
+    A lone finished candidate needs no validation metric; several without one give None.
+    """
+    done = [c for c in candidates if c.status == "done"]
+    if len(done) == 1:
+        return done[0]
+    scored = [c for c in done if c.score("validation") is not None]
+    if not scored:
+        return None
+
+    def key(c: CellRecord) -> tuple[float, float, str]:
+        loss = (c.summary or {}).get("final_loss")
+        loss = loss if isinstance(loss, (int, float)) and math.isfinite(loss) else math.inf
+        return (-c.score("validation"), loss, c.label)  # type: ignore[operator]
+
+    return min(scored, key=key)
+
+
+@dataclass
+class Results:
+    """The grid as read from disk: candidates per (task, method) and the chosen one."""
+
+    tasks: list[str]
+    methods: list[str]
+    cells: list[CellRecord]
+    groups: dict[tuple[str, str], list[CellRecord]] = field(default_factory=dict)
+    chosen: dict[tuple[str, str], CellRecord | None] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        for task in self.tasks:
+            for method in self.methods:
+                group = [c for c in self.cells if c.task == task and c.method == method]
+                self.groups[(task, method)] = group
+                self.chosen[(task, method)] = choose(group)
+
+    def score(self, task: str, method: str) -> float | None:
+        """Test headline metric of the chosen candidate, in points (percent)."""
+        cell = self.chosen.get((task, method))
+        value = cell.score("after") if cell else None
+        return None if value is None else 100.0 * value
+
+    def mean(self, method: str) -> float | None:
+        """Mean over tasks, only when every task has a score."""
+        return mean_of_all([self.score(t, method) for t in self.tasks])
+
+    def headline(self, task: str) -> str:
+        for c in self.cells:
+            if c.task == task and c.headline:
+                return c.headline
+        return "headline"
+
+    def n_test(self, task: str) -> int | None:
+        """How many test records the task's scores are over (from any finished cell)."""
+        for c in self.cells:
+            n = (c.summary or {}).get("n_test_records") if c.task == task else None
+            if isinstance(n, int) and n > 0:
+                return n
+        return None
+
+    def base(self, task: str) -> float | None:
+        """The untrained model's test headline (points), from any cell that evaluated it."""
+        for c in self.cells:
+            if c.task == task and c.score("before") is not None:
+                return 100.0 * c.score("before")  # type: ignore[operator]
+        return None
+
+
+def load_results(out_dir: str | Path, tasks: list[str], method_names: list[str]) -> Results:
+    """Read the grid under `out_dir` and pick each pair's learning rate on validation."""
+    return Results(list(tasks), list(method_names), load_cells(out_dir, tasks, method_names))
+
+
+def mean_of_all(values: list[float | None]) -> float | None:
+    """Mean of the values, None unless every one is present."""
+    if not values or any(v is None for v in values):
+        return None
+    return sum(values) / len(values)  # type: ignore[arg-type]

@@ -1,0 +1,336 @@
+"""The fine-tuning methods of `molf train`, one `Method` object each, and their registry.
+
+A method says how it turns a plain causal LM into its trainable model, which optimizer trains it,
+what a finished run exports, which learning-rate keys of the config it reads, how reports name it,
+and which learning rates `molf compare` tries for it. The config's validation, the CLI's choices,
+the training loop, checkpoints, the distributed checks, the compare grid and its report all ask
+this registry, so a new method is one `register(Method(...))` below, plus its bundled config
+`configs/<name>.yaml`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import nn
+
+import molf
+from molf.errors import MolfError
+
+if TYPE_CHECKING:
+    from molf.train.config import TrainConfig
+
+
+@dataclass(frozen=True)
+class Method:
+    """One fine-tuning method.
+
+    `build_model(model, cfg, total_steps)` makes the trainable model in place (new adapter
+    weights draw from the global RNG; `total_steps` is for methods with a schedule of their
+    own); `build_optimizer(model, cfg)` its optimizer. `merge(model)` gives the plain
+    transformers model a run saves as `final/model`; `save_adapter(model, cfg, directory)`, when
+    set, also writes a PEFT adapter into the empty `directory` (`final/adapter`).
+
+    `lr_keys`: the config keys holding its learning rates (a learning-rate search sets all of
+    them to the same value). `lr_grids`: the candidates `molf compare` tries per budget name,
+    first value = the default (docs/compare.md says why each grid is what it is).
+
+    Routed methods (MoLFAdamW chooses an expert per module and step) give `n_experts(cfg)`, which
+    bounds `top_k`, and `routing`, what the routing chooses between, for the report.
+
+    `after_step(model, step)` runs after every optimizer step; `save_state` / `load_state` carry
+    state the method keeps outside the model and optimizer through checkpoints.
+    `fsdp2_refusal`: why it cannot run under FSDP2, if it cannot.
+    """
+
+    name: str
+    label: str
+    lr_keys: tuple[str, ...]
+    build_model: Callable[[nn.Module, TrainConfig, int], nn.Module]
+    build_optimizer: Callable[[nn.Module, TrainConfig], torch.optim.Optimizer]
+    merge: Callable[[nn.Module], nn.Module]
+    save_adapter: Callable[[nn.Module, TrainConfig, Path], None] | None = None
+    lr_grids: Mapping[str, tuple[float, ...]] = field(default_factory=dict)
+    n_experts: Callable[[TrainConfig], int] | None = None
+    routing: str | None = None
+    after_step: Callable[[nn.Module, int], None] | None = None
+    save_state: Callable[[nn.Module], dict[str, Any]] | None = None
+    load_state: Callable[[nn.Module, dict[str, Any]], None] | None = None
+    fsdp2_refusal: str | None = None
+
+    def __post_init__(self) -> None:
+        if (self.n_experts is None) != (self.routing is None):
+            raise ValueError(f"method {self.name!r}: give both n_experts and routing, or neither")
+        if (self.save_state is None) != (self.load_state is None):
+            raise ValueError(f"method {self.name!r}: give both save_state and load_state")
+
+    @property
+    def routed(self) -> bool:
+        return self.n_experts is not None
+
+    @property
+    def exports(self) -> tuple[str, ...]:
+        """The directories under `final/` a finished run holds."""
+        return ("adapter", "model") if self.save_adapter is not None else ("model",)
+
+
+REGISTRY: dict[str, Method] = {}
+
+
+def register(method: Method) -> Method:
+    """Add `method` to the registry (a name already taken is an error)."""
+    if method.name in REGISTRY:
+        raise ValueError(f"method {method.name!r} is registered already")
+    REGISTRY[method.name] = method
+    return method
+
+
+def names() -> tuple[str, ...]:
+    """Every registered method's name, in registration order."""
+    return tuple(REGISTRY)
+
+
+def get(name: str) -> Method:
+    """The method called `name`; a MolfError naming the known ones otherwise."""
+    method = REGISTRY.get(name)
+    if method is None:
+        raise MolfError(f"unknown method '{name}' (known: {', '.join(REGISTRY)})")
+    return method
+
+
+def label(name: str) -> str:
+    """How tables and plots name a method; an unknown name (an old grid's) stays as it is."""
+    method = REGISTRY.get(name)
+    return method.label if method is not None else name
+
+
+# -- models ----------------------------------------------------------------------------------------
+def _train_everything(model: nn.Module, cfg: TrainConfig, total_steps: int) -> nn.Module:
+    for p in model.parameters():
+        p.requires_grad_(True)
+    return model
+
+
+def _peft_options(cfg: TrainConfig) -> dict[str, Any]:
+    return dict(
+        lora_alpha=cfg.lora_alpha,
+        lora_dropout=cfg.lora_dropout,
+        use_rslora=cfg.use_rslora,
+        target_modules=cfg.target_modules,
+        task_type="CAUSAL_LM",
+    )
+
+
+def _peft_model(model: nn.Module, peft_config: Any) -> nn.Module:
+    from peft import get_peft_model
+
+    try:
+        return get_peft_model(model, peft_config)
+    except ValueError as e:  # peft's words for "no module matched"
+        raise MolfError(f"config key 'target_modules': {e}") from None
+
+
+def _lora_model(model: nn.Module, cfg: TrainConfig, total_steps: int) -> nn.Module:
+    from peft import LoraConfig
+
+    return _peft_model(model, LoraConfig(r=cfg.lora_rank, **_peft_options(cfg)))
+
+
+def _adalora_model(model: nn.Module, cfg: TrainConfig, total_steps: int) -> nn.Module:
+    from peft import AdaLoraConfig
+
+    # AdaLoRA starts at 1.5x the target rank and prunes to it between tinit and T - tfinal.
+    peft_config = AdaLoraConfig(
+        init_r=max(cfg.lora_rank * 3 // 2, cfg.lora_rank),
+        target_r=cfg.lora_rank,
+        total_step=total_steps,
+        tinit=int(0.1 * total_steps),
+        tfinal=int(0.2 * total_steps),
+        deltaT=max(1, total_steps // 20),
+        **_peft_options(cfg),
+    )
+    return _peft_model(model, peft_config)
+
+
+def _molf_model(model: nn.Module, cfg: TrainConfig, total_steps: int) -> nn.Module:
+    config = molf.MoLFConfig(
+        lora_ranks=(cfg.lora_rank,),
+        lora_alphas=(cfg.lora_alpha,),
+        lora_dropout=cfg.lora_dropout,
+        use_rslora=cfg.use_rslora,
+        target_modules=cfg.target_modules,
+    )
+    return molf.wrap(model, config)
+
+
+def _molf_e_model(model: nn.Module, cfg: TrainConfig, total_steps: int) -> nn.Module:
+    config = molf.MoLFConfig(
+        lora_ranks=tuple(cfg.molf_e_ranks),
+        lora_alphas=tuple(cfg.lora_alpha for _ in cfg.molf_e_ranks),
+        lora_dropout=cfg.lora_dropout,
+        use_rslora=cfg.use_rslora,
+        target_modules=cfg.target_modules,
+        train_base=False,
+    )
+    return molf.wrap(model, config)
+
+
+# -- optimizers ------------------------------------------------------------------------------------
+def _adamw(lr_key: str, decay_key: str) -> Callable[[nn.Module, TrainConfig], torch.optim.AdamW]:
+    """torch's AdamW over the trainable parameters at the config's `lr_key` and `decay_key`;
+    tensors with dim < 2 (biases, norms) are not decayed (docs/method.md section 7.10)."""
+
+    def build(model: nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
+        lr, decay = getattr(cfg, lr_key), getattr(cfg, decay_key)
+        params = [p for p in model.parameters() if p.requires_grad]
+        groups = [
+            {"params": [p for p in params if p.dim() >= 2], "lr": lr, "weight_decay": decay},
+            {"params": [p for p in params if p.dim() < 2], "lr": lr, "weight_decay": 0.0},
+        ]
+        groups = [g for g in groups if g["params"]]
+        return torch.optim.AdamW(groups, lr=lr, betas=tuple(cfg.betas), eps=cfg.eps)
+
+    return build
+
+
+def _molf_adamw(model: nn.Module, cfg: TrainConfig) -> molf.MoLFAdamW:
+    return molf.MoLFAdamW(
+        model,
+        lr_fft=cfg.lr_fft,
+        lr_lora=cfg.lr_lora,
+        weight_decay_fft=cfg.weight_decay_fft,
+        weight_decay_lora=cfg.weight_decay_lora,
+        betas=tuple(cfg.betas),
+        eps=cfg.eps,
+        score=cfg.score,
+        top_k=cfg.top_k,
+    )
+
+
+# -- exports ---------------------------------------------------------------------------------------
+def _unchanged(model: nn.Module) -> nn.Module:
+    return model
+
+
+def _peft_merge(model: nn.Module) -> nn.Module:
+    return model.merge_and_unload()
+
+
+def adapter_base(model: nn.Module, cfg: TrainConfig) -> str:
+    """The base an adapter names: where `load_model` found the model's files (the hub id, the
+    absolute local directory, an embedded model's cached safetensors directory), so that peft's
+    `AutoPeftModelForCausalLM` resolves it; the run's model name for the in-memory tiny models."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    found = getattr(getattr(base, "config", None), "_name_or_path", None)
+    return str(found) if found else cfg.model
+
+
+def _save_peft_adapter(model: nn.Module, cfg: TrainConfig, directory: Path) -> None:
+    model.peft_config["default"].base_model_name_or_path = adapter_base(model, cfg)
+    # save_embedding_layers=False: embeddings are not trained, and "auto" looks up the hub
+    model.save_pretrained(directory, save_embedding_layers=False)
+
+
+def _save_molf_e_adapter(model: nn.Module, cfg: TrainConfig, directory: Path) -> None:
+    # export_peft_lora writes a directory atomically by itself: let it make a subdirectory of
+    # ours, then lift its files up.
+    inner = directory / "adapter"
+    molf.export_peft_lora(model, inner, base_model_name_or_path=adapter_base(model, cfg))
+    for f in inner.iterdir():
+        f.rename(directory / f.name)
+    inner.rmdir()
+
+
+# -- AdaLoRA's rank allocator ----------------------------------------------------------------------
+def _adalora_after_step(model: nn.Module, step: int) -> None:
+    model.base_model.update_and_allocate(step)
+
+
+_ALLOCATOR_STATE = ("ipt", "exp_avg_ipt", "exp_avg_unc")
+
+
+def _adalora_state(model: nn.Module) -> dict[str, Any]:
+    allocator = model.base_model.rankallocator
+    return {k: dict(getattr(allocator, k)) for k in _ALLOCATOR_STATE}
+
+
+def _load_adalora_state(model: nn.Module, state: dict[str, Any]) -> None:
+    allocator = model.base_model.rankallocator
+    for k, v in state.items():
+        setattr(allocator, k, dict(v))
+
+
+# -- the methods -----------------------------------------------------------------------------------
+# The learning-rate grids of `molf compare`, per budget; docs/compare.md gives the reasons.
+register(
+    Method(
+        name="fft",
+        label="FFT",
+        lr_keys=("lr_fft",),
+        build_model=_train_everything,
+        build_optimizer=_adamw("lr_fft", "weight_decay_fft"),
+        merge=_unchanged,
+        lr_grids={"smoke": (1e-3,), "small": (1e-4, 5e-5), "paper": (1e-4, 5e-5, 2e-5)},
+    )
+)
+register(
+    Method(
+        name="lora",
+        label="LoRA",
+        lr_keys=("lr_lora",),
+        build_model=_lora_model,
+        build_optimizer=_adamw("lr_lora", "weight_decay_lora"),
+        merge=_peft_merge,
+        save_adapter=_save_peft_adapter,
+        # smoke: two values, so that the tests exercise the choice on validation
+        lr_grids={"smoke": (1e-3, 1e-4), "small": (5e-4, 5e-5), "paper": (5e-4, 5e-5)},
+    )
+)
+register(
+    Method(
+        name="adalora",
+        label="AdaLoRA",
+        lr_keys=("lr_lora",),
+        build_model=_adalora_model,
+        build_optimizer=_adamw("lr_lora", "weight_decay_lora"),
+        merge=_peft_merge,
+        save_adapter=_save_peft_adapter,
+        lr_grids={"smoke": (1e-3,), "small": (5e-3, 5e-4), "paper": (5e-4, 5e-5)},
+        after_step=_adalora_after_step,
+        save_state=_adalora_state,
+        load_state=_load_adalora_state,
+        fsdp2_refusal="peft's AdaLoRA reads its weights outside the forward pass, where FSDP2 "
+        "keeps them sharded",
+    )
+)
+register(
+    Method(
+        name="molf",
+        label="MoLF",
+        lr_keys=("lr_fft", "lr_lora"),
+        build_model=_molf_model,
+        build_optimizer=_molf_adamw,
+        merge=molf.merge_and_unload,
+        lr_grids={"smoke": (1e-3,), "small": (1e-4, 5e-5), "paper": (5e-5,)},
+        n_experts=lambda cfg: 2,
+        routing="FFT expert vs LoRA expert",
+    )
+)
+register(
+    Method(
+        name="molf-e",
+        label="MoLF-E",
+        lr_keys=("lr_lora",),
+        build_model=_molf_e_model,
+        build_optimizer=_molf_adamw,
+        merge=molf.merge_and_unload,
+        save_adapter=_save_molf_e_adapter,
+        lr_grids={"smoke": (1e-3,), "small": (5e-4, 5e-5), "paper": (5e-4, 5e-5)},
+        n_experts=lambda cfg: len(cfg.molf_e_ranks),
+        routing="between the two ranks",
+    )
+)
