@@ -44,3 +44,32 @@ def write_json_atomic(path: Path, data: Any) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(json.dumps(data, indent=1))
     os.replace(tmp, path)
+
+
+# File types that name data or model files: a spec ending in one can only be a local path.
+_FILE_SUFFIXES = (
+    ".json",
+    ".jsonl",
+    ".csv",
+    ".parquet",
+    ".arrow",
+    ".txt",
+    ".yaml",
+    ".yml",
+    ".gguf",
+    ".safetensors",
+)
+
+
+def looks_like_path(spec: str) -> bool:
+    """True for a spec that can only mean a local path, never a hub id.
+
+    Hub ids are `name` or `org/name`; a spec that starts with `.`, `/`, `~` or a drive letter,
+    ends with a separator, holds a backslash or more than one `/`, or ends in a data or model file
+    suffix is a path. Callers check for an existing file first: this decides whether a missing
+    one is reported as "not found" rather than tried on the hub."""
+    if spec.startswith((".", "/", "~", "\\")) or spec.endswith(("/", "\\")):
+        return True
+    if "\\" in spec or spec.count("/") > 1 or (len(spec) > 1 and spec[1] == ":"):
+        return True
+    return spec.lower().endswith(_FILE_SUFFIXES)
