@@ -429,6 +429,8 @@ class _FakeTokenizer:
         self.answers = answers
 
     def __call__(self, texts, return_tensors="pt", padding=True):
+        if isinstance(texts, str):  # one prompt: a list of ids, as transformers gives it
+            return {"input_ids": [self.ids[texts]], "attention_mask": [1]}
         ids = torch.tensor([[self.ids[t]] for t in texts])
         return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
 
