@@ -35,11 +35,11 @@ import molf
 from molf._files import write_json_atomic
 from molf.errors import MolfError
 from molf.optim.sharded import attach_score_reducer, check_model
-from molf.tasks import build_task
+from molf.tasks import TaskOptions, build_task
 from molf.train import checkpoint as ckpt
 from molf.train import distributed
 from molf.train.config import TrainConfig, dump_config
-from molf.train.data import StepOrder, collate, tokenize_examples
+from molf.train.data import StepOrder, check_packable, collate, pack, tokenize_examples
 from molf.train.distributed import DistContext
 
 SUMMARY = "summary.json"
@@ -77,6 +77,8 @@ class Setup:
     engine: nn.Module | None = None
     # per example: the tokens its loss is taken on (labels after the causal shift)
     label_counts: list[int] = field(default_factory=list)
+    # packed rows (packing=true): each token's position within its own example
+    train_positions: list[list[int]] | None = None
 
 
 # -- model + optimizer per method --------------------------------------------------------------
@@ -312,6 +314,7 @@ def prepare(
         ctx,
         engine,
         label_counts,
+        train_positions=tok.position_ids,
     )
 
 
@@ -323,12 +326,25 @@ def _prepare_local(cfg: TrainConfig, resume: str, overwrite: bool, ctx: DistCont
         distributed.check_setup(cfg.method, ctx.mode, cfg.batch_size, ctx.world_size)
     if ctx.is_main:
         check_output_dir(cfg, resume, overwrite)
-    task, splits = build_task(cfg.task, cfg.data, cfg.seed, cfg.n_train, cfg.n_val, cfg.n_test)
+    task, splits = build_task(
+        cfg.task,
+        cfg.data,
+        cfg.seed,
+        cfg.n_train,
+        cfg.n_val,
+        cfg.n_test,
+        TaskOptions.from_config(cfg),
+    )
     dtype = torch.bfloat16 if cfg.dtype == "bfloat16" else torch.float32
     model, tokenizer = load_model(cfg.model, dtype=dtype, trust_remote_code=cfg.trust_remote_code)
     tok = tokenize_examples(splits.train, tokenizer, cfg.max_length, cfg.too_long)
     if not tok.input_ids:
         raise MolfError(f"task '{cfg.task}': no training examples left after tokenization")
+    if cfg.packing:
+        check_packable(model.config, cfg.max_length)
+        tok = pack(tok, cfg.max_length)
+    if ctx.is_main:
+        _print_data_notes(tok, len(splits.train), cfg.max_length)
     order = StepOrder(len(tok.input_ids), cfg.batch_size, cfg.grad_accum, cfg.seed)
     total = cfg.max_steps or order.steps_for(cfg.epochs)
     if ctx.is_main:
@@ -557,6 +573,29 @@ def _progress(total: int, initial: int, enabled: bool):
     )
 
 
+def _print_data_notes(tok: Any, n_examples: int, max_length: int) -> None:
+    """Say on the console what the summary records: truncation and packing."""
+    if tok.n_truncated:
+        print(
+            f"{tok.n_truncated} of {n_examples} training examples exceed max_length={max_length}"
+            " and were truncated (too_long=refuse stops instead)",
+            file=sys.stderr,
+        )
+    if tok.position_ids is not None:
+        print(
+            f"packed {n_examples} training examples into {len(tok.input_ids)} rows of up to "
+            f"{max_length} tokens",
+            file=sys.stderr,
+        )
+
+
+def _micro_batch(s: Setup, idx: list[int], pad: int) -> dict[str, torch.Tensor]:
+    """The tensors of training rows `idx`, on the run's device."""
+    pos = None if s.train_positions is None else [s.train_positions[i] for i in idx]
+    batch = collate([s.train_ids[i] for i in idx], [s.train_labels[i] for i in idx], pad, pos)
+    return {k: v.to(s.device) for k, v in batch.items()}
+
+
 def _distributed_micro_step(s: Setup, idx: list[int], pad: int, sync: bool) -> tuple[float, int]:
     """Forward and backward of this rank's share of one global micro-batch.
 
@@ -569,12 +608,11 @@ def _distributed_micro_step(s: Setup, idx: list[int], pad: int, sync: bool) -> t
     # no loss tokens at all gives NaN and a skipped step, as with one process
     count = sum(s.label_counts[i] for i in idx)
     mine = distributed.local_part(idx, ctx)
-    batch = collate([s.train_ids[i] for i in mine], [s.train_labels[i] for i in mine], pad)
-    batch = {k: v.to(s.device) for k, v in batch.items()}
+    batch = _micro_batch(s, mine, pad)
     with distributed.gradient_sync(s.engine, ctx, sync):
         out = s.engine(**batch, num_items_in_batch=count / ctx.world_size)
         (out.loss / cfg.grad_accum).backward()
-    return float(out.loss.detach()) / ctx.world_size, int(batch["attention_mask"].sum())
+    return float(out.loss.detach()) / ctx.world_size, sum(len(s.train_ids[i]) for i in mine)
 
 
 def train_loop(s: Setup, start_step: int, logger: MetricLogger) -> dict[str, Any]:
@@ -598,14 +636,11 @@ def train_loop(s: Setup, start_step: int, logger: MetricLogger) -> dict[str, Any
                     loss_sum += part
                     n_tokens += toks
                     continue
-                batch = collate(
-                    [s.train_ids[i] for i in idx], [s.train_labels[i] for i in idx], pad
-                )
-                batch = {k: v.to(s.device) for k, v in batch.items()}
+                batch = _micro_batch(s, idx, pad)
                 out = model(**batch)
                 (out.loss / cfg.grad_accum).backward()
                 loss_sum += float(out.loss.detach())
-                n_tokens += int(batch["attention_mask"].sum())
+                n_tokens += sum(len(s.train_ids[i]) for i in idx)
             agreed = None
             if ctx.enabled:
                 # One small all-reduce per step: the loss, the tokens, and whether any rank got
@@ -869,7 +904,7 @@ def _run(cfg: TrainConfig, resume: str, overwrite: bool, ctx: DistContext) -> di
         "skipped_steps": stats["skipped_steps"],
         "final_loss": stats["last_loss"],
         "truncated_examples": s.n_truncated,
-        "n_train_examples": len(s.train_ids),
+        "n_train_examples": len(s.splits.train),
         "n_test_records": len(s.splits.test),
         "tokens_per_s": stats["tokens"] / stats["train_seconds"]
         if stats["train_seconds"]
