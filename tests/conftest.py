@@ -58,6 +58,16 @@ def tokens() -> torch.Tensor:
     return torch.randint(0, VOCAB, (3, 12), generator=g)
 
 
+@pytest.fixture
+def hub_online(monkeypatch):
+    """Let hub ids reach `datasets.load_dataset` (which the test replaces): without this, a
+    machine with no connection to the hub refuses them before asking it."""
+    from molf import _hub
+
+    monkeypatch.setattr(_hub, "offline_setting", lambda: None)
+    monkeypatch.setattr(_hub, "unreachable", lambda: None)
+
+
 @pytest.fixture(scope="module")
 def tiny_hf():
     """SmolLM2's real tokenizer (from the embedded GGUF) with a one-layer random Llama over its

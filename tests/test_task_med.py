@@ -211,7 +211,7 @@ def test_medmcqa_bad_files(tmp_path):
         TASK.build(TaskRequest("med-icd10", str(tmp_path / "z.txt"), 0, None, 1, 1))
 
 
-def test_medmcqa_hub_offline_is_one_line(monkeypatch):
+def test_medmcqa_hub_offline_is_one_line(monkeypatch, hub_online):
     import datasets
 
     def fail(name, *args, **kwargs):
@@ -226,7 +226,7 @@ def test_medmcqa_hub_offline_is_one_line(monkeypatch):
         TASK.build(TaskRequest("medmcqa", None, 0, None, 1, 1))
 
 
-def test_medmcqa_hub_splits(monkeypatch):
+def test_medmcqa_hub_splits(monkeypatch, hub_online):
     import datasets
 
     train, validation, test = rows(20), rows(40)[20:], rows(5)

@@ -90,7 +90,7 @@ def test_missing_and_foreign_paths(tmp_path):
         read_json(tmp_path / "doc.json")
 
 
-def test_load_table_path_or_hub(tmp_path, monkeypatch):
+def test_load_table_path_or_hub(tmp_path, monkeypatch, hub_online):
     import datasets
 
     calls = []
@@ -237,3 +237,23 @@ def test_registration_refuses_clashes_and_unknown_options(monkeypatch):
         register_task(_EchoTask(), options=("temperature",))
     with pytest.raises(ValueError, match="'other' is not one of its sources"):
         register_task(_EchoTask(), embedded="other")
+
+
+def test_unreachable_hub_fails_at_once(monkeypatch):
+    import datasets
+
+    def never(spec):
+        raise AssertionError("the hub client was asked")
+
+    monkeypatch.setattr(datasets, "load_dataset", never)
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", False)
+    for var in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy"):
+        monkeypatch.delenv(var, raising=False)
+    # a closed port on this machine: the connection is refused at once
+    monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")
+    with pytest.raises(MolfError) as err:
+        load_table("org/data", "mine")
+    text = str(err.value)
+    assert text.startswith("mine: cannot load 'org/data': the hub is unreachable (cannot connect")
+    assert "save_to_disk directory" in text and "\n" not in text

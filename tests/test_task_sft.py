@@ -117,7 +117,7 @@ def test_every_file_form_gives_the_same_splits(tmp_path, kind, rows):
     ]
 
 
-def test_hub_id_with_splits(monkeypatch):
+def test_hub_id_with_splits(monkeypatch, hub_online):
     import datasets
 
     hub = {"train": chat_rows(6), "test": chat_rows(9)[6:]}
@@ -130,7 +130,7 @@ def test_hub_id_with_splits(monkeypatch):
     assert s.info["test_from"] == "split"
 
 
-def test_hub_offline_is_one_line(monkeypatch):
+def test_hub_offline_is_one_line(monkeypatch, hub_online):
     import datasets
 
     def offline(spec):

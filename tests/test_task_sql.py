@@ -157,7 +157,7 @@ def test_gretel_long_prompts_filtered(tmp_path):
         TASK.build(TaskRequest("gretel", only_long, 0, None, 1, 1))
 
 
-def test_gretel_hub_failure_is_one_line_error(monkeypatch):
+def test_gretel_hub_failure_is_one_line_error(monkeypatch, hub_online):
     import datasets
 
     def offline(*args, **kwargs):

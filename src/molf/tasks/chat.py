@@ -16,9 +16,8 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from molf.errors import MolfError
+from molf.errors import MolfError, one_line
 from molf.tasks.common import IGNORE, Encoded
-from molf.tasks.rows import first_line
 
 __all__ = ["check_messages", "chat_tokens", "chat_prompt"]
 
@@ -73,7 +72,7 @@ def _render(
         )
     except Exception as e:  # jinja's TemplateError from raise_exception(...), or a ValueError
         raise MolfError(
-            f"{where}: the chat template rejects this conversation ({first_line(e)})"
+            f"{where}: the chat template rejects this conversation ({one_line(e)})"
         ) from None
     return list(tokenizer(text, add_special_tokens=False)["input_ids"])
 

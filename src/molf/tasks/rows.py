@@ -27,13 +27,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from molf import _hub
 from molf._files import looks_like_path
-from molf.errors import MolfError
+from molf.errors import MolfError, one_line
 
 __all__ = [
     "FILE_SUFFIXES",
     "Table",
-    "first_line",
     "load_table",
     "objects",
     "read_json",
@@ -41,12 +41,6 @@ __all__ = [
 ]
 
 FILE_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet")
-
-
-def first_line(e: BaseException, limit: int = 200) -> str:
-    """An exception as one short line (library errors often span several)."""
-    text = " ".join(str(e).split()) or type(e).__name__
-    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def objects(rows: Sequence[Any], name: str) -> Iterator[tuple[int, str, dict[str, Any]]]:
@@ -80,7 +74,7 @@ def _read_text(path: Path) -> str:
         # utf-8-sig: spreadsheet programs start their exports with a byte-order mark
         return path.read_text(encoding="utf-8-sig")
     except (OSError, UnicodeDecodeError) as e:
-        raise MolfError(f"{path.name}: cannot read ({first_line(e)})") from None
+        raise MolfError(f"{path.name}: cannot read ({one_line(e)})") from None
 
 
 def read_json(path: str | Path) -> Any:
@@ -135,7 +129,7 @@ def _csv_rows(path: Path) -> list[Any]:
     try:
         return list(csv.DictReader(text.splitlines()))
     except csv.Error as e:
-        raise MolfError(f"{path.name}: cannot read CSV ({first_line(e)})") from None
+        raise MolfError(f"{path.name}: cannot read CSV ({one_line(e)})") from None
 
 
 def _parquet_rows(path: Path) -> list[Any]:
@@ -144,7 +138,7 @@ def _parquet_rows(path: Path) -> list[Any]:
     try:
         return pq.read_table(path).to_pylist()
     except Exception as e:  # pyarrow raises its own hierarchy (ArrowInvalid, OSError, ...)
-        raise MolfError(f"{path.name}: cannot read parquet ({first_line(e)})") from None
+        raise MolfError(f"{path.name}: cannot read parquet ({one_line(e)})") from None
 
 
 def _saved_splits(path: Path) -> dict[str, list[Any]]:
@@ -159,7 +153,7 @@ def _saved_splits(path: Path) -> dict[str, list[Any]]:
     try:
         loaded = datasets.load_from_disk(str(path))
     except Exception as e:  # datasets and pyarrow raise many types for a damaged directory
-        raise MolfError(f"{path.name}: cannot load saved dataset ({first_line(e)})") from None
+        raise MolfError(f"{path.name}: cannot load saved dataset ({one_line(e)})") from None
     if isinstance(loaded, datasets.DatasetDict):
         return {name: split.to_list() for name, split in loaded.items()}
     return {"train": loaded.to_list()}
@@ -194,12 +188,21 @@ def load_table(spec: str, what: str) -> Table:
     """The rows of `spec`: a local file or saved dataset, else a hub id (all of its splits).
 
     `what` names the data in messages (e.g. 'gretel'). A spec that looks like a path but does not
-    exist is "not found" rather than a hub id; any failure to load a hub id is one line."""
+    exist is "not found" rather than a hub id; an unreachable hub, and any failure to load a hub
+    id, is one line."""
     path = Path(spec).expanduser()
     if path.exists():
         return _read_local(path)
     if looks_like_path(spec):
         raise MolfError(f"{what}: file not found: {spec}")
+    local_hint = f"give a local file ({', '.join(FILE_SUFFIXES)}) or a save_to_disk directory"
+    # In offline mode the datasets client answers from its cache at once; otherwise an
+    # unreachable hub would be retried with backoff for most of a minute.
+    why = None if _hub.offline_setting() else _hub.unreachable()
+    if why:
+        raise MolfError(
+            f"{what}: cannot load '{spec}': the hub is unreachable ({why}); {local_hint}"
+        )
     try:
         import datasets
 
@@ -207,7 +210,7 @@ def load_table(spec: str, what: str) -> Table:
         splits = {name: list(split) for name, split in loaded.items()}
     except Exception as e:  # network, auth, unknown id, bad format: all mean "cannot use it"
         raise MolfError(
-            f"{what}: cannot load '{spec}' from the Hugging Face hub ({first_line(e)}); "
-            f"offline? give a local file ({', '.join(FILE_SUFFIXES)}) or a save_to_disk directory"
+            f"{what}: cannot load '{spec}' from the Hugging Face hub ({one_line(e)}); "
+            f"offline? {local_hint}"
         ) from None
     return Table(splits, spec, local=False)

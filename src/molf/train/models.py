@@ -27,13 +27,11 @@ import importlib.util
 import json
 import os
 import shutil
-import socket
 import tempfile
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlparse
 
 import torch
 from transformers import (
@@ -43,6 +41,7 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
+from molf._hub import offline_reason as hub_offline_reason
 from molf.errors import MolfError
 
 EMBEDDED_MODELS: tuple[str, ...] = ("smollm2-135m", "gemma3-270m")
@@ -66,8 +65,6 @@ _TINY_DIMS: dict[str, Any] = {
     "num_key_value_heads": 2,
     "max_position_embeddings": 2048,
 }
-
-_HUB_CHECK_TIMEOUT_S = 3.0
 
 _DTYPES: dict[str, torch.dtype] = {
     "float32": torch.float32,
@@ -393,7 +390,7 @@ def _load_from_hub(
     name: str, dtype: torch.dtype, trust_remote_code: bool
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     known = ", ".join(EMBEDDED_MODELS + TINY_MODELS)
-    offline_reason = _hub_offline_reason()
+    offline_reason = hub_offline_reason()
     # Offline, only the local Hugging Face cache can help: asking the hub would retry with
     # backoff for ~45 s before failing.
     local_only = offline_reason is not None
@@ -422,29 +419,6 @@ def _load_from_hub(
         ) from exc
     model.eval()
     return model, _prepare_tokenizer(tokenizer)
-
-
-def _hub_offline_reason() -> str | None:
-    """Why the hub cannot be used now, or None when it looks reachable."""
-    for var in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"):
-        if os.environ.get(var, "").strip().lower() in ("1", "true", "yes", "on"):
-            return f"{var} is set"
-    with contextlib.suppress(ImportError):
-        from huggingface_hub import constants
-
-        if constants.HF_HUB_OFFLINE:
-            return "HF_HUB_OFFLINE is set"
-    if any(os.environ.get(v) for v in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
-        return None  # a direct connection says nothing about the proxy; let the hub client try
-    endpoint = os.environ.get("HF_ENDPOINT") or "https://huggingface.co"
-    parsed = urlparse(endpoint)
-    host = parsed.hostname or "huggingface.co"
-    port = parsed.port or (80 if parsed.scheme == "http" else 443)
-    try:
-        with socket.create_connection((host, port), timeout=_HUB_CHECK_TIMEOUT_S):
-            return None
-    except OSError as exc:
-        return f"cannot connect to {host}:{port}: {_short(exc)}"
 
 
 # --------------------------------------------------------------------------------------------
