@@ -4,13 +4,15 @@ A task turns a data source into training examples and held-out records, and scor
 such records. Adding one is one module in `molf/tasks/` that defines the task and calls
 `register_task` at import; `molf.tasks.get_task` imports the package's modules to find it.
 
-The loop talks to a task through three calls:
+The loop talks to a task through two calls:
 
     task, splits = build_task(name, data, seed, n_train, n_val, n_test, options)
     ... train on splits.train (a list of `Example`) ...
     metrics = task.evaluate(model, tokenizer, splits.validation, batch_size)  # any time, any split
 
-`evaluate` leaves the model's train/eval mode as it found it, so it may run mid-training.
+`evaluate` leaves the model's train/eval mode as it found it, so it may run mid-training;
+`task.headline` names the metric to compare runs or checkpoints by, and
+`lower_is_better(task.headline)` which way it points.
 """
 
 from __future__ import annotations
@@ -114,7 +116,8 @@ class TaskOptions:
 class Task(Protocol):
     """A task: builds splits from a source, scores a model on held-out records.
 
-    `headline` is the metric a comparison reports; `lower_is_better` says which way it points.
+    `headline` is the metric a comparison reports (`lower_is_better(headline)` says which way it
+    points).
     Validation and test records are task-specific dicts that only the task's `evaluate` reads."""
 
     name: str
