@@ -21,6 +21,8 @@ from transformers import (
     Qwen2ForCausalLM,
 )
 
+from molf.tasks import TaskRequest
+
 VOCAB = 96
 
 
@@ -56,6 +58,16 @@ def tokens() -> torch.Tensor:
     return torch.randint(0, VOCAB, (3, 12), generator=g)
 
 
+@pytest.fixture
+def hub_online(monkeypatch):
+    """Let hub ids reach `datasets.load_dataset` (which the test replaces): without this, a
+    machine with no connection to the hub refuses them before asking it."""
+    from molf import _hub
+
+    monkeypatch.setattr(_hub, "offline_setting", lambda: None)
+    monkeypatch.setattr(_hub, "unreachable", lambda: None)
+
+
 @pytest.fixture(scope="module")
 def tiny_hf():
     """SmolLM2's real tokenizer (from the embedded GGUF) with a one-layer random Llama over its
@@ -84,9 +96,10 @@ def tiny_hf():
 def assert_splits_independent_of_hash_seed(module: str, source: str) -> None:
     """Build `source` of `molf.tasks.<module>` here and in a child process with another string
     hash seed: the splits must hash the same (no dependence on set or dict order)."""
-    build = f"TASK.build({source!r}, None, 5, 50, 5, 10)"
+    build = f"TASK.build(TaskRequest({source!r}, None, 5, 50, 5, 10))"
     code = (
-        f"import hashlib, json; from molf.tasks.{module} import TASK; s = {build}; "
+        f"import hashlib, json; from molf.tasks import TaskRequest; "
+        f"from molf.tasks.{module} import TASK; s = {build}; "
         "print(hashlib.sha256(json.dumps([s.test, s.validation, [e.__dict__ for e in s.train]])"
         ".encode()).hexdigest())"
     )
@@ -95,6 +108,6 @@ def assert_splits_independent_of_hash_seed(module: str, source: str) -> None:
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
     task = importlib.import_module(f"molf.tasks.{module}").TASK
-    s = task.build(source, None, 5, 50, 5, 10)
+    s = task.build(TaskRequest(source, None, 5, 50, 5, 10))
     here = json.dumps([s.test, s.validation, [e.__dict__ for e in s.train]])
     assert out.stdout.strip() == hashlib.sha256(here.encode()).hexdigest()

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from molf.errors import MolfError
-from molf.tasks import build_task, get_task
+from molf.tasks import TaskRequest, build_task, get_task
 from molf.tasks.fact import TASK, fill, geo_records, validate_record
 from tests.conftest import assert_splits_independent_of_hash_seed
 from tests.fakes import VOCAB, FakeTokenizer, OracleLM
@@ -152,7 +152,7 @@ def write_counterfact(path: Path, n: int = 12) -> list[dict]:
 def test_counterfact_splits(tmp_path):
     path = tmp_path / "counterfact.json"
     write_counterfact(path)
-    s = TASK.build("counterfact", str(path), seed=3, n_train=8, n_val=2, n_test=3)
+    s = TASK.build(TaskRequest("counterfact", str(path), seed=3, n_train=8, n_val=2, n_test=3))
     assert len(s.test) == 3 and len(s.validation) == 2
     assert len(s.train) == 8  # 5 injected held-out rewrites + 3 train-only edits
     prompts = {ex.prompt for ex in s.train}
@@ -170,15 +170,17 @@ def test_counterfact_splits(tmp_path):
     assert test_ids <= {100 + i for i in range(12)}
     assert s.test[0]["generation_prompts"]  # upstream fields pass through
 
-    again = TASK.build("counterfact", str(path), seed=3, n_train=8, n_val=2, n_test=3)
+    again = TASK.build(TaskRequest("counterfact", str(path), seed=3, n_train=8, n_val=2, n_test=3))
     assert again.test == s.test and again.train == s.train
-    other = TASK.build("counterfact", str(path), seed=4, n_train=8, n_val=2, n_test=3)
+    other = TASK.build(TaskRequest("counterfact", str(path), seed=4, n_train=8, n_val=2, n_test=3))
     assert [r["case_id"] for r in other.test] != [r["case_id"] for r in s.test]
 
     # held-out rewrites are injected even when n_train is smaller; None takes everything
-    small = TASK.build("counterfact", str(path), seed=3, n_train=1, n_val=2, n_test=3)
+    small = TASK.build(TaskRequest("counterfact", str(path), seed=3, n_train=1, n_val=2, n_test=3))
     assert len(small.train) == 5
-    full = TASK.build("counterfact", str(path), seed=3, n_train=None, n_val=2, n_test=3)
+    full = TASK.build(
+        TaskRequest("counterfact", str(path), seed=3, n_train=None, n_val=2, n_test=3)
+    )
     assert len(full.train) == 12
 
 
@@ -203,7 +205,7 @@ def test_counterfact_drops_prompts_seen_in_training(tmp_path):
     ]
     path = tmp_path / "cf.json"
     path.write_text(json.dumps(recs))
-    s = TASK.build("counterfact", str(path), seed=0, n_train=None, n_val=0, n_test=2)
+    s = TASK.build(TaskRequest("counterfact", str(path), seed=0, n_train=None, n_val=0, n_test=2))
     a = next(r for r in s.test if r["requested_rewrite"]["subject"] == "A")
     assert a["paraphrase_prompts"] == ["A's capital is"]
     assert a["neighborhood_prompts"] == []
@@ -231,30 +233,30 @@ def test_counterfact_bad_record(tmp_path, mutate, message):
     mutate(recs[3])
     path.write_text(json.dumps(recs))
     with pytest.raises(MolfError) as err:
-        TASK.build("counterfact", str(path), seed=0, n_train=None, n_val=1, n_test=1)
+        TASK.build(TaskRequest("counterfact", str(path), seed=0, n_train=None, n_val=1, n_test=1))
     assert "counterfact.json record 3" in str(err.value) and message in str(err.value)
     assert "\n" not in str(err.value)
 
 
 def test_counterfact_bad_files(tmp_path):
     with pytest.raises(MolfError, match="not found"):
-        TASK.build("counterfact", str(tmp_path / "missing.json"), 0, None, 1, 1)
+        TASK.build(TaskRequest("counterfact", str(tmp_path / "missing.json"), 0, None, 1, 1))
     with pytest.raises(MolfError, match="needs a data path"):
-        TASK.build("counterfact", None, 0, None, 1, 1)
+        TASK.build(TaskRequest("counterfact", None, 0, None, 1, 1))
     bad = tmp_path / "bad.json"
     bad.write_text("[{")
-    with pytest.raises(MolfError, match="bad.json: not valid JSON"):
-        TASK.build("counterfact", str(bad), 0, None, 1, 1)
+    with pytest.raises(MolfError, match="bad.json: invalid JSON"):
+        TASK.build(TaskRequest("counterfact", str(bad), 0, None, 1, 1))
     bad.write_text('{"a": 1}')
     with pytest.raises(MolfError, match="JSON list"):
-        TASK.build("counterfact", str(bad), 0, None, 1, 1)
+        TASK.build(TaskRequest("counterfact", str(bad), 0, None, 1, 1))
     bad.write_text(json.dumps([record("X", "Same", "Same"), record("Y", "Same", " Same ")]))
     with pytest.raises(MolfError, match="no usable records"):
-        TASK.build("counterfact", str(bad), 0, None, 1, 1)
+        TASK.build(TaskRequest("counterfact", str(bad), 0, None, 1, 1))
     with pytest.raises(MolfError, match="takes no data path"):
-        TASK.build("fact-geo", str(bad), 0, None, 1, 1)
+        TASK.build(TaskRequest("fact-geo", str(bad), 0, None, 1, 1))
     with pytest.raises(MolfError, match="unknown source"):
-        TASK.build("nope", None, 0, None, 1, 1)
+        TASK.build(TaskRequest("nope", None, 0, None, 1, 1))
 
 
 # --------------------------------------------------------------------------- fact-geo
@@ -289,7 +291,7 @@ def test_fact_geo_pool_and_records():
 
 
 def test_fact_geo_build_sizes_and_determinism():
-    s = TASK.build("fact-geo", None, seed=1, n_train=100, n_val=10, n_test=20)
+    s = TASK.build(TaskRequest("fact-geo", None, seed=1, n_train=100, n_val=10, n_test=20))
     assert len(s.train) == 100 and len(s.validation) == 10 and len(s.test) == 20
     prompts = {ex.prompt for ex in s.train}
     completions = {ex.prompt: ex.completion for ex in s.train}
@@ -297,11 +299,14 @@ def test_fact_geo_build_sizes_and_determinism():
         rw = r["requested_rewrite"]
         assert completions[fill(rw["prompt"], rw["subject"])] == " " + rw["target_new"]["str"]
         assert prompts.isdisjoint(r["paraphrase_prompts"] + r["neighborhood_prompts"])
-    assert TASK.build("fact-geo", None, seed=1, n_train=100, n_val=10, n_test=20) == s
-    other = TASK.build("fact-geo", None, seed=2, n_train=100, n_val=10, n_test=20)
+    assert TASK.build(TaskRequest("fact-geo", None, seed=1, n_train=100, n_val=10, n_test=20)) == s
+    other = TASK.build(TaskRequest("fact-geo", None, seed=2, n_train=100, n_val=10, n_test=20))
     assert other.test != s.test
     # the test set is the same whatever the training and validation sizes
-    assert TASK.build("fact-geo", None, seed=1, n_train=40, n_val=3, n_test=20).test == s.test
+    assert (
+        TASK.build(TaskRequest("fact-geo", None, seed=1, n_train=40, n_val=3, n_test=20)).test
+        == s.test
+    )
     task, default = build_task("fact", None, seed=1, n_train=100, n_val=10, n_test=20)
     assert default.info["source"] == "fact-geo" and default.test == s.test
 
@@ -315,7 +320,7 @@ def test_fact_geo_independent_of_hash_seed():
 
 def test_evaluate_real_model_batching_invariant(tiny_hf):
     model, tok = tiny_hf
-    recs = TASK.build("fact-geo", None, seed=0, n_train=None, n_val=0, n_test=5).test
+    recs = TASK.build(TaskRequest("fact-geo", None, seed=0, n_train=None, n_val=0, n_test=5)).test
     for r in recs:  # a few prompts of each kind keep this fast
         r["neighborhood_prompts"] = r["neighborhood_prompts"][:2]
         r["paraphrase_prompts"] = r["paraphrase_prompts"][:2]

@@ -2,19 +2,18 @@
 
 from __future__ import annotations
 
-import csv
 import json
 import re
-from pathlib import Path
 
 import pytest
 import torch
 
 from molf.errors import MolfError
-from molf.tasks import build_task, get_task
+from molf.tasks import TaskRequest, build_task, get_task
 from molf.tasks.med import TASK, format_prompt
 from tests.conftest import assert_splits_independent_of_hash_seed
 from tests.fakes import FakeTokenizer, OracleLM
+from tests.files import write_rows
 
 # simple_icd_10_cm reads its data with a deprecated importlib.resources API
 pytestmark = pytest.mark.filterwarnings("ignore:.*deprecated. Use files:DeprecationWarning")
@@ -107,24 +106,6 @@ def check_gold(records: list[dict]) -> None:
         assert r["options"][r["answer"]].startswith("right"), r
 
 
-def write(path: Path, data: list[dict], kind: str) -> Path:
-    if kind == "json":
-        path.write_text(json.dumps(data))
-    elif kind in ("jsonl", "json-lines"):
-        path.write_text("\n".join(json.dumps(r) for r in data) + "\n")
-    elif kind == "csv":
-        with path.open("w", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=list(data[0]))
-            w.writeheader()
-            w.writerows(data)
-    elif kind == "parquet":
-        import pyarrow as pa
-        import pyarrow.parquet as pq
-
-        pq.write_table(pa.Table.from_pylist(data), path)
-    return path
-
-
 @pytest.mark.parametrize(
     ("name", "kind", "base"),
     [
@@ -136,8 +117,8 @@ def write(path: Path, data: list[dict], kind: str) -> Path:
     ],
 )
 def test_medmcqa_files(tmp_path, name, kind, base):
-    path = write(tmp_path / name, rows(30, base), kind)
-    s = TASK.build("medmcqa", str(path), seed=0, n_train=10, n_val=5, n_test=8)
+    path = write_rows(tmp_path / name, rows(30, base), kind)
+    s = TASK.build(TaskRequest("medmcqa", str(path), seed=0, n_train=10, n_val=5, n_test=8))
     assert len(s.train) == 10 and len(s.validation) == 5 and len(s.test) == 8
     assert s.info["cop_base"] == base
     check_gold(s.test + s.validation)
@@ -148,7 +129,7 @@ def test_medmcqa_files(tmp_path, name, kind, base):
     held = {r["question"] for r in s.test + s.validation}
     assert held.isdisjoint(re.search(r"Question: (.*)\n", ex.prompt).group(1) for ex in s.train)
     assert s.test[0]["subject"] == "Anatomy"
-    assert TASK.build("medmcqa", str(path), seed=0, n_train=10, n_val=5, n_test=8) == s
+    assert TASK.build(TaskRequest("medmcqa", str(path), seed=0, n_train=10, n_val=5, n_test=8)) == s
     task, same = build_task("med", str(path), seed=0, n_train=10, n_val=5, n_test=8)
     assert task is TASK and same == s
 
@@ -167,8 +148,8 @@ def test_medmcqa_letters_unlabelled_and_duplicates(tmp_path):
     )
     dup["cop"] = 4 - (data[3]["cop"] - 1)
     data.append(dup)
-    path = write(tmp_path / "m.jsonl", data, "jsonl")
-    s = TASK.build("medmcqa", str(path), seed=1, n_train=None, n_val=2, n_test=3)
+    path = write_rows(tmp_path / "m.jsonl", data, "jsonl")
+    s = TASK.build(TaskRequest("medmcqa", str(path), seed=1, n_train=None, n_val=2, n_test=3))
     assert len(s.train) + len(s.validation) + len(s.test) == 11
     check_gold(s.test + s.validation)
     assert "What is item 5?" not in json.dumps(s.test + s.validation) + str(s.train)
@@ -191,38 +172,46 @@ def test_medmcqa_letters_unlabelled_and_duplicates(tmp_path):
 def test_medmcqa_bad_record(tmp_path, mutate, message):
     data = rows(6)
     mutate(data[2])
-    path = write(tmp_path / "m.json", data, "json")
+    path = write_rows(tmp_path / "m.json", data, "json")
     with pytest.raises(MolfError) as err:
-        TASK.build("medmcqa", str(path), seed=0, n_train=None, n_val=1, n_test=1)
+        TASK.build(TaskRequest("medmcqa", str(path), seed=0, n_train=None, n_val=1, n_test=1))
     assert message in str(err.value) and "\n" not in str(err.value)
 
 
 def test_medmcqa_bad_files(tmp_path):
     with pytest.raises(MolfError, match="not found"):
-        TASK.build("medmcqa", str(tmp_path / "nope.json"), 0, None, 1, 1)
+        TASK.build(TaskRequest("medmcqa", str(tmp_path / "nope.json"), 0, None, 1, 1))
     data = rows(8)
     data[1]["cop"] = 4
     with pytest.raises(MolfError, match="mixes 0-based"):
-        TASK.build("medmcqa", str(write(tmp_path / "mix.json", data, "json")), 0, None, 1, 1)
+        TASK.build(
+            TaskRequest(
+                "medmcqa", str(write_rows(tmp_path / "mix.json", data, "json")), 0, None, 1, 1
+            )
+        )
     data = rows(4)
     for r in data:
         r["cop"] = -1
     with pytest.raises(MolfError, match="empty.json: no labelled"):
-        TASK.build("medmcqa", str(write(tmp_path / "empty.json", data, "json")), 0, None, 1, 1)
+        TASK.build(
+            TaskRequest(
+                "medmcqa", str(write_rows(tmp_path / "empty.json", data, "json")), 0, None, 1, 1
+            )
+        )
     (tmp_path / "x.json").write_text('{"question": 1}')
     with pytest.raises(MolfError, match="x.json: expected a JSON list"):
-        TASK.build("medmcqa", str(tmp_path / "x.json"), 0, None, 1, 1)
+        TASK.build(TaskRequest("medmcqa", str(tmp_path / "x.json"), 0, None, 1, 1))
     (tmp_path / "y.jsonl").write_text('{"a": 1}\n{oops\n')
     with pytest.raises(MolfError, match="y.jsonl line 2"):
-        TASK.build("medmcqa", str(tmp_path / "y.jsonl"), 0, None, 1, 1)
+        TASK.build(TaskRequest("medmcqa", str(tmp_path / "y.jsonl"), 0, None, 1, 1))
     (tmp_path / "z.txt").write_text("hi")
     with pytest.raises(MolfError, match="unsupported file type"):
-        TASK.build("medmcqa", str(tmp_path / "z.txt"), 0, None, 1, 1)
+        TASK.build(TaskRequest("medmcqa", str(tmp_path / "z.txt"), 0, None, 1, 1))
     with pytest.raises(MolfError, match="takes no data path"):
-        TASK.build("med-icd10", str(tmp_path / "z.txt"), 0, None, 1, 1)
+        TASK.build(TaskRequest("med-icd10", str(tmp_path / "z.txt"), 0, None, 1, 1))
 
 
-def test_medmcqa_hub_offline_is_one_line(monkeypatch):
+def test_medmcqa_hub_offline_is_one_line(monkeypatch, hub_online):
     import datasets
 
     def fail(name, *args, **kwargs):
@@ -234,10 +223,10 @@ def test_medmcqa_hub_offline_is_one_line(monkeypatch):
     text = str(err.value)
     assert "'someone/medmcqa'" in text and "\n" not in text
     with pytest.raises(MolfError, match="openlifescienceai/medmcqa"):
-        TASK.build("medmcqa", None, 0, None, 1, 1)
+        TASK.build(TaskRequest("medmcqa", None, 0, None, 1, 1))
 
 
-def test_medmcqa_hub_splits(monkeypatch):
+def test_medmcqa_hub_splits(monkeypatch, hub_online):
     import datasets
 
     train, validation, test = rows(20), rows(40)[20:], rows(5)
@@ -249,7 +238,11 @@ def test_medmcqa_hub_splits(monkeypatch):
         "load_dataset",
         lambda name: {"train": train, "validation": validation, "test": test},
     )
-    s = TASK.build("medmcqa", "openlifescienceai/medmcqa", seed=0, n_train=None, n_val=4, n_test=16)
+    s = TASK.build(
+        TaskRequest(
+            "medmcqa", "openlifescienceai/medmcqa", seed=0, n_train=None, n_val=4, n_test=16
+        )
+    )
     held = {r["question"] for r in s.test + s.validation}
     assert held <= {r["question"] for r in validation}
     assert len(s.train) == 20
@@ -267,7 +260,7 @@ def _description(question: str) -> str:
 def test_icd10_build_correct_balanced_and_leak_free():
     import simple_icd_10_cm as cm
 
-    s = TASK.build("med-icd10", None, seed=0, n_train=None, n_val=40, n_test=100)
+    s = TASK.build(TaskRequest("med-icd10", None, seed=0, n_train=None, n_val=40, n_test=100))
     assert s.info["diagnoses"] >= 3000
     assert len(s.test) == 100 and len(s.validation) == 40
     assert len(s.train) == s.info["diagnoses"] - 140  # every diagnosis yields a question
@@ -302,13 +295,16 @@ def test_icd10_build_correct_balanced_and_leak_free():
 
 
 def test_icd10_sizes_and_determinism():
-    a = TASK.build("med-icd10", None, seed=3, n_train=50, n_val=5, n_test=10)
+    a = TASK.build(TaskRequest("med-icd10", None, seed=3, n_train=50, n_val=5, n_test=10))
     assert len(a.train) == 50 and len(a.validation) == 5 and len(a.test) == 10
-    assert TASK.build("med-icd10", None, seed=3, n_train=50, n_val=5, n_test=10) == a
-    b = TASK.build("med-icd10", None, seed=4, n_train=50, n_val=5, n_test=10)
+    assert TASK.build(TaskRequest("med-icd10", None, seed=3, n_train=50, n_val=5, n_test=10)) == a
+    b = TASK.build(TaskRequest("med-icd10", None, seed=4, n_train=50, n_val=5, n_test=10))
     assert b.test != a.test
     # the test set is the same whatever the training and validation sizes
-    assert TASK.build("med-icd10", None, seed=3, n_train=None, n_val=9, n_test=10).test == a.test
+    assert (
+        TASK.build(TaskRequest("med-icd10", None, seed=3, n_train=None, n_val=9, n_test=10)).test
+        == a.test
+    )
     task, c = build_task("med", None, seed=3, n_train=50, n_val=5, n_test=10)
     assert task is get_task("med-icd10") and task.headline == "accuracy"
     assert c.test == a.test
@@ -323,7 +319,7 @@ def test_icd10_independent_of_hash_seed():
 
 def test_evaluate_real_model_matches_unbatched(tiny_hf):
     model, tok = tiny_hf
-    recs = TASK.build("med-icd10", None, seed=0, n_train=1, n_val=0, n_test=9).test
+    recs = TASK.build(TaskRequest("med-icd10", None, seed=0, n_train=1, n_val=0, n_test=9)).test
     m = TASK.evaluate(model, tok, recs, batch_size=4)
     letters = [tok(" " + L, add_special_tokens=False)["input_ids"][0] for L in "ABCD"]
     correct = 0

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from molf.errors import MolfError
-from molf.tasks import build_task, get_task
+from molf.tasks import TaskRequest, build_task, get_task
 from molf.tasks import sql as S
 
 TASK = S.TASK
@@ -61,7 +61,7 @@ def test_task_attributes_and_registry():
 
 def test_gretel_jsonl_builder(tmp_path):
     path = write_jsonl(tmp_path / "g.jsonl", [gretel_row(i) for i in range(12)])
-    splits = TASK.build("gretel", path, seed=3, n_train=None, n_val=2, n_test=3)
+    splits = TASK.build(TaskRequest("gretel", path, seed=3, n_train=None, n_val=2, n_test=3))
     assert (len(splits.train), len(splits.validation), len(splits.test)) == (7, 2, 3)
     ex = splits.train[0]
     assert ex.prompt.startswith("-- SQLite schema:\nCREATE TABLE farms")
@@ -83,12 +83,12 @@ def test_gretel_jsonl_builder(tmp_path):
 
 def test_gretel_deterministic_and_json_equals_jsonl(tmp_path):
     rows = [gretel_row(i) for i in range(20)]
-    a = TASK.build("gretel", write_jsonl(tmp_path / "g.jsonl", rows), 7, None, 4, 4)
-    b = TASK.build("gretel", write_json(tmp_path / "g.json", rows), 7, None, 4, 4)
-    c = TASK.build("gretel", str(tmp_path / "g.jsonl"), 8, None, 4, 4)
+    a = TASK.build(TaskRequest("gretel", write_jsonl(tmp_path / "g.jsonl", rows), 7, None, 4, 4))
+    b = TASK.build(TaskRequest("gretel", write_json(tmp_path / "g.json", rows), 7, None, 4, 4))
+    c = TASK.build(TaskRequest("gretel", str(tmp_path / "g.jsonl"), 8, None, 4, 4))
     assert a.train == b.train and a.test == b.test and a.validation == b.validation
     assert [r["id"] for r in a.test] != [r["id"] for r in c.test]
-    small = TASK.build("gretel", str(tmp_path / "g.json"), 7, 5, 4, 4)
+    small = TASK.build(TaskRequest("gretel", str(tmp_path / "g.json"), 7, 5, 4, 4))
     assert small.train == a.train[:5] and small.test == a.test
 
 
@@ -98,8 +98,8 @@ def test_gretel_parquet(tmp_path):
 
     rows = [gretel_row(i) for i in range(6)]
     pq.write_table(pa.Table.from_pylist(rows), tmp_path / "g.parquet")
-    a = TASK.build("gretel", str(tmp_path / "g.parquet"), 1, None, 1, 2)
-    b = TASK.build("gretel", write_jsonl(tmp_path / "g.jsonl", rows), 1, None, 1, 2)
+    a = TASK.build(TaskRequest("gretel", str(tmp_path / "g.parquet"), 1, None, 1, 2))
+    b = TASK.build(TaskRequest("gretel", write_jsonl(tmp_path / "g.jsonl", rows), 1, None, 1, 2))
     assert a.train == b.train and a.test == b.test
 
 
@@ -128,34 +128,36 @@ def test_gretel_bad_record_names_record_and_field(tmp_path, row, message):
     rows = [gretel_row(0), gretel_row(1), row, gretel_row(3)]
     path = write_jsonl(tmp_path / "bad.jsonl", rows)
     with pytest.raises(MolfError, match=message):
-        TASK.build("gretel", path, 0, None, 1, 1)
+        TASK.build(TaskRequest("gretel", path, 0, None, 1, 1))
 
 
 def test_gretel_bad_files(tmp_path):
     bad = tmp_path / "bad.jsonl"
     bad.write_text(json.dumps(gretel_row(0)) + "\n{not json\n")
     with pytest.raises(MolfError, match="bad.jsonl line 2: invalid JSON"):
-        TASK.build("gretel", str(bad), 0, None, 1, 1)
+        TASK.build(TaskRequest("gretel", str(bad), 0, None, 1, 1))
     with pytest.raises(MolfError, match="file not found"):
-        TASK.build("gretel", str(tmp_path / "missing.jsonl"), 0, None, 1, 1)
+        TASK.build(TaskRequest("gretel", str(tmp_path / "missing.jsonl"), 0, None, 1, 1))
     obj = tmp_path / "obj.json"
     obj.write_text(json.dumps({"rows": []}))
     with pytest.raises(MolfError, match="obj.json: expected a JSON list"):
-        TASK.build("gretel", str(obj), 0, None, 1, 1)
+        TASK.build(TaskRequest("gretel", str(obj), 0, None, 1, 1))
 
 
 def test_gretel_long_prompts_filtered(tmp_path):
     huge = "CREATE TABLE t (" + ", ".join(f"c{i} INT" for i in range(800)) + ");"
     rows = [gretel_row(i) for i in range(5)] + [gretel_row(9, sql_context=huge)]
-    splits = TASK.build("gretel", write_jsonl(tmp_path / "g.jsonl", rows), 0, None, 1, 1)
+    splits = TASK.build(
+        TaskRequest("gretel", write_jsonl(tmp_path / "g.jsonl", rows), 0, None, 1, 1)
+    )
     assert splits.info["dropped_long_prompts"] == 1
     assert len(splits.train) + len(splits.validation) + len(splits.test) == 5
     only_long = write_jsonl(tmp_path / "long.jsonl", [gretel_row(1, sql_context=huge)])
     with pytest.raises(MolfError, match="no records left"):
-        TASK.build("gretel", only_long, 0, None, 1, 1)
+        TASK.build(TaskRequest("gretel", only_long, 0, None, 1, 1))
 
 
-def test_gretel_hub_failure_is_one_line_error(monkeypatch):
+def test_gretel_hub_failure_is_one_line_error(monkeypatch, hub_online):
     import datasets
 
     def offline(*args, **kwargs):
@@ -163,11 +165,11 @@ def test_gretel_hub_failure_is_one_line_error(monkeypatch):
 
     monkeypatch.setattr(datasets, "load_dataset", offline)
     with pytest.raises(MolfError) as info:
-        TASK.build("gretel", "someone/some_sql_set", 0, None, 1, 1)
+        TASK.build(TaskRequest("gretel", "someone/some_sql_set", 0, None, 1, 1))
     msg = str(info.value)
     assert "someone/some_sql_set" in msg and "\n" not in msg
     with pytest.raises(MolfError, match="gretelai/synthetic_text_to_sql"):
-        TASK.build("gretel", None, 0, None, 1, 1)
+        TASK.build(TaskRequest("gretel", None, 0, None, 1, 1))
 
 
 # ---------------------------------------------------------------- spider-dev (embedded)
@@ -175,7 +177,7 @@ def test_gretel_hub_failure_is_one_line_error(monkeypatch):
 
 @pytest.fixture(scope="module")
 def spider():
-    return TASK.build("spider-dev", None, seed=0, n_train=None, n_val=64, n_test=128)
+    return TASK.build(TaskRequest("spider-dev", None, seed=0, n_train=None, n_val=64, n_test=128))
 
 
 def test_spider_sizes_and_db_disjoint(spider):
@@ -201,10 +203,12 @@ def test_spider_sizes_and_db_disjoint(spider):
 
 
 def test_spider_deterministic_and_seeded(spider):
-    again = TASK.build("spider-dev", None, seed=0, n_train=None, n_val=64, n_test=128)
+    again = TASK.build(TaskRequest("spider-dev", None, seed=0, n_train=None, n_val=64, n_test=128))
     assert again.train == spider.train and again.test == spider.test
     others = [
-        TASK.build("spider-dev", None, seed=s, n_train=10, n_val=8, n_test=16).info["test_db_ids"]
+        TASK.build(TaskRequest("spider-dev", None, seed=s, n_train=10, n_val=8, n_test=16)).info[
+            "test_db_ids"
+        ]
         for s in (1, 2, 3)
     ]
     assert any(o != spider.info["test_db_ids"] for o in others)
@@ -221,16 +225,16 @@ def test_spider_gold_queries_run_on_empty_schema(spider):
 
 def test_spider_errors(tmp_path):
     with pytest.raises(MolfError, match="none is left for training"):
-        TASK.build("spider-dev", None, 0, None, 10, 2000)
+        TASK.build(TaskRequest("spider-dev", None, 0, None, 10, 2000))
     (tmp_path / "tables.json").write_text("[]")
     (tmp_path / "dev.json").write_text(json.dumps([{"db_id": "x", "question": "q?"}]))
     with pytest.raises(MolfError, match="dev.json record 0: missing field 'query'"):
-        TASK.build("spider-dev", str(tmp_path), 0, None, 1, 1)
+        TASK.build(TaskRequest("spider-dev", str(tmp_path), 0, None, 1, 1))
     (tmp_path / "dev.json").write_text(json.dumps([{"db_id": "x", "question": 1, "query": "q"}]))
     with pytest.raises(MolfError, match="dev.json record 0: field 'question' must be a string"):
-        TASK.build("spider-dev", str(tmp_path), 0, None, 1, 1)
+        TASK.build(TaskRequest("spider-dev", str(tmp_path), 0, None, 1, 1))
     with pytest.raises(MolfError, match="unknown source"):
-        TASK.build("wikisql", None, 0, None, 1, 1)
+        TASK.build(TaskRequest("wikisql", None, 0, None, 1, 1))
 
 
 def test_spider_ddl_from_tables_entry():
@@ -425,6 +429,8 @@ class _FakeTokenizer:
         self.answers = answers
 
     def __call__(self, texts, return_tensors="pt", padding=True):
+        if isinstance(texts, str):  # one prompt: a list of ids, as transformers gives it
+            return {"input_ids": [self.ids[texts]], "attention_mask": [1]}
         ids = torch.tensor([[self.ids[t]] for t in texts])
         return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
 
@@ -446,7 +452,7 @@ class _FakeModel(torch.nn.Module):
 
 def test_evaluate_end_to_end_with_fake_model(tmp_path):
     path = write_jsonl(tmp_path / "g.jsonl", [gretel_row(i) for i in range(10)])
-    splits = TASK.build("gretel", path, 0, None, 0, 4)
+    splits = TASK.build(TaskRequest("gretel", path, 0, None, 0, 4))
     records = splits.test
     answers = [
         " " + records[0]["sql"] + "\n-- Question: next one",  # right; the rest of the line is cut

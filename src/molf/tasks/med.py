@@ -19,14 +19,14 @@ descriptive fields (`id`, `subject`).
 Sources:
   - `medmcqa`: MedMCQA rows with `question`, `opa`, `opb`, `opc`, `opd`, `cop` and optionally
     `id` and `subject_name`, from a local `.json` (a list, or JSON lines as in the upstream
-    download), `.jsonl`, `.csv` or `.parquet` file, or else a Hugging Face hub id loaded with
-    `datasets.load_dataset` (default `openlifescienceai/medmcqa`). `cop` may be 0-3 (the hub
+    download), `.jsonl`, `.csv` or `.parquet` file or a `save_to_disk` directory, or else a
+    Hugging Face hub id (default `openlifescienceai/medmcqa`), all read by `molf.tasks.rows`. `cop` may be 0-3 (the hub
     dataset) or 1-4 (the upstream JSON files), or a letter a-d. The numbering is decided per file:
     a file with any 4 is 1-based, otherwise 0-based (a tiny 1-based file whose answers are all 1-3
     would be misread; `info["cop_base"]` reports the choice). Rows with `cop` of -1 or null
     (MedMCQA's unlabelled test split) are skipped. Repeated questions (same question and option
-    set) are kept once, so no held-out question also appears in training. For a hub dataset with
-    `train` and `validation` splits, test and validation records come from `validation` and
+    set) are kept once, so no held-out question also appears in training. For a hub dataset (or a
+    saved `DatasetDict`) with `train` and `validation` splits, test and validation records come from `validation` and
     training examples from `train`, as in the paper; a local file is split with the seed.
   - `med-icd10` (embedded): questions built at run time from the ICD-10-CM classification shipped
     with the installed `simple_icd_10_cm` package: which chapter, block or category a diagnosis
@@ -39,9 +39,7 @@ Sources:
 
 from __future__ import annotations
 
-import csv
 import functools
-import json
 import math
 import random
 import re
@@ -51,6 +49,7 @@ from typing import Any
 import torch
 
 from molf.errors import MolfError
+from molf.tasks.base import TaskRequest, refuse_data, register_task
 from molf.tasks.common import (
     Example,
     TaskSplits,
@@ -60,6 +59,7 @@ from molf.tasks.common import (
     shuffled,
     split_three,
 )
+from molf.tasks.rows import load_table, objects, read_rows
 
 __all__ = ["TASK", "MedTask", "LETTERS", "format_prompt", "icd10_records", "load_medmcqa"]
 
@@ -67,7 +67,6 @@ LETTERS = ("A", "B", "C", "D")
 DEFAULT_HUB_ID = "openlifescienceai/medmcqa"
 ICD10_POOL_SIZE = 6000
 MAX_DESCRIPTION_CHARS = 90
-_FILE_SUFFIXES = (".json", ".jsonl", ".csv", ".parquet")
 
 
 def format_prompt(question: str, options: list[str]) -> str:
@@ -281,56 +280,6 @@ def icd10_records(
 # --------------------------------------------------------------------------- medmcqa
 
 
-def _read_rows(path: Path) -> list[Any]:
-    """Rows of a local MedMCQA file: JSON list, JSON lines, CSV or Parquet."""
-    suffix = path.suffix.lower()
-    try:
-        if suffix == ".parquet":
-            import pyarrow.parquet as pq
-
-            return pq.read_table(path).to_pylist()
-        if suffix == ".csv":
-            with path.open(newline="", encoding="utf-8") as f:
-                return list(csv.DictReader(f))
-        text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError, ValueError) as e:
-        raise MolfError(f"{path.name}: cannot read ({e})") from None
-    if suffix == ".json":
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError:
-            data = None  # the upstream MedMCQA "train.json" is JSON lines despite its name
-        if data is not None:
-            if not isinstance(data, list):
-                raise MolfError(
-                    f"{path.name}: expected a JSON list of MedMCQA rows (or JSON lines)"
-                )
-            return data
-    rows = []
-    for n, line in enumerate(text.splitlines(), start=1):
-        if line.strip():
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError as e:
-                raise MolfError(f"{path.name} line {n}: not valid JSON ({e.msg})") from None
-    return rows
-
-
-def _load_hub(hub_id: str) -> dict[str, list[Any]]:
-    """All splits of a hub dataset, as lists of rows; any failure becomes a one-line MolfError."""
-    try:
-        import datasets
-
-        loaded = datasets.load_dataset(hub_id)
-        return {name: list(split) for name, split in loaded.items()}
-    except Exception as e:  # network, auth, missing dataset: all mean "cannot use this id"
-        detail = " ".join(str(e).split())[:200] or type(e).__name__
-        raise MolfError(
-            f"cannot load MedMCQA hub dataset '{hub_id}' ({detail}); "
-            "offline? give a local .json/.jsonl/.csv/.parquet file"
-        ) from None
-
-
 def _raw_answer(value: Any, where: str) -> int | str | None:
     """A `cop` value as an int, a letter 'a'-'d', or None for an unlabelled row."""
     if value is None:
@@ -359,10 +308,7 @@ def _medmcqa_records(rows: list[Any], label: str) -> tuple[list[dict[str, Any]],
     """Validated, labelled, de-duplicated MedMCQA records and the `cop` numbering base used."""
     parsed = []
     ints: set[int] = set()
-    for i, row in enumerate(rows):
-        where = f"{label} record {i}"
-        if not isinstance(row, dict):
-            raise MolfError(f"{where}: expected an object with MedMCQA fields")
+    for i, where, row in objects(rows, label):
         for name in ("question", "opa", "opb", "opc", "opd", "cop"):
             if name not in row:
                 raise MolfError(f"{where}: missing field '{name}'")
@@ -403,16 +349,7 @@ def _medmcqa_records(rows: list[Any], label: str) -> tuple[list[dict[str, Any]],
 
 def load_medmcqa(path: str) -> tuple[list[dict[str, Any]], int]:
     """Records of a local MedMCQA file and the `cop` base detected (0 or 1)."""
-    file = Path(path)
-    if not file.is_file():
-        raise MolfError(f"MedMCQA file not found: {path}")
-    if file.suffix.lower() not in _FILE_SUFFIXES:
-        raise MolfError(f"{file.name}: unsupported file type (use {', '.join(_FILE_SUFFIXES)})")
-    return _medmcqa_records(_read_rows(file), file.name)
-
-
-def _looks_like_path(spec: str) -> bool:
-    return spec.lower().endswith(_FILE_SUFFIXES) or spec.startswith((".", "/", "~")) or "\\" in spec
+    return _medmcqa_records(read_rows(path), Path(path).name)
 
 
 class MedTask:
@@ -422,25 +359,16 @@ class MedTask:
     headline = "accuracy"
     sources = ("med-icd10", "medmcqa")
 
-    def build(
-        self,
-        source: str,
-        data_path: str | None,
-        seed: int,
-        n_train: int | None,
-        n_val: int,
-        n_test: int,
-    ) -> TaskSplits:
+    def build(self, request: TaskRequest) -> TaskSplits:
         """Training examples and held-out MCQ records; no held-out question appears in train."""
+        source, seed = request.source, request.seed
+        sizes = (request.n_train, request.n_val, request.n_test)
         if source == "med-icd10":
-            if data_path:
-                raise MolfError("med-icd10 is embedded and takes no data path (use 'medmcqa')")
-            train, val, test, pool = icd10_records(seed, n_train, n_val, n_test)
+            refuse_data(request, "medmcqa")
+            train, val, test, pool = icd10_records(seed, *sizes)
             info: dict[str, Any] = {"source": source, "diagnoses": pool}
         elif source == "medmcqa":
-            train, val, test, info = self._medmcqa(
-                data_path or DEFAULT_HUB_ID, seed, n_train, n_val, n_test
-            )
+            train, val, test, info = self._medmcqa(request.data or DEFAULT_HUB_ID, seed, *sizes)
         else:
             raise MolfError(f"med: unknown source '{source}' (known: {', '.join(self.sources)})")
         return TaskSplits(
@@ -450,19 +378,22 @@ class MedTask:
     def _medmcqa(
         self, spec: str, seed: int, n_train: int | None, n_val: int, n_test: int
     ) -> tuple[list[dict[str, Any]], list[dict[str, Any]], list[dict[str, Any]], dict[str, Any]]:
-        if Path(spec).expanduser().exists() or _looks_like_path(spec):
-            records, base = load_medmcqa(str(Path(spec).expanduser()))
+        table = load_table(spec, "medmcqa")
+        if table.local and len(table.splits) == 1:
+            records, base = _medmcqa_records(table.only(), table.name)
             if not records:
-                raise MolfError(f"{Path(spec).name}: no labelled MedMCQA rows")
+                raise MolfError(f"{table.name}: no labelled MedMCQA rows")
             train, val, test = split_three(records, seed, n_train, n_val, n_test)
             return train, val, test, {"source": "medmcqa", "file": spec, "cop_base": base}
 
-        splits = _load_hub(spec)
-        parsed = {name: _medmcqa_records(rows, f"{spec}[{name}]") for name, rows in splits.items()}
+        parsed = {
+            name: _medmcqa_records(rows, f"{table.name}[{name}]")
+            for name, rows in table.splits.items()
+        }
         labelled = {name: recs for name, (recs, _) in parsed.items() if recs}
         if not labelled:
             raise MolfError(f"{spec}: no labelled MedMCQA rows")
-        info = {"source": "medmcqa", "hub_id": spec}
+        info = {"source": "medmcqa", "file" if table.local else "hub_id": spec}
         if "train" in labelled and "validation" in labelled:
             _, val, test = split_three(labelled["validation"], seed, 0, n_val, n_test)
             held = {_key(r["question"], r["options"]) for r in val + test}
@@ -518,4 +449,4 @@ class MedTask:
         }
 
 
-TASK = MedTask()
+TASK = register_task(MedTask(), embedded="med-icd10", with_data="medmcqa")

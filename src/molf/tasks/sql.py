@@ -5,7 +5,8 @@ Sources:
     over 20 databases, CC BY-SA 4.0, read at run time). Train, validation and test are split by
     database, so held-out schemas are never seen in training.
   - `gretel`: gretelai/synthetic_text_to_sql rows (`sql_prompt`, `sql_context`, `sql`), from a local
-    .json/.jsonl/.parquet/.csv file or a Hugging Face hub id (its `train` split). Prompts show the
+    .json/.jsonl/.parquet/.csv file, a `save_to_disk` directory or a Hugging Face hub id (its
+    `train` split), all read by `molf.tasks.rows`. Prompts show the
     context without its INSERT statements; rows whose prompt exceeds MAX_PROMPT_CHARS are dropped.
 
 Metrics (see `score_predictions`): `exact_match` (normalised text), `logic_match` (the headline:
@@ -18,9 +19,7 @@ summaries never average a placeholder.
 
 from __future__ import annotations
 
-import csv
 import importlib.util
-import json
 import math
 import re
 import sqlite3
@@ -34,7 +33,16 @@ import sqlglot
 from sqlglot import exp
 
 from molf.errors import MolfError
-from molf.tasks.common import Example, TaskSplits, generate, require_fields, shuffled
+from molf.tasks.base import TaskRequest, register_task
+from molf.tasks.common import (
+    Example,
+    TaskSplits,
+    generate,
+    require_fields,
+    shuffled,
+    split_three,
+)
+from molf.tasks.rows import Table, load_table, objects, read_json
 
 GRETEL_HUB_ID = "gretelai/synthetic_text_to_sql"
 # Long contexts would dominate the token budget of a small model; gretel's are mostly < 1,000.
@@ -564,31 +572,18 @@ def _require_strings(
             raise MolfError(f"{where}: field '{field}' is empty")
 
 
-def _load_json(path: Path) -> Any:
-    try:
-        with open(path, encoding="utf-8") as fh:
-            return json.load(fh)
-    except json.JSONDecodeError as e:
-        raise MolfError(f"{path.name}: invalid JSON (line {e.lineno}): {e.msg}") from None
-    except OSError as e:
-        raise MolfError(f"{path}: cannot read ({e.strerror})") from None
-
-
 def _build_spider(
     data_path: str | None, seed: int, n_train: int | None, n_val: int, n_test: int
 ) -> TaskSplits:
     q_path, t_path = _spider_files(data_path)
-    pairs = _load_json(q_path)
-    dbs = _load_json(t_path)
+    pairs = read_json(q_path)
+    dbs = read_json(t_path)
     if not isinstance(pairs, list):
         raise MolfError(f"{q_path.name}: expected a JSON list of question/query records")
     if not isinstance(dbs, list):
         raise MolfError(f"{t_path.name}: expected a JSON list of database schemas")
     ddl: dict[str, str] = {}
-    for i, db in enumerate(dbs):
-        where = f"{t_path.name} record {i}"
-        if not isinstance(db, dict):
-            raise MolfError(f"{where}: expected an object")
+    for _, where, db in objects(dbs, t_path.name):
         require_fields(
             db, ("db_id", "table_names_original", "column_names_original", "column_types"), where
         )
@@ -597,10 +592,7 @@ def _build_spider(
         except (IndexError, KeyError, TypeError, ValueError):
             raise MolfError(f"{where}: malformed schema for database '{db['db_id']}'") from None
     by_db: dict[str, list[dict[str, Any]]] = {}
-    for i, pair in enumerate(pairs):
-        where = f"{q_path.name} record {i}"
-        if not isinstance(pair, dict):
-            raise MolfError(f"{where}: expected an object")
+    for i, where, pair in objects(pairs, q_path.name):
         _require_strings(pair, ("db_id", "question", "query"), where, ("question", "query"))
         if pair["db_id"] not in ddl:
             raise MolfError(f"{where}: database '{pair['db_id']}' is not in {t_path.name}")
@@ -648,76 +640,21 @@ def _build_spider(
     return TaskSplits(train=train, validation=val, test=test, info=info)
 
 
-_FILE_SUFFIXES = (".json", ".jsonl", ".parquet", ".csv")
-
-
-def _read_rows(path: Path) -> list[Any]:
-    suffix = path.suffix.lower()
-    if suffix == ".json":
-        data = _load_json(path)
-        if not isinstance(data, list):
-            raise MolfError(f"{path.name}: expected a JSON list of records")
-        return data
-    if suffix == ".jsonl":
-        rows = []
-        with open(path, encoding="utf-8") as fh:
-            for n, line in enumerate(fh, start=1):
-                if not line.strip():
-                    continue
-                try:
-                    rows.append(json.loads(line))
-                except json.JSONDecodeError as e:
-                    raise MolfError(f"{path.name} line {n}: invalid JSON: {e.msg}") from None
-        return rows
-    if suffix == ".parquet":
-        import pyarrow.parquet as pq
-
-        try:
-            return pq.read_table(path).to_pylist()
-        except Exception as e:  # pyarrow raises its own hierarchy
-            raise MolfError(f"{path.name}: cannot read parquet: {_first_line(e)}") from None
-    if suffix == ".csv":
-        with open(path, encoding="utf-8", newline="") as fh:
-            return list(csv.DictReader(fh))
-    raise MolfError(f"{path.name}: unsupported file type (use .json, .jsonl, .parquet or .csv)")
-
-
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip().splitlines()
-    return text[0] if text else type(e).__name__
-
-
-def _load_gretel_rows(data_path: str | None) -> tuple[list[Any], str]:
-    """Rows and a display name: a local file, or a hub id for anything that is not a path."""
-    spec = data_path or GRETEL_HUB_ID
-    path = Path(spec).expanduser()
-    if path.is_file():
-        return _read_rows(path), path.name
-    looks_like_path = spec.lower().endswith(_FILE_SUFFIXES) or spec.startswith(("/", ".", "~"))
-    if path.exists() or looks_like_path:
-        raise MolfError(f"gretel: file not found: {spec}")
-    try:
-        import datasets
-
-        ds = datasets.load_dataset(spec, split="train")
-    except Exception as e:  # hub/network/format errors all mean "cannot load"
-        raise MolfError(
-            f"gretel: cannot load '{spec}' from the Hugging Face hub (offline or unknown id?): "
-            f"{_first_line(e)}"
-        ) from None
-    return list(ds), spec
+def _gretel_rows(table: Table) -> list[Any]:
+    """The training rows of a gretel table: its `train` split, or its only one."""
+    if "train" in table.splits:
+        return table.splits["train"]
+    return table.only()
 
 
 def _build_gretel(
     data_path: str | None, seed: int, n_train: int | None, n_val: int, n_test: int
 ) -> TaskSplits:
-    rows, name = _load_gretel_rows(data_path)
+    table = load_table(data_path or GRETEL_HUB_ID, "gretel")
+    rows, name = _gretel_rows(table), table.name
     records = []
     too_long = 0
-    for i, row in enumerate(rows):
-        where = f"{name} record {i}"
-        if not isinstance(row, dict):
-            raise MolfError(f"{where}: expected an object")
+    for i, where, row in objects(rows, name):
         _require_strings(row, ("sql_prompt", "sql_context", "sql"), where, ("sql_prompt", "sql"))
         statements = split_statements(row["sql_context"])
         schema = "\n".join(s + ";" for s in statements if not _is_insert(s))
@@ -745,12 +682,7 @@ def _build_gretel(
             f"gretel: no records left in {name} after dropping {too_long} with prompts over "
             f"{MAX_PROMPT_CHARS} characters"
         )
-    pool = shuffled(records, seed)
-    test = pool[:n_test]
-    val = pool[n_test : n_test + n_val]
-    rest = pool[n_test + n_val :]
-    if n_train is not None:
-        rest = rest[:n_train]
+    rest, val, test = split_three(records, seed, n_train, n_val, n_test)
     train = [Example(r["prompt"], " " + r["sql"]) for r in rest]
     info = {"source": "gretel", "data": name, "dropped_long_prompts": too_long}
     return TaskSplits(train=train, validation=val, test=test, info=info)
@@ -763,23 +695,18 @@ class SqlTask:
     headline = "logic_match"
     sources = ("spider-dev", "gretel")
 
-    def build(
-        self,
-        source: str,
-        data_path: str | None,
-        seed: int,
-        n_train: int | None,
-        n_val: int,
-        n_test: int,
-    ) -> TaskSplits:
+    def build(self, request: TaskRequest) -> TaskSplits:
         """Deterministic splits for `seed`; spider-dev holds out whole databases."""
-        if n_val < 0 or n_test < 0 or (n_train is not None and n_train < 0):
+        sizes = (request.n_train, request.n_val, request.n_test)
+        if any(n is not None and n < 0 for n in sizes):
             raise MolfError("sql: n_train, n_val and n_test must not be negative")
-        if source == "spider-dev":
-            return _build_spider(data_path, seed, n_train, n_val, n_test)
-        if source == "gretel":
-            return _build_gretel(data_path, seed, n_train, n_val, n_test)
-        raise MolfError(f"sql: unknown source '{source}' (known: {', '.join(self.sources)})")
+        if request.source == "spider-dev":
+            return _build_spider(request.data, request.seed, *sizes)
+        if request.source == "gretel":
+            return _build_gretel(request.data, request.seed, *sizes)
+        raise MolfError(
+            f"sql: unknown source '{request.source}' (known: {', '.join(self.sources)})"
+        )
 
     def evaluate(
         self, model: Any, tokenizer: Any, records: list[dict[str, Any]], batch_size: int = 16
@@ -792,4 +719,4 @@ class SqlTask:
         return score_predictions(predictions, records)
 
 
-TASK = SqlTask()
+TASK = register_task(SqlTask(), embedded="spider-dev", with_data="gretel")

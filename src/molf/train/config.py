@@ -39,6 +39,15 @@ class TrainConfig:
     n_test: int = 64
     max_length: int = 256
     too_long: str = "truncate"
+    packing: bool = False  # concatenate examples up to max_length (molf.train.data.pack)
+    # own data, task 'sft' (molf.tasks.sft; checked there, as molf.tasks.TaskOptions)
+    val_data: str | None = None
+    prompt_field: str | None = None
+    completion_field: str | None = None
+    messages_field: str | None = None
+    text_field: str | None = None
+    generation_metric: str = "none"  # none | exact_match | contains
+    max_new_tokens: int | None = None
     # schedule
     epochs: float = 2.0
     max_steps: int | None = None

@@ -36,11 +36,11 @@ import molf
 from molf._files import write_json_atomic
 from molf.errors import MolfError
 from molf.optim.sharded import attach_score_reducer, check_model
-from molf.tasks import TaskSplits, build_task
+from molf.tasks import Task, TaskOptions, TaskSplits, build_task
 from molf.train import checkpoint as ckpt
 from molf.train import distributed, methods
 from molf.train.config import TrainConfig, dump_config
-from molf.train.data import StepOrder, Task, Tokenized, collate, tokenize_examples
+from molf.train.data import StepOrder, Tokenized, check_packable, collate, pack, tokenize_examples
 from molf.train.distributed import DistContext
 from molf.train.methods import Method
 
@@ -239,13 +239,26 @@ def _prepare_local(cfg: TrainConfig, resume: str, overwrite: bool, ctx: DistCont
         distributed.check_setup(cfg.method, ctx.mode, cfg.batch_size, ctx.world_size)
     if ctx.is_main:
         check_output_dir(cfg, resume, overwrite)
-    task, splits = build_task(cfg.task, cfg.data, cfg.seed, cfg.n_train, cfg.n_val, cfg.n_test)
+    task, splits = build_task(
+        cfg.task,
+        cfg.data,
+        cfg.seed,
+        cfg.n_train,
+        cfg.n_val,
+        cfg.n_test,
+        TaskOptions.from_config(cfg),
+    )
     model, tokenizer = load_model(
         cfg.model, dtype=_dtype(cfg), trust_remote_code=cfg.trust_remote_code
     )
     data = tokenize_examples(splits.train, tokenizer, cfg.max_length, cfg.too_long)
     if not len(data):
         raise MolfError(f"task '{cfg.task}': no training examples left after tokenization")
+    if cfg.packing:
+        check_packable(model.config, cfg.max_length)
+        data = pack(data, cfg.max_length)
+    if ctx.is_main:
+        _print_data_notes(data, len(splits.train), cfg.max_length)
     order = StepOrder(len(data), cfg.batch_size, cfg.grad_accum, cfg.seed)
     total = cfg.max_steps or order.steps_for(cfg.epochs)
     if ctx.is_main:
@@ -485,9 +498,26 @@ def _progress(total: int, initial: int, enabled: bool):
     )
 
 
+def _print_data_notes(data: Tokenized, n_examples: int, max_length: int) -> None:
+    """Say on the console what the summary records: truncation and packing."""
+    if data.n_truncated:
+        print(
+            f"{data.n_truncated} of {n_examples} training examples exceed max_length={max_length}"
+            " and were truncated (too_long=refuse stops instead)",
+            file=sys.stderr,
+        )
+    if data.position_ids is not None:
+        print(
+            f"packed {n_examples} training examples into {len(data)} rows of up to "
+            f"{max_length} tokens",
+            file=sys.stderr,
+        )
+
+
 def _micro_batch(s: Setup, idx: list[int], pad: int) -> dict[str, torch.Tensor]:
-    """The padded tensors of examples `idx`, on the run's device."""
-    batch = collate([s.data.input_ids[i] for i in idx], [s.data.labels[i] for i in idx], pad)
+    """The tensors of training rows `idx` (packed rows keep each example's positions)."""
+    pos = None if s.data.position_ids is None else [s.data.position_ids[i] for i in idx]
+    batch = collate([s.data.input_ids[i] for i in idx], [s.data.labels[i] for i in idx], pad, pos)
     return {k: v.to(s.device) for k, v in batch.items()}
 
 
@@ -502,11 +532,12 @@ def _distributed_micro_step(s: Setup, idx: list[int], pad: int, sync: bool) -> t
     ctx, cfg = s.dist, s.cfg
     # no loss tokens at all gives NaN and a skipped step, as with one process
     count = s.data.loss_tokens(idx)
-    batch = _micro_batch(s, distributed.local_part(idx, ctx), pad)
+    mine = distributed.local_part(idx, ctx)
+    batch = _micro_batch(s, mine, pad)
     with distributed.gradient_sync(s.engine, ctx, sync):
         out = s.engine(**batch, num_items_in_batch=count / ctx.world_size)
         (out.loss / cfg.grad_accum).backward()
-    return float(out.loss.detach()) / ctx.world_size, int(batch["attention_mask"].sum())
+    return float(out.loss.detach()) / ctx.world_size, sum(len(s.data.input_ids[i]) for i in mine)
 
 
 def train_loop(s: Setup, start_step: int, logger: MetricLogger) -> dict[str, Any]:
@@ -534,7 +565,7 @@ def train_loop(s: Setup, start_step: int, logger: MetricLogger) -> dict[str, Any
                 out = model(**batch)
                 (out.loss / cfg.grad_accum).backward()
                 loss_sum += float(out.loss.detach())
-                n_tokens += int(batch["attention_mask"].sum())
+                n_tokens += sum(len(s.data.input_ids[i]) for i in idx)
             agreed = None
             if ctx.enabled:
                 # One small all-reduce per step: the loss, the tokens, and whether any rank got
@@ -783,7 +814,7 @@ def _run(cfg: TrainConfig, resume: str, overwrite: bool, ctx: DistContext) -> di
         "skipped_steps": stats["skipped_steps"],
         "final_loss": stats["last_loss"],
         "truncated_examples": s.data.n_truncated,
-        "n_train_examples": len(s.data),
+        "n_train_examples": len(s.splits.train),
         "n_test_records": len(s.splits.test),
         "tokens_per_s": stats["tokens"] / stats["train_seconds"]
         if stats["train_seconds"]

@@ -27,13 +27,11 @@ import importlib.util
 import json
 import os
 import shutil
-import socket
 import tempfile
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlparse
 
 import torch
 from transformers import (
@@ -44,7 +42,8 @@ from transformers import (
 )
 
 from molf._files import cache_root, looks_like_path
-from molf.errors import MolfError
+from molf._hub import offline_reason as hub_offline_reason
+from molf.errors import MolfError, one_line
 
 EMBEDDED_MODELS: tuple[str, ...] = ("smollm2-135m", "gemma3-270m")
 TINY_MODELS: tuple[str, ...] = ("tiny-llama", "tiny-qwen2", "tiny-gemma3")
@@ -67,8 +66,6 @@ _TINY_DIMS: dict[str, Any] = {
     "num_key_value_heads": 2,
     "max_position_embeddings": 2048,
 }
-
-_HUB_CHECK_TIMEOUT_S = 3.0
 
 _DTYPES: dict[str, torch.dtype] = {
     "float32": torch.float32,
@@ -339,7 +336,7 @@ def _load_directory(
             path, dtype=dtype, trust_remote_code=trust_remote_code
         )
     except (OSError, ValueError, KeyError) as exc:
-        raise MolfError(f"model '{path}': cannot load the checkpoint: {_short(exc)}") from exc
+        raise MolfError(f"model '{path}': cannot load the checkpoint: {one_line(exc)}") from exc
     model.eval()
     return model, _load_tokenizer_dir(path, trust_remote_code)
 
@@ -357,7 +354,7 @@ def _load_adapter(
     try:
         adapter_config = json.loads(config_file.read_text(encoding="utf-8"))
     except (OSError, ValueError) as exc:
-        raise MolfError(f"{config_file}: cannot read it: {_short(exc)}") from exc
+        raise MolfError(f"{config_file}: cannot read it: {one_line(exc)}") from exc
     base_name = adapter_config.get("base_model_name_or_path") if adapter_config else None
     if not base_name:
         raise MolfError(f"{config_file}: missing field 'base_model_name_or_path'")
@@ -375,7 +372,7 @@ def _load_adapter(
         model = PeftModel.from_pretrained(base_model, path, is_trainable=False)
     except (OSError, ValueError, KeyError, RuntimeError) as exc:
         raise MolfError(
-            f"model '{path}': cannot apply the adapter to base '{base_name}': {_short(exc)}"
+            f"model '{path}': cannot apply the adapter to base '{base_name}': {one_line(exc)}"
         ) from exc
     if merge_adapter:
         model = model.merge_and_unload()
@@ -389,7 +386,7 @@ def _load_from_hub(
     name: str, dtype: torch.dtype, trust_remote_code: bool
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     known = ", ".join(EMBEDDED_MODELS + TINY_MODELS)
-    offline_reason = _hub_offline_reason()
+    offline_reason = hub_offline_reason()
     # Offline, only the local Hugging Face cache can help: asking the hub would retry with
     # backoff for ~45 s before failing.
     local_only = offline_reason is not None
@@ -412,35 +409,12 @@ def _load_from_hub(
                 f"the hub could not be reached ({offline_reason}) and it is not in the local cache"
             )
         else:
-            why = f"loading it from the hub failed: {_short(exc)}"
+            why = f"loading it from the hub failed: {one_line(exc)}"
         raise MolfError(
             f"model '{name}': not an embedded name ({known}), not a local directory, and {why}"
         ) from exc
     model.eval()
     return model, _prepare_tokenizer(tokenizer)
-
-
-def _hub_offline_reason() -> str | None:
-    """Why the hub cannot be used now, or None when it looks reachable."""
-    for var in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"):
-        if os.environ.get(var, "").strip().lower() in ("1", "true", "yes", "on"):
-            return f"{var} is set"
-    with contextlib.suppress(ImportError):
-        from huggingface_hub import constants
-
-        if constants.HF_HUB_OFFLINE:
-            return "HF_HUB_OFFLINE is set"
-    if any(os.environ.get(v) for v in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
-        return None  # a direct connection says nothing about the proxy; let the hub client try
-    endpoint = os.environ.get("HF_ENDPOINT") or "https://huggingface.co"
-    parsed = urlparse(endpoint)
-    host = parsed.hostname or "huggingface.co"
-    port = parsed.port or (80 if parsed.scheme == "http" else 443)
-    try:
-        with socket.create_connection((host, port), timeout=_HUB_CHECK_TIMEOUT_S):
-            return None
-    except OSError as exc:
-        return f"cannot connect to {host}:{port}: {_short(exc)}"
 
 
 # --------------------------------------------------------------------------------------------
@@ -475,7 +449,7 @@ def _load_tokenizer_dir(path: Path, trust_remote_code: bool = False) -> PreTrain
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
     except (OSError, ValueError, KeyError) as exc:
-        raise MolfError(f"model '{path}': cannot load the tokenizer: {_short(exc)}") from exc
+        raise MolfError(f"model '{path}': cannot load the tokenizer: {one_line(exc)}") from exc
     return _prepare_tokenizer(tokenizer)
 
 
@@ -563,9 +537,3 @@ def _resolve_dtype(dtype: torch.dtype | str) -> torch.dtype:
     if key not in _DTYPES:
         raise MolfError(f"dtype '{dtype}': expected one of float32, bfloat16, float16")
     return _DTYPES[key]
-
-
-def _short(exc: BaseException, limit: int = 200) -> str:
-    """An exception as one short line, for one-line MolfError messages."""
-    text = " ".join(str(exc).split()) or type(exc).__name__
-    return text if len(text) <= limit else text[: limit - 3] + "..."
