@@ -248,10 +248,10 @@ def _resume_from_molf_checkpoints(trainer: Trainer) -> None:
     """Let `trainer` load the model from checkpoints in molf's format (written by the wrapped
     model's save_pretrained): the Trainer itself only looks for transformers' weight files. Its
     two loading methods are wrapped on this instance; other checkpoints load as before."""
-    for method in ("_load_from_checkpoint", "_load_best_model"):
-        if not callable(getattr(type(trainer), method, None)):
+    for hook in ("_load_from_checkpoint", "_load_best_model"):
+        if not callable(getattr(type(trainer), hook, None)):
             raise MolfError(
-                f"use_molf: {type(trainer).__name__} has no {method}; this transformers version "
+                f"use_molf: {type(trainer).__name__} has no {hook}; this transformers version "
                 "is not supported for resuming from molf checkpoints"
             )
     load_from_checkpoint = trainer._load_from_checkpoint
