@@ -89,8 +89,8 @@ def test_adapter_base_resolves_with_auto_peft(tmp_path, monkeypatch, method):
     tok.save_pretrained(tmp_path / "base")
     out = tmp_path / "run"
     monkeypatch.chdir(tmp_path)
-    argv = ["train", method, "--task", "fact-geo", "--model", "base"]
-    assert main([*argv, "--output-dir", str(out), *TINY]) == 0
+    argv = ["train", *tiny_run(method, "fact-geo", **TINY), "--model", "base"]
+    assert main([*argv, "--output-dir", str(out)]) == 0
     (tmp_path / "elsewhere").mkdir()
     monkeypatch.chdir(tmp_path / "elsewhere")
     adapter = out / "final" / "adapter"
