@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from molf._files import write_json_atomic
+from molf._files import check_directory_path, write_json_atomic
 from molf.errors import MolfError
 from molf.experiments import runner
 from molf.experiments.grid import (
@@ -158,6 +158,7 @@ def compare(
         raise MolfError(f"--jobs: must be >= 0, got {jobs}")
     overrides = list(overrides or [])
     out = Path(output_dir or f"runs/compare-{budget}")
+    check_directory_path(out, "--output-dir")
     cells = plan_grid(budget, tasks, methods, out, model, seed, overrides, lr_grid, data)
     check_finished(cells)
     model_name = cells[0].config.model if cells else (model or b.model)
