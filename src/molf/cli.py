@@ -186,7 +186,8 @@ def build_parser() -> argparse.ArgumentParser:
         "data of counterfact / medmcqa / gretel",
     )
     t.add_argument(
-        "--val-data", help="validation file for --task sft (sets val_data; default: a split of --data)"
+        "--val-data",
+        help="validation file for --task sft (sets val_data; default: a split of --data)",
     )
     t.add_argument(
         "--model", help="smollm2-135m, gemma3-270m, tiny-llama, a local path or a hub id"

@@ -175,7 +175,9 @@ class TrainConfig:
             )
         for key in ("keep_best", "early_stopping_patience", "best_metric"):
             if getattr(self, key) and not self.eval_every:
-                raise MolfError(f"config key '{key}': needs eval_every > 0 (steps between evaluations)")
+                raise MolfError(
+                    f"config key '{key}': needs eval_every > 0 (steps between evaluations)"
+                )
         if self.eval_every and self.distributed != "none":
             raise MolfError(
                 "config key 'eval_every': evaluation during training runs in one process only "

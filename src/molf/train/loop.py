@@ -412,7 +412,7 @@ def save_checkpoint(s: Setup, step: int, log_lines: int) -> Path:
 def _best_checkpoint(s: Setup) -> Path | None:
     """The checkpoint `keep_best` exports at the end (None: the model being trained is it)."""
     t = s.tracker
-    if not s.cfg.keep_best or t is None or t.best_step is None:
+    if not keeps_best(s.cfg) or t is None or t.best_step is None:
         return None
     return ckpt.checkpoint_dir(s.cfg.run_dir, t.best_step)
 
@@ -533,9 +533,7 @@ class MetricLogger:
             flat = dict(record)
             for k, v in (flat.pop("eval", None) or {}).items():
                 flat[f"eval/{k}"] = v
-            scalars = {
-                k: v for k, v in flat.items() if isinstance(v, (int, float)) and k != "step"
-            }
+            scalars = {k: v for k, v in flat.items() if isinstance(v, (int, float)) and k != "step"}
             if hasattr(self.backend, "add_scalar"):
                 for k, v in scalars.items():
                     self.backend.add_scalar(k, v, record["step"])
