@@ -30,9 +30,11 @@ from molf.experiments.grid import (
     parse_lr_grid,
     plan_grid,
     read_json,
+    task_labels,
 )
 from molf.experiments.report import package_versions, write_report
 from molf.experiments.runner import Outcome
+from molf.tasks import lower_is_better
 from molf.train import methods as registry
 
 
@@ -64,11 +66,16 @@ def _headline_text(summary: dict[str, Any]) -> str:
     h = summary.get("headline_metric")
     val = (summary.get("validation") or {}).get(h)
     test = (summary.get("after") or {}).get(h)
+    loss_like = isinstance(h, str) and lower_is_better(h)
+
+    def shown(v: float) -> str:  # a score in points, a loss-like metric as is
+        return f"{v:.3f}" if loss_like else f"{100 * v:.1f}"
+
     parts = [f"{h}:"]
     if isinstance(val, (int, float)):
-        parts.append(f"validation {100 * val:.1f}")
+        parts.append(f"validation {shown(val)}")
     if isinstance(test, (int, float)):
-        parts.append(f"test {100 * test:.1f}")
+        parts.append(f"test {shown(test)}")
     return " ".join(parts)
 
 
@@ -264,7 +271,7 @@ def compare(
         notes.append(f"model weights (final/) kept for: {kept}")
     paths = write_report(
         out,
-        tasks,
+        task_labels(tasks),  # a data path's cells and column go by its file name
         methods,
         {
             "command": command,
