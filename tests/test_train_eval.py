@@ -202,3 +202,28 @@ def test_a_file_as_the_output_dir_is_one_line(rows, tmp_path, capsys):
     code = main(["compare", "--budget", "smoke", "--tasks", str(rows), "--output-dir", str(file)])
     assert code == 2 and "is not a directory" in capsys.readouterr().err
     assert file.read_text() == "mine\n"
+
+
+def test_molf_eval_on_an_sft_run_uses_its_task_options(rows, tmp_path, capsys):
+    out = tmp_path / "run"
+    val = tmp_path / "val.jsonl"
+    val.write_text("".join(json.dumps({"q": f"{i}?", "a": f" {i}"}) + "\n" for i in range(4)))
+    # the run's own fields and files: molf eval must read them from molf_run.json
+    (tmp_path / "train.jsonl").write_text(
+        "".join(json.dumps({"q": f"{i} and", "a": f" {i + 2}"}) + "\n" for i in range(12))
+    )
+    args = tiny_run("lora", "sft", max_steps=1, generation_metric="contains", max_new_tokens=2)
+    args += ["prompt_field=q", "completion_field=a", "n_test=2", "max_length=32"]
+    args += ["--data", str(tmp_path / "train.jsonl"), "--val-data", str(val)]
+    assert main(["train", *args, "--output-dir", str(out)]) == 0, capsys.readouterr().err
+    info = json.loads((out / "final" / "model" / "molf_run.json").read_text())
+    assert info["task_options"]["val_data"] == str(val)
+    assert info["task_options"]["prompt_field"] == "q"
+    capsys.readouterr()
+    model = str(out / "final" / "model")
+    assert main(["eval", "--task", "sft", "--model", model, "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert set(result["metrics"]) == {"loss", "perplexity", "contains"}
+    assert result["n_records"] == 2  # n_test of the run, from its --val-data file
+    summary = json.loads((out / "summary.json").read_text())
+    assert result["metrics"]["loss"] == pytest.approx(summary["after"]["loss"], rel=1e-5)
