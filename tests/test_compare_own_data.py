@@ -42,7 +42,8 @@ def test_a_loss_headline_is_chosen_low_and_shown_as_a_number(tmp_path):
     paths = write_report(tmp_path, ["mine"], ["lora"], {"command": "x"})
     md = (tmp_path / "results.md").read_text()
     report = paths["report"].read_text()
-    assert "| LoRA | 1.750 |" in report  # the chosen cell's test loss, not 175.0 points
+    assert "| LoRA | 1.750 | n/a |" in report  # the chosen cell's test loss, not 175.0 points
+    assert "| base model (no training) | 4.000 | n/a |" in report  # no mean of losses
     assert "mine (loss, lower is better)" in report
     assert "175.0" not in report + md
     assert "Not judged" in report  # the paper's claims are in points

@@ -492,9 +492,13 @@ class Results:
     def mean(self, method: str) -> float | None:
         """Mean over tasks, only when every task has a score in points (a loss and a
         percentage do not average)."""
+        return self.average([self.score(t, method) for t in self.tasks])
+
+    def average(self, values: list[float | None]) -> float | None:
+        """The mean of one value per task: None unless all are present and in points."""
         if len(self.point_tasks()) != len(self.tasks):
             return None
-        return mean_of_all([self.score(t, method) for t in self.tasks])
+        return mean_of_all(values)
 
     def headline(self, task: str) -> str:
         for c in self.cells:

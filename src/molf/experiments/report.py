@@ -26,7 +26,7 @@ from typing import Any
 
 import numpy as np
 
-from molf.experiments.grid import CellRecord, Results, load_results, mean_of_all
+from molf.experiments.grid import CellRecord, Results, load_results
 from molf.routing import RoutingLog, layer_index, module_type
 from molf.train import methods as registry
 
@@ -140,7 +140,7 @@ def results_table(res: Results) -> tuple[list[str], list[list[str]]]:
     rows = []
     if any(res.base(t) is not None for t in res.tasks):
         values = [res.base(t) for t in res.tasks]
-        mean = mean_of_all(values)
+        mean = res.average(values)
         rows.append(
             ["base model (no training)"]
             + [_shown(v, res.lower_is_better(t)) for t, v in zip(res.tasks, values)]
@@ -176,7 +176,7 @@ def write_results(res: Results, out: Path) -> dict[str, Path]:
                 [
                     "base",
                     *[_csv_num(v) for v in base],
-                    _csv_num(mean_of_all(base)),
+                    _csv_num(res.average(base)),
                     *["" for _ in base],
                 ]
             )
