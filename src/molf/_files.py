@@ -13,6 +13,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from molf.errors import MolfError
+
 CACHE_ENV = "MOLF_CACHE_DIR"
 # the name `molf.train.models` read before the cache had one variable for everything
 _OLD_CACHE_ENV = "MOLF_CACHE"
@@ -112,3 +114,15 @@ def looks_like_path(spec: str) -> bool:
     if "\\" in spec or spec.count("/") > 1 or (len(spec) > 1 and spec[1] == ":"):
         return True
     return spec.lower().endswith(_FILE_SUFFIXES)
+
+
+def check_directory_path(path: Path, what: str) -> None:
+    """Refuse a directory path that is (or lies under) an existing file, before any work."""
+    probe = Path(path)
+    while True:
+        if probe.exists() and not probe.is_dir():
+            inside = "" if probe == Path(path) else f" ({probe} is a file)"
+            raise MolfError(f"{what} {path} is not a directory{inside}")
+        if probe.exists() or probe.parent == probe:
+            return
+        probe = probe.parent

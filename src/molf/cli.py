@@ -26,6 +26,7 @@ def _train(args: argparse.Namespace) -> int:
         "model": args.model,
         "output_dir": args.output_dir,
         "data": args.data,
+        "val_data": args.val_data,
     }
     cfg = load_config(args.config, args.overrides, **explicit)
     if args.print_config:
@@ -78,6 +79,7 @@ def _launch_under_torchrun(args: argparse.Namespace, cfg: Any) -> int | None:
         ("--model", args.model),
         ("--output-dir", args.output_dir),
         ("--data", args.data),
+        ("--val-data", args.val_data),
         ("--resume", args.resume),
     ):
         if value is not None:
@@ -157,6 +159,7 @@ def _compare(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     from molf.experiments.grid import BUDGETS
+    from molf.tasks import task_names
     from molf.train import methods
     from molf.train.config import bundled_configs
 
@@ -176,11 +179,16 @@ def build_parser() -> argparse.ArgumentParser:
         "overrides", nargs="*", help="key=value overrides, e.g. lr_fft=1e-4 max_steps=50"
     )
     t.add_argument("--method", choices=method_names)
+    t.add_argument("--task", help=f"one of {', '.join(task_names())}")
     t.add_argument(
-        "--task",
-        help="fact-geo, med-icd10, spider-dev, counterfact, medmcqa, gretel, fact, med, sql",
+        "--data",
+        help="data file, directory or hub id: your own data with --task sft, or the upstream "
+        "data of counterfact / medmcqa / gretel",
     )
-    t.add_argument("--data", help="data file or hub id for counterfact / medmcqa / gretel")
+    t.add_argument(
+        "--val-data",
+        help="validation file for --task sft (sets val_data; default: a split of --data)",
+    )
     t.add_argument(
         "--model", help="smollm2-135m, gemma3-270m, tiny-llama, a local path or a hub id"
     )
@@ -230,7 +238,12 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="default: the budget's (tiny-llama, smollm2-135m, google/gemma-3-1b-pt)",
     )
-    c.add_argument("--tasks", default="fact-geo,med-icd10,spider-dev", help="comma list")
+    c.add_argument(
+        "--tasks",
+        default="fact-geo,med-icd10,spider-dev",
+        help=f"comma list of task names ({', '.join(task_names())}) or data files: a path is the "
+        "sft task on that file (its label: the file name)",
+    )
     c.add_argument("--methods", default=",".join(method_names), help="comma list")
     c.add_argument(
         "--budget",

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from molf._files import write_json_atomic
+from molf._files import check_directory_path, write_json_atomic
 from molf.errors import MolfError
 from molf.experiments import runner
 from molf.experiments.grid import (
@@ -30,9 +30,11 @@ from molf.experiments.grid import (
     parse_lr_grid,
     plan_grid,
     read_json,
+    task_labels,
 )
 from molf.experiments.report import package_versions, write_report
 from molf.experiments.runner import Outcome
+from molf.tasks import lower_is_better
 from molf.train import methods as registry
 
 
@@ -64,11 +66,16 @@ def _headline_text(summary: dict[str, Any]) -> str:
     h = summary.get("headline_metric")
     val = (summary.get("validation") or {}).get(h)
     test = (summary.get("after") or {}).get(h)
+    loss_like = isinstance(h, str) and lower_is_better(h)
+
+    def shown(v: float) -> str:  # a score in points, a loss-like metric as is
+        return f"{v:.3f}" if loss_like else f"{100 * v:.1f}"
+
     parts = [f"{h}:"]
     if isinstance(val, (int, float)):
-        parts.append(f"validation {100 * val:.1f}")
+        parts.append(f"validation {shown(val)}")
     if isinstance(test, (int, float)):
-        parts.append(f"test {100 * test:.1f}")
+        parts.append(f"test {shown(test)}")
     return " ".join(parts)
 
 
@@ -158,6 +165,7 @@ def compare(
         raise MolfError(f"--jobs: must be >= 0, got {jobs}")
     overrides = list(overrides or [])
     out = Path(output_dir or f"runs/compare-{budget}")
+    check_directory_path(out, "--output-dir")
     cells = plan_grid(budget, tasks, methods, out, model, seed, overrides, lr_grid, data)
     check_finished(cells)
     model_name = cells[0].config.model if cells else (model or b.model)
@@ -263,7 +271,7 @@ def compare(
         notes.append(f"model weights (final/) kept for: {kept}")
     paths = write_report(
         out,
-        tasks,
+        task_labels(tasks),  # a data path's cells and column go by its file name
         methods,
         {
             "command": command,

@@ -158,6 +158,37 @@ def lr_label(lrs: dict[str, float]) -> str:
 
 
 # -- planning ------------------------------------------------------------------------------------
+def task_spec(entry: str) -> tuple[str, str, str | None]:
+    """What one `--tasks` entry means: (label, task name, data path). A task or source name is
+    itself; a path (an existing file or directory, or anything that can only be a path) is the
+    `sft` task on that data, labelled by its file name without the extension."""
+    from molf._files import looks_like_path
+    from molf.tasks import task_names
+
+    path = Path(entry).expanduser()
+    if entry in task_names() and not looks_like_path(entry):
+        return entry, entry, None
+    if path.exists() or looks_like_path(entry):
+        if not path.exists():
+            raise MolfError(f"--tasks: no such file or directory: {entry}")
+        label = path.name.split(".")[0] if path.is_file() else path.name
+        return label or "data", "sft", str(path)
+    return entry, entry, None  # an unknown name: get_task says so, listing the known ones
+
+
+def task_labels(entries: list[str]) -> list[str]:
+    """The labels of `--tasks` entries (cell directories and report columns); two entries with
+    one label are refused."""
+    labels = [task_spec(e)[0] for e in entries]
+    for label in labels:
+        if labels.count(label) > 1:
+            same = [e for e, lab in zip(entries, labels) if lab == label]
+            raise MolfError(
+                f"--tasks: {' and '.join(same)} would both be labelled '{label}' (rename a file)"
+            )
+    return labels
+
+
 def parse_lr_grid(spec: str | None, budget: Budget) -> dict[str, tuple[float, ...]]:
     """The grids to use: the budget's, 'off' (each grid's first value) or 'm=v1/v2,...' edits."""
     grids = {m: budget.lr_grid(m) for m in methods.names()}
@@ -225,8 +256,10 @@ def plan_grid(
     grids = parse_lr_grid(lr_grid, b)
     root = Path(output_dir) / "cells"
     cells: list[Cell] = []
-    for task in tasks:
-        family = get_task(task).name
+    task_labels(tasks)
+    for entry in tasks:
+        task, task_name, path = task_spec(entry)
+        family = get_task(task_name).name
         first_of_task = True
         for method in method_names:
             lr_keys = methods.get(method).lr_keys
@@ -244,10 +277,10 @@ def plan_grid(
                 explicit = {k: v for k, v in values.items() if v is not None}
                 explicit.update(
                     method=method,
-                    task=task,
+                    task=task_name,
                     model=model or b.model,
                     seed=seed,
-                    data=(data or {}).get(task),
+                    data=path or (data or {}).get(task),
                     output_dir=str(root / task / method / "lr-pending"),
                 )
                 try:
@@ -322,6 +355,20 @@ class CellRecord:
         return float(value) if isinstance(value, (int, float)) and math.isfinite(value) else None
 
     @property
+    def lower_is_better(self) -> bool:
+        """Whether the headline metric is loss-like (the smaller the better)."""
+        from molf.tasks import lower_is_better
+
+        return bool(self.headline) and lower_is_better(self.headline or "")
+
+    def shown(self, split: str = "after") -> float | None:
+        """`score(split)` as reports show it: points (percent) for a score, as is for a loss."""
+        value = self.score(split)
+        if value is None or self.lower_is_better:
+            return value
+        return 100.0 * value
+
+    @property
     def lr_text(self) -> str:
         if not self.lrs:
             return self.label.removeprefix("lr-")
@@ -386,7 +433,8 @@ def load_cells(out_dir: str | Path, tasks: list[str], method_names: list[str]) -
 
 
 def choose(candidates: list[CellRecord]) -> CellRecord | None:
-    """The candidate with the best validation headline metric (never the test split).
+    """The candidate with the best validation headline metric (never the test split): the
+    highest score, or the lowest loss-like metric (`molf.tasks.lower_is_better`).
 
     Ties go to the lower final training loss, then the label, so the choice is deterministic.
     A lone finished candidate needs no validation metric; several without one give None.
@@ -401,7 +449,9 @@ def choose(candidates: list[CellRecord]) -> CellRecord | None:
     def key(c: CellRecord) -> tuple[float, float, str]:
         loss = (c.summary or {}).get("final_loss")
         loss = loss if isinstance(loss, (int, float)) and math.isfinite(loss) else math.inf
-        return (-c.score("validation"), loss, c.label)  # type: ignore[operator]
+        value = c.score("validation")
+        # the best first: the smallest loss-like metric, the largest score
+        return (value if c.lower_is_better else -value, loss, c.label)  # type: ignore[operator]
 
     return min(scored, key=key)
 
@@ -424,14 +474,31 @@ class Results:
                 self.chosen[(task, method)] = choose(group)
 
     def score(self, task: str, method: str) -> float | None:
-        """Test headline metric of the chosen candidate, in points (percent)."""
+        """Test headline metric of the chosen candidate, in points (percent); a loss-like
+        metric (`lower_is_better`) as it is."""
         cell = self.chosen.get((task, method))
-        value = cell.score("after") if cell else None
-        return None if value is None else 100.0 * value
+        return cell.shown("after") if cell else None
+
+    def lower_is_better(self, task: str) -> bool:
+        """Whether the task's headline metric is loss-like (shown as is, the smaller the better)."""
+        from molf.tasks import lower_is_better
+
+        return lower_is_better(self.headline(task))
+
+    def point_tasks(self) -> list[str]:
+        """The tasks whose headline is a score in points (the ones a mean or a claim is over)."""
+        return [t for t in self.tasks if not self.lower_is_better(t)]
 
     def mean(self, method: str) -> float | None:
-        """Mean over tasks, only when every task has a score."""
-        return mean_of_all([self.score(t, method) for t in self.tasks])
+        """Mean over tasks, only when every task has a score in points (a loss and a
+        percentage do not average)."""
+        return self.average([self.score(t, method) for t in self.tasks])
+
+    def average(self, values: list[float | None]) -> float | None:
+        """The mean of one value per task: None unless all are present and in points."""
+        if len(self.point_tasks()) != len(self.tasks):
+            return None
+        return mean_of_all(values)
 
     def headline(self, task: str) -> str:
         for c in self.cells:
@@ -448,10 +515,11 @@ class Results:
         return None
 
     def base(self, task: str) -> float | None:
-        """The untrained model's test headline (points), from any cell that evaluated it."""
+        """The untrained model's test headline (points, or a loss as is), from any cell that
+        evaluated it."""
         for c in self.cells:
             if c.task == task and c.score("before") is not None:
-                return 100.0 * c.score("before")  # type: ignore[operator]
+                return c.shown("before")
         return None
 
 

@@ -26,7 +26,7 @@ from typing import Any
 
 import numpy as np
 
-from molf.experiments.grid import CellRecord, Results, load_results, mean_of_all
+from molf.experiments.grid import CellRecord, Results, load_results
 from molf.routing import RoutingLog, layer_index, module_type
 from molf.train import methods as registry
 
@@ -105,6 +105,14 @@ def _pts(value: float | None, sign: bool = False) -> str:
     return f"{value:+.1f}" if sign else f"{value:.1f}"
 
 
+def _shown(value: float | None, loss_like: bool) -> str:
+    """A headline value as reports show it: points with one decimal, a loss-like metric (lower
+    is better, not a fraction) with three."""
+    if loss_like:
+        return _num(value, ".3f")
+    return _pts(value)
+
+
 def _pct(value: float | None) -> str:
     return "n/a" if value is None else f"{100 * value:.1f}%"
 
@@ -122,20 +130,27 @@ def _md_table(header: list[str], rows: list[list[str]]) -> list[str]:
 # -- tables ----------------------------------------------------------------------------------------
 def results_table(res: Results) -> tuple[list[str], list[list[str]]]:
     """Markdown header and rows: methods x tasks (test headline, points), mean, chosen LRs."""
-    header = ["method"] + [f"{t} ({res.headline(t)})" for t in res.tasks] + ["mean"]
+    header = ["method"]
+    header += [
+        f"{t} ({res.headline(t)}{', lower is better' if res.lower_is_better(t) else ''})"
+        for t in res.tasks
+    ]
+    header += ["mean"]
     header += [f"LR {t}" for t in res.tasks]
     rows = []
     if any(res.base(t) is not None for t in res.tasks):
         values = [res.base(t) for t in res.tasks]
-        mean = mean_of_all(values)
+        mean = res.average(values)
         rows.append(
             ["base model (no training)"]
-            + [_pts(v) for v in values]
+            + [_shown(v, res.lower_is_better(t)) for t, v in zip(res.tasks, values)]
             + [_pts(mean)]
             + ["-" for _ in res.tasks]
         )
     for m in res.methods:
-        row = [registry.label(m)] + [_pts(res.score(t, m)) for t in res.tasks] + [_pts(res.mean(m))]
+        row = [registry.label(m)]
+        row += [_shown(res.score(t, m), res.lower_is_better(t)) for t in res.tasks]
+        row += [_pts(res.mean(m))]
         for t in res.tasks:
             group, cell = res.groups[(t, m)], res.chosen[(t, m)]
             if cell is not None:
@@ -161,7 +176,7 @@ def write_results(res: Results, out: Path) -> dict[str, Path]:
                 [
                     "base",
                     *[_csv_num(v) for v in base],
-                    _csv_num(mean_of_all(base)),
+                    _csv_num(res.average(base)),
                     *["" for _ in base],
                 ]
             )
@@ -219,8 +234,8 @@ def write_results(res: Results, out: Path) -> dict[str, Path]:
                         c.status,
                         int(c is res.chosen[(t, m)]),
                         c.headline or "",
-                        _csv_num(_times100(c.score("validation"))),
-                        _csv_num(_times100(c.score("after"))),
+                        _csv_num(c.shown("validation")),
+                        _csv_num(c.shown("after")),
                         s.get("steps", ""),
                         _csv_num(s.get("final_loss")),
                         _csv_num(s.get("tokens_per_s")),
@@ -666,7 +681,10 @@ def write_report(
     meta = dict(meta or {})
     res = load_results(out, tasks, methods)
     paths = write_results(res, out)
-    verdicts = claims(res)
+    # the paper's claims are margins in points: judged on the tasks scored in points only
+    points = res.point_tasks()
+    claim_res = res if points == res.tasks else Results(points, res.methods, res.cells)
+    verdicts = claims(claim_res)
     done = [c for c in res.cells if c.status == "done"]
     compute = sum(float((c.summary or {}).get("wall_seconds") or 0.0) for c in done)
     cpu = sum(c.cpu_seconds or 0.0 for c in done)
@@ -715,13 +733,24 @@ def write_report(
         "## Results",
         "",
         "Each task's headline metric (in the column header) on its test split, in points "
-        "(percent). Each method's learning rate was picked per task from its grid on the "
+        "(percent), or as a number for a loss-like metric (lower is better). Each method's learning rate was picked per task from its grid on the "
         "validation split's headline metric (column 'LR'; '(of n)': candidates compared); the "
         "test split never took part in the choice. Mean: over tasks, when all are present.",
         "",
         *_md_table(header, rows),
         "",
-        *claim_lines(res, verdicts),
+        *(
+            claim_lines(claim_res, verdicts)
+            if points
+            else [
+                "## Paper claims",
+                "",
+                "Not judged: the paper's claims are margins in points of a score, and no task "
+                "here has one (a loss-like headline such as `loss` is compared as a number, "
+                "the smaller the better).",
+                "",
+            ]
+        ),
         "## Routing dynamics",
         "",
     ]
@@ -795,8 +824,8 @@ def write_report(
                     registry.label(m),
                     c.lr_text,
                     c.status,
-                    _pts(_times100(c.score("validation"))),
-                    _pts(_times100(c.score("after"))),
+                    _shown(c.shown("validation"), c.lower_is_better),
+                    _shown(c.shown("after"), c.lower_is_better),
                     "yes" if c is res.chosen[(t, m)] else "",
                 ]
             )

@@ -94,8 +94,9 @@ def latest_good_checkpoint(run_dir: Path) -> Path | None:
     return None
 
 
-def prune_checkpoints(run_dir: Path, keep: int) -> None:
-    """Keep the newest `keep` checkpoints (0 keeps all); drop leftovers of interrupted writes."""
+def prune_checkpoints(run_dir: Path, keep: int, protect: Path | None = None) -> None:
+    """Keep the newest `keep` checkpoints (0 keeps all) and `protect` (the best one, which
+    `keep_best` exports at the end); drop leftovers of interrupted writes."""
     root = run_dir / "checkpoints"
     if root.exists():
         for p in root.iterdir():
@@ -103,4 +104,6 @@ def prune_checkpoints(run_dir: Path, keep: int) -> None:
                 shutil.rmtree(p, ignore_errors=True)
     if keep > 0:
         for old in list_checkpoints(run_dir)[:-keep]:
+            if protect is not None and old == protect:
+                continue
             shutil.rmtree(old, ignore_errors=True)

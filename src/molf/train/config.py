@@ -78,6 +78,11 @@ class TrainConfig:
     # evaluation
     eval_batch_size: int = 16
     eval_before: bool = True
+    # evaluation during training on the validation split (molf.train.loop.BestTracker)
+    eval_every: int = 0  # steps between evaluations (0: none); the last step is always evaluated
+    keep_best: bool = False  # export the best evaluated checkpoint as final/, not the last
+    best_metric: str | None = None  # default: the task's headline metric
+    early_stopping_patience: int = 0  # stop after this many evaluations without improvement
     # bookkeeping
     log_every: int = 1
     save_every: int = 0
@@ -127,7 +132,14 @@ class TrainConfig:
         for key in positive:
             if getattr(self, key) <= 0:
                 raise MolfError(f"config key '{key}': must be > 0, got {getattr(self, key)}")
-        for key in ("n_val", "save_every", "max_bad_steps", "keep_checkpoints"):
+        for key in (
+            "n_val",
+            "save_every",
+            "max_bad_steps",
+            "keep_checkpoints",
+            "eval_every",
+            "early_stopping_patience",
+        ):
             if getattr(self, key) < 0:
                 raise MolfError(f"config key '{key}': must be >= 0, got {getattr(self, key)}")
         if self.n_train is not None and self.n_train <= 0:
@@ -160,6 +172,16 @@ class TrainConfig:
         if not self.molf_e_ranks or any(r <= 0 for r in self.molf_e_ranks):
             raise MolfError(
                 f"config key 'molf_e_ranks': ranks must be > 0, got {list(self.molf_e_ranks)}"
+            )
+        for key in ("keep_best", "early_stopping_patience", "best_metric"):
+            if getattr(self, key) and not self.eval_every:
+                raise MolfError(
+                    f"config key '{key}': needs eval_every > 0 (steps between evaluations)"
+                )
+        if self.eval_every and self.distributed != "none":
+            raise MolfError(
+                "config key 'eval_every': evaluation during training runs in one process only "
+                "(distributed=none)"
             )
         method = methods.get(self.method)
         n_experts = method.n_experts(self) if method.n_experts is not None else None
@@ -241,6 +263,8 @@ def bundled_configs() -> list[str]:
 def resolve_config_path(name: str) -> Path:
     """A YAML path, or the name of a bundled config (e.g. 'molf-e', 'demo')."""
     path = Path(name)
+    if path.is_dir():
+        raise MolfError(f"config '{name}' is a directory, not a YAML file")
     if path.exists():
         return path
     bundled = CONFIG_DIR / f"{name}.yaml"

@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from molf.errors import MolfError
-from molf.tasks import build_task
+from molf.tasks import TaskOptions, build_task
 
 
 def evaluate_path(
@@ -22,7 +22,8 @@ def evaluate_path(
     """Load `model` (embedded name, path or hub id) and score it on `task`'s test split.
 
     A directory written by `molf train` carries `molf_run.json`: its seed and split sizes are
-    the defaults, so the test split is the one the run held out.
+    the defaults, so the test split is the one the run held out; for the run's own task, its
+    task options too (an sft run's fields, validation file and generation metric).
     """
     from molf.train.loop import evaluate
     from molf.train.models import load_model
@@ -38,8 +39,21 @@ def evaluate_path(
     if n_test <= 0:
         raise MolfError(f"--n-test: must be > 0, got {n_test}")
     data = data if data is not None else info.get("data")
+    options = None
+    if info.get("task_options") is not None and task == info.get("task"):
+        try:
+            options = TaskOptions(**info["task_options"])
+        except TypeError as e:
+            raise MolfError(f"{run_info}: unreadable task_options ({e})") from None
+        if data is not None and data != info.get("data"):
+            # another file: its fields are the user's to name, not the run's
+            options = TaskOptions(
+                max_length=options.max_length,
+                generation_metric=options.generation_metric,
+                max_new_tokens=options.max_new_tokens,
+            )
     task_obj, splits = build_task(
-        task, data, seed, info.get("n_train", 256), info.get("n_val", 32), n_test
+        task, data, seed, info.get("n_train", 256), info.get("n_val", 32), n_test, options
     )
     lm, tokenizer = load_model(model, trust_remote_code=trust_remote_code)
     from molf.train.loop import pick_device

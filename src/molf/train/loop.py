@@ -16,6 +16,7 @@ sharded (DCP); the final model is gathered and written by rank 0.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import math
 import resource
@@ -33,10 +34,10 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 import molf
-from molf._files import write_json_atomic
+from molf._files import check_directory_path, write_json_atomic
 from molf.errors import MolfError
 from molf.optim.sharded import attach_score_reducer, check_model
-from molf.tasks import Task, TaskOptions, TaskSplits, build_task
+from molf.tasks import Task, TaskOptions, TaskSplits, build_task, lower_is_better
 from molf.train import checkpoint as ckpt
 from molf.train import distributed, methods
 from molf.train.config import TrainConfig, dump_config
@@ -75,6 +76,39 @@ class Loaded:
     before: dict[str, float] = field(default_factory=dict)  # test metrics of the untrained model
 
 
+@dataclass
+class BestTracker:
+    """Evaluation during training: the best validation value of `metric` so far, the step it was
+    reached at, and how many evaluations since have not improved on it (early stopping). Saved in
+    every checkpoint (progress.json), so that a resumed run keeps choosing and stopping exactly
+    as an uninterrupted one."""
+
+    metric: str
+    lower: bool
+    best_value: float | None = None
+    best_step: int | None = None
+    bad_evals: int = 0
+
+    def update(self, value: float, step: int) -> bool:
+        """Record `value` at `step`; True when it is a strict improvement (NaN never is)."""
+        better = math.isfinite(value) and (
+            self.best_value is None
+            or (value < self.best_value if self.lower else value > self.best_value)
+        )
+        if better:
+            self.best_value, self.best_step, self.bad_evals = value, step, 0
+        else:
+            self.bad_evals += 1
+        return better
+
+    def state(self) -> dict[str, Any]:
+        return {"best_value": self.best_value, "best_step": self.best_step, "bad": self.bad_evals}
+
+    def restore(self, state: dict[str, Any]) -> None:
+        self.best_value, self.best_step = state["best_value"], state["best_step"]
+        self.bad_evals = state["bad"]
+
+
 @dataclass(kw_only=True)
 class Setup(Loaded):
     """Everything the loop needs, built by `prepare`: what `Loaded` holds, with `model` now the
@@ -88,6 +122,7 @@ class Setup(Loaded):
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LambdaLR
     dist: DistContext = field(default_factory=DistContext)
+    tracker: BestTracker | None = None  # set when eval_every > 0
 
 
 # -- model + optimizer per method --------------------------------------------------------------
@@ -137,6 +172,7 @@ def routed_optimizer(opt: torch.optim.Optimizer) -> molf.MoLFAdamW | None:
 def check_output_dir(cfg: TrainConfig, resume: str, overwrite: bool) -> None:
     """Refuse to clobber a finished run; refuse to silently restart an unfinished one."""
     run_dir = cfg.run_dir
+    check_directory_path(run_dir, "output directory")
     if not run_dir.exists() or not any(run_dir.iterdir()):
         return
     if overwrite:
@@ -220,7 +256,12 @@ def prepare(
         if ctx.rank > 0:  # dropout masks: another stream per rank (rank 0 keeps the 1-GPU one)
             torch.manual_seed(cfg.seed + 1_000_003 * ctx.rank)
     loaded_fields = {f.name: getattr(loaded, f.name) for f in fields(loaded)}
+    tracker = None
+    if cfg.eval_every:
+        metric = cfg.best_metric or loaded.task.headline
+        tracker = BestTracker(metric, lower_is_better(metric))
     return Setup(
+        tracker=tracker,
         **(loaded_fields | {"model": model}),
         cfg=cfg,
         method=methods.get(cfg.method),
@@ -248,6 +289,11 @@ def _prepare_local(cfg: TrainConfig, resume: str, overwrite: bool, ctx: DistCont
         cfg.n_test,
         TaskOptions.from_config(cfg),
     )
+    if cfg.eval_every and not splits.validation:
+        raise MolfError(
+            f"eval_every={cfg.eval_every}: task '{cfg.task}' has no validation records "
+            "(set n_val > 0 or give --val-data)"
+        )
     model, tokenizer = load_model(
         cfg.model, dtype=_dtype(cfg), trust_remote_code=cfg.trust_remote_code
     )
@@ -320,7 +366,10 @@ def save_checkpoint(s: Setup, step: int, log_lines: int) -> Path:
     routed = routed_optimizer(opt)
 
     def fill_common(tmp: Path) -> None:
-        (tmp / "progress.json").write_text(json.dumps({"step": step, "metrics_lines": log_lines}))
+        progress: dict[str, Any] = {"step": step, "metrics_lines": log_lines}
+        if s.tracker is not None:
+            progress["best"] = s.tracker.state()
+        (tmp / "progress.json").write_text(json.dumps(progress))
         if routed is not None and routed.routing_log is not None:
             routed.routing_log.write_jsonl(tmp / "routing.jsonl")
 
@@ -356,8 +405,16 @@ def save_checkpoint(s: Setup, step: int, log_lines: int) -> Path:
             f"could not write checkpoint at step {step} in {s.cfg.run_dir}: {e.strerror or e}"
         ) from None
     if s.dist.is_main:
-        ckpt.prune_checkpoints(s.cfg.run_dir, s.cfg.keep_checkpoints)
+        ckpt.prune_checkpoints(s.cfg.run_dir, s.cfg.keep_checkpoints, _best_checkpoint(s))
     return path
+
+
+def _best_checkpoint(s: Setup) -> Path | None:
+    """The checkpoint `keep_best` exports at the end (None: the model being trained is it)."""
+    t = s.tracker
+    if not keeps_best(s.cfg) or t is None or t.best_step is None:
+        return None
+    return ckpt.checkpoint_dir(s.cfg.run_dir, t.best_step)
 
 
 def load_checkpoint(s: Setup, path: Path) -> tuple[int, int]:
@@ -388,6 +445,8 @@ def load_checkpoint(s: Setup, path: Path) -> tuple[int, int]:
     if routed is not None and routed.routing_log is not None and (path / "routing.jsonl").exists():
         routed.routing_log.records = molf.RoutingLog.read_jsonl(path / "routing.jsonl").records
     progress = json.loads((path / "progress.json").read_text())
+    if s.tracker is not None and "best" in progress:
+        s.tracker.restore(progress["best"])
     return progress["step"], progress["metrics_lines"]
 
 
@@ -471,9 +530,10 @@ class MetricLogger:
             f.write(json.dumps(record) + "\n")
         self.lines += 1
         if self.backend is not None:
-            scalars = {
-                k: v for k, v in record.items() if isinstance(v, (int, float)) and k != "step"
-            }
+            flat = dict(record)
+            for k, v in (flat.pop("eval", None) or {}).items():
+                flat[f"eval/{k}"] = v
+            scalars = {k: v for k, v in flat.items() if isinstance(v, (int, float)) and k != "step"}
             if hasattr(self.backend, "add_scalar"):
                 for k, v in scalars.items():
                     self.backend.add_scalar(k, v, record["step"])
@@ -546,7 +606,13 @@ def train_loop(s: Setup, start_step: int, logger: MetricLogger) -> dict[str, Any
     params = [p for p in model.parameters() if p.requires_grad]
     pad = s.tokenizer.pad_token_id if s.tokenizer.pad_token_id is not None else 0
     routed = routed_optimizer(opt)
-    stats = {"skipped_steps": 0, "tokens": 0, "train_seconds": 0.0, "last_loss": float("nan")}
+    stats: dict[str, Any] = {
+        "skipped_steps": 0,
+        "tokens": 0,
+        "train_seconds": 0.0,
+        "last_loss": float("nan"),
+    }
+    eval_postfix: dict[str, str] = {}
     bad_in_a_row = 0
     model.train()
     bar = _progress(s.total_steps, start_step, cfg.progress and ctx.is_main)
@@ -630,18 +696,80 @@ def train_loop(s: Setup, start_step: int, logger: MetricLogger) -> dict[str, Any
                 postfix[f"{routed.expert_names[0]}"] = f"{shares[0]:.0%}" if shares else "-"
             if (step + 1) % cfg.log_every == 0 or step + 1 == s.total_steps:
                 logger.log(record)
-            bar.set_postfix(postfix, refresh=False)
-            bar.update(1)
             done = step + 1
+            saved = None  # the step a checkpoint was just written at
+            stop = False
+            tracker = s.tracker
+            if tracker is not None and (done % cfg.eval_every == 0 or done == s.total_steps):
+                improved = _evaluate_during_training(s, done, logger, eval_postfix)
+                if improved and keeps_best(cfg) and done < s.total_steps:
+                    save_checkpoint(s, done, logger.lines)  # the candidate final/ is exported from
+                    saved = done
+                patience = cfg.early_stopping_patience
+                if patience and tracker.bad_evals >= patience and done < s.total_steps:
+                    stats["stopped_early_at"] = done
+                    stop = True
+            bar.set_postfix(postfix | eval_postfix, refresh=False)
+            bar.update(1)
+            if stop:
+                break
             signum = agreed if ctx.enabled else flag.signum
             if signum is not None:
-                path = save_checkpoint(s, done, logger.lines)
+                path = save_checkpoint(s, done, logger.lines) if saved is None else _last(s)
                 bar.close()
                 raise Interrupted(130 if signum == signal.SIGINT else 143, path)
             if cfg.save_every and done % cfg.save_every == 0 and done < s.total_steps:
-                save_checkpoint(s, done, logger.lines)
+                if saved is None:
+                    save_checkpoint(s, done, logger.lines)
     bar.close()
     return stats
+
+
+def _last(s: Setup) -> Path:
+    return ckpt.list_checkpoints(s.cfg.run_dir)[-1]
+
+
+def keeps_best(cfg: TrainConfig) -> bool:
+    """Whether final/ is exported from the best evaluated checkpoint: `keep_best`, or early
+    stopping (which stops after the best and would otherwise export a worse model)."""
+    return bool(cfg.eval_every and (cfg.keep_best or cfg.early_stopping_patience))
+
+
+def _evaluate_during_training(
+    s: Setup, step: int, logger: MetricLogger | _NoLogger, postfix: dict[str, str]
+) -> bool:
+    """Score the model being trained on the validation split; log it to metrics.jsonl as
+    `{"step", "eval": {...}}`, show it in the progress bar; True when it is the best so far."""
+    tracker = s.tracker
+    assert tracker is not None
+    metrics = evaluate(s.task, s.model, s.tokenizer, s.splits.validation, s.cfg.eval_batch_size)
+    if tracker.metric not in metrics:
+        raise MolfError(
+            f"config key 'best_metric': task '{s.cfg.task}' reports no '{tracker.metric}' "
+            f"(it reports {', '.join(metrics)})"
+        )
+    improved = tracker.update(float(metrics[tracker.metric]), step)
+    logger.log(
+        {
+            "step": step,
+            "eval": metrics,
+            "best_step": tracker.best_step,
+            "best": tracker.best_value,
+        }
+    )
+    for name, value in metrics.items():
+        postfix[f"val_{name}"] = f"{value:.3g}"
+    return improved
+
+
+def _restore_best(s: Setup, path: Path) -> None:
+    """Load the trainable weights (and method state) of checkpoint `path` into the model, so that
+    the export below writes that checkpoint's model."""
+    state = load_file(str(path / "trainable.safetensors"), device=str(s.device))
+    s.model.load_state_dict(state, strict=False)
+    trainer = torch.load(path / "trainer_state.pt", weights_only=True)
+    if s.method.load_state is not None and trainer.get("method_state"):
+        s.method.load_state(s.model, trainer["method_state"])
 
 
 # -- final artefacts -------------------------------------------------------------------------------
@@ -656,6 +784,9 @@ def _save_run_info(directory: Path, cfg: TrainConfig) -> None:
         "n_test": cfg.n_test,
         "method": cfg.method,
         "base_model": cfg.model,
+        # the task's own settings (sft: fields, val_data, generation metric), so that `molf eval`
+        # scores the saved model on the same records the same way
+        "task_options": dataclasses.asdict(TaskOptions.from_config(cfg)),
     }
     (directory / "molf_run.json").write_text(json.dumps(info, indent=1))
 
@@ -786,6 +917,28 @@ def _run(cfg: TrainConfig, resume: str, overwrite: bool, ctx: DistContext) -> di
         if ctx.is_main:
             routed.routing_log.write_jsonl(run_dir / "routing.jsonl")
             write_json_atomic(run_dir / "routing_summary.json", routing_summary)
+    last_step = stats.get("stopped_early_at", s.total_steps)
+    best = _best_checkpoint(s)
+    best_info = None
+    if s.tracker is not None:
+        t = s.tracker
+        best_info = {"metric": t.metric, "value": t.best_value, "step": t.best_step}
+        best_info["exported"] = keeps_best(cfg)
+        if best is not None and t.best_step != last_step:
+            _restore_best(s, best)
+        if ctx.is_main:
+            if "stopped_early_at" in stats:
+                print(
+                    f"early stopping at step {last_step}: {t.metric} on the validation split has "
+                    f"not improved for {cfg.early_stopping_patience} evaluations",
+                    file=sys.stderr,
+                )
+            if keeps_best(cfg) and t.best_step is not None:
+                print(
+                    f"exporting the best checkpoint: step {t.best_step}, validation "
+                    f"{t.metric} {t.best_value:.4g}",
+                    file=sys.stderr,
+                )
     trained = s.model
     if ctx.enabled:
         trained = _gather_final_model(s)
@@ -810,6 +963,9 @@ def _run(cfg: TrainConfig, resume: str, overwrite: bool, ctx: DistContext) -> di
         "after": after,
         "validation": validation,
         "steps": s.total_steps,
+        "steps_done": last_step,
+        "stopped_early": "stopped_early_at" in stats,
+        "best_checkpoint": best_info,
         "resumed_from_step": start,
         "skipped_steps": stats["skipped_steps"],
         "final_loss": stats["last_loss"],
