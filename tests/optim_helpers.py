@@ -129,6 +129,22 @@ class Oracle:
         return out
 
 
+def step_on_random_grads(runs, steps, seed=0):
+    """Step every (model, optimizer) of `runs` on the same random gradients, of a random scale
+    per tensor so that routing varies, set directly: no forward pass that could drift apart."""
+    params = [[p for p in m.parameters() if p.requires_grad] for m, _ in runs]
+    g = torch.Generator().manual_seed(seed)
+    for _ in range(steps):
+        grads = [
+            torch.randn(p.shape, generator=g) * 10 ** (-4 + 2 * torch.rand((), generator=g))
+            for p in params[0]
+        ]
+        for (_, opt), ps in zip(runs, params):
+            for p, grad in zip(ps, grads):
+                p.grad = grad.to(p.dtype)
+            opt.step()
+
+
 def case_id(case) -> str:
     return f"{case[0]}-{case[1]}-k{case[2]}-{case[3]}"
 

@@ -119,10 +119,12 @@ def decide(
 
 
 def _register_builtin() -> None:
+    from molf.optim.backends.device import DeviceBackend
     from molf.optim.backends.eager import EagerBackend
     from molf.optim.backends.native import NativeBackend
 
-    register_backend(NativeBackend)
+    register_backend(NativeBackend)  # CPU
+    register_backend(DeviceBackend)  # accelerators
     register_backend(EagerBackend)  # last: "auto" falls back to it on any device
 
 
