@@ -215,6 +215,40 @@ def _step_all(s: StepSettings, chunks: list[Chunk]) -> tuple[list, list[float]]:
     return tensors, torch.stack(step_tensors).tolist()
 
 
+def _update_all(
+    s: StepSettings,
+    chunks: list[Chunk],
+    tensors: list,
+    steps: list[float],
+    won: torch.Tensor | None,
+) -> None:
+    """Step 5 for every chunk: routed chunks (`won`, the flattened winners) keep their winners'
+    updates only, the other parameters' chunks are all updated."""
+    start = 0
+    for c, (params, ms, vs) in zip(chunks, tensors):
+        n = len(params)
+        if c.experts is not None:
+            lrs = [s.slot_lrs[e] for e in c.experts]
+            wds = [s.slot_weight_decays[e] for e in c.experts]
+        else:
+            lrs = [s.group_lrs[g] for g in c.groups]
+            wds = [s.group_weight_decays[g] for g in c.groups]
+        F.adam_update(
+            params,
+            ms,
+            vs,
+            steps[start : start + n],
+            lrs,
+            wds,
+            s.beta1,
+            s.beta2,
+            s.eps,
+            won=None if won is None else won[c.bucket],
+            scratch=c.scratch,
+        )
+        start += n
+
+
 class DeviceBackend:
     name: ClassVar[str] = "device"
 
@@ -262,43 +296,11 @@ class DeviceBackend:
         if s.routing_log is not None:  # copied without blocking; see RoutingLog.append
             s.routing_log.append(int(steps[plan.anchor]), winners, scores, plan.active)
 
-        won = winners.reshape(-1)
-        start = 0
-        for c, (params, ms, vs) in zip(plan.routed, tensors):
-            n = len(params)
-            F.adam_update(
-                params,
-                ms,
-                vs,
-                steps[start : start + n],
-                [s.slot_lrs[e] for e in c.experts],
-                [s.slot_weight_decays[e] for e in c.experts],
-                s.beta1,
-                s.beta2,
-                s.eps,
-                won=won[c.bucket],
-                scratch=c.scratch,
-            )
-            start += n
+        _update_all(s, plan.routed, tensors, steps, winners.reshape(-1))
         counts = winners.to(torch.int64).unbind(0)
         torch._foreach_add_(plan.wins, [counts[m] for m in plan.rows])
 
     def step_plain(self, s: StepSettings, plan: Plan) -> None:
         """Plain AdamW for the parameters outside the wrapped modules that have a gradient."""
         tensors, steps = _step_all(s, plan.plain)
-        start = 0
-        for c, (params, ms, vs) in zip(plan.plain, tensors):
-            n = len(params)
-            F.adam_update(
-                params,
-                ms,
-                vs,
-                steps[start : start + n],
-                [s.group_lrs[g] for g in c.groups],
-                [s.group_weight_decays[g] for g in c.groups],
-                s.beta1,
-                s.beta2,
-                s.eps,
-                scratch=c.scratch,
-            )
-            start += n
+        _update_all(s, plan.plain, tensors, steps, None)
