@@ -62,14 +62,17 @@ def llama(
     seed: int = 0,
     dtype: torch.dtype = torch.float32,
     device: str | torch.device = "cpu",
+    vocab: int | None = None,
 ) -> nn.Module:
-    """A randomly initialised LlamaForCausalLM with the shapes of SHAPES[shape] (`layers`
-    overrides the depth), created directly on `device` in `dtype`."""
+    """A randomly initialised LlamaForCausalLM with the shapes of SHAPES[shape] (`layers` and
+    `vocab` override the depth and the vocabulary), created directly on `device` in `dtype`."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     sizes = dict(SHAPES[shape])
     if layers is not None:
         sizes["num_hidden_layers"] = layers
+    if vocab is not None:
+        sizes["vocab_size"] = vocab
     cfg = LlamaConfig(**sizes, tie_word_embeddings=True, max_position_embeddings=2048)
     with torch.random.fork_rng(devices=[]), torch.device(device):
         torch.manual_seed(seed)
@@ -79,11 +82,6 @@ def llama(
             return LlamaForCausalLM(cfg)
         finally:
             torch.set_default_dtype(default)
-
-
-def smollm2_135m(layers: int = 30, seed: int = 0) -> nn.Module:
-    """A randomly initialised LlamaForCausalLM with the smollm2-135m shapes."""
-    return llama("smollm2-135m", layers, seed)
 
 
 def sync(device: torch.device) -> None:
@@ -297,6 +295,7 @@ def base_parser(description: str, steps: int) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--layers", type=int, default=30, help="decoder layers (30 = full)")
+    parser.add_argument("--vocab", type=int, default=None, help="override the vocabulary size")
     parser.add_argument("--steps", type=int, default=steps, help="timed steps per contender")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     parser.add_argument(

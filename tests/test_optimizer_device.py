@@ -3,6 +3,7 @@ eager in every dtype, no host read with the routing log off and only non-blockin
 on (the meta device stands in for an accelerator), and operator calls that do not grow with the
 number of tensors (the CPU proxy for kernel launches)."""
 
+import contextlib
 import copy
 import dataclasses
 
@@ -31,6 +32,19 @@ def test_device_backend_matches_the_float64_oracle(monkeypatch, case, chunk):
     monkeypatch.setattr(EagerBackend, "step", lambda self, s: eager.append(1))
     opt = check_against_oracle(*case)
     assert opt.backend == "device" and len(steps) == 8 and not eager
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("log", [False, True], ids=["log-off", "log-on"])
+@pytest.mark.parametrize("case", CASES, ids=case_id)
+def test_on_cuda_the_default_backend_matches_the_oracle_and_never_synchronises(case, log):
+    # set_sync_debug_mode("error") raises on any synchronising CUDA call inside a step
+    def no_sync():
+        torch.cuda.set_sync_debug_mode("error")
+        return contextlib.ExitStack().callback(torch.cuda.set_sync_debug_mode, "default")
+
+    opt = check_against_oracle(*case, device="cuda", during_step=no_sync, log=log)
+    assert opt.backend == "device"
 
 
 def test_chunks_hold_at_most_the_limit_and_keep_the_order():
