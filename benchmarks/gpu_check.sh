@@ -78,8 +78,9 @@ if command -v nvidia-smi >/dev/null; then
 else
   log "skipped nvidia-smi: not installed here"
 fi
-N_GPUS=$("$PY" -c "import torch; print(torch.cuda.device_count())")
-run torch "$PY" -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'gpus', torch.cuda.device_count())"
+VERSIONS=$("$PY" -c "import torch; print(torch.cuda.device_count(), 'torch', torch.__version__, 'cuda', torch.version.cuda)")
+N_GPUS="${VERSIONS%% *}"
+log "${VERSIONS#* }, $N_GPUS CUDA devices"
 if [[ "$DEVICE" == cuda && "$N_GPUS" -lt 1 ]]; then
   log "no CUDA device: run with --device cpu for a dry run"
   exit 2

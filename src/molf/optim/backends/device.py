@@ -291,7 +291,7 @@ class DeviceBackend:
         totals = torch.zeros(L.n_modules * L.n_experts, dtype=flat.dtype, device=flat.device)
         totals = totals.index_add_(0, plan.bucket, flat).view(L.n_modules, L.n_experts)
         if self.numel is None or self.numel.dtype != totals.dtype:
-            self.numel = L.numel.to(totals.device, totals.dtype)
+            self.numel = on_device(L.numel, totals.dtype, totals.device)
         scores, winners = decide(s, totals, self.numel, plan.active)
         if s.routing_log is not None:  # copied without blocking; see RoutingLog.append
             s.routing_log.append(int(steps[plan.anchor]), winners, scores, plan.active)
