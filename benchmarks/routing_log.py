@@ -2,10 +2,12 @@
 records kept in memory and rewritten whole into every checkpoint (the loop before streaming) and
 with the log streamed to disk (`RoutingLog.stream_to`, a checkpoint stores `state_dict()`).
 
-    python benchmarks/routing_log.py [--modules 210] [--steps 500 2000 8000]
+    python benchmarks/routing_log.py [--modules 210] [--steps 2000 4000 6000 8000]
 
 Records have the shape of a SmolLM2-135M MoLF run (210 wrapped modules, 2 experts, random
-scores); each milestone appends records up to that step count and then takes one checkpoint.
+scores); each milestone appends records up to that step count and then takes one checkpoint, as
+a run checkpointing every 2000 steps would. A streamed checkpoint flushes and fsyncs the lines
+written since the previous one, so its cost follows the checkpoint interval, not the run length.
 Memory is the growth of the process's resident size since the first 20 steps (both logs are built
 in turn, the in-memory one last so that the streamed one cannot benefit from its freed memory).
 """
@@ -78,7 +80,7 @@ def run(streamed: bool, modules: int, milestones: list[int], tmp: Path) -> list[
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--modules", type=int, default=210)
-    parser.add_argument("--steps", type=int, nargs="+", default=[500, 2000, 8000])
+    parser.add_argument("--steps", type=int, nargs="+", default=[2000, 4000, 6000, 8000])
     args = parser.parse_args(argv)
     print(
         f"routing log: {args.modules} modules x 2 experts per record; a checkpoint at each "

@@ -37,14 +37,27 @@ class Scratch:
     """Working memory for one chunk of tensors, so that a step makes a fixed number of foreach
     calls however many tensors the chunk holds: two flat buffers `a` and `b` in the
     accumulation dtype (float32, or float64), views of them shaped like each tensor
-    (`a_views`, `b_views`), and each tensor's element count on the buffers' device (`numel`),
-    which expands a per-tensor mask to the elements without the host reading it."""
+    (`a_views`, `b_views`), and, on the buffers' device, the indices of the non-empty tensors
+    (`nonempty`) and their first elements in the buffers (`starts`), which expand a per-tensor
+    mask to the elements without the host reading it (`element_mask`)."""
 
     a: torch.Tensor
     b: torch.Tensor
     a_views: list[torch.Tensor]
     b_views: list[torch.Tensor]
-    numel: torch.Tensor
+    nonempty: torch.Tensor
+    starts: torch.Tensor
+
+    def element_mask(self, per_tensor: torch.Tensor) -> torch.Tensor:
+        """A bool [elements] mask, True on the elements of the tensors where `per_tensor` (bool,
+        one per tensor) is: the changes of the mask placed at each non-empty tensor's first
+        element (distinct positions) and summed in place, one byte an element
+        (repeat_interleave would index with eight)."""
+        marks = per_tensor[self.nonempty].to(torch.int8)
+        changes = torch.diff(marks, prepend=marks.new_zeros(1))
+        mask = torch.zeros(self.a.numel(), dtype=torch.int8, device=self.a.device)
+        mask.scatter_(0, self.starts, changes)
+        return mask.cumsum_(0).view(torch.bool)
 
 
 def accumulation_dtype(t: torch.Tensor) -> torch.dtype:
@@ -231,9 +244,7 @@ def adam_update(
         if won is not None:
             # a <- the parameters as they are; b <- where each element's tensor won, b, else a
             torch._foreach_copy_(scratch.a_views, params)
-            size = scratch.a.numel()
-            mask = torch.repeat_interleave(won, scratch.numel, output_size=size)
-            torch.where(mask, scratch.b, scratch.a, out=scratch.b)
+            torch.where(scratch.element_mask(won), scratch.b, scratch.a, out=scratch.b)
         torch._foreach_copy_(list(params), new)
         return
     if won is not None:

@@ -7,8 +7,8 @@ dtype with views shaped like its tensors (`functional.Scratch`), built once and 
 Per chunk, the moments advance with three foreach calls (plus one copy when the gradients are
 in another dtype), the score partials are a few foreach calls in the scratch, and after the
 decision every tensor's Adam update is computed in the scratch and kept only where its expert won,
-by one `torch.where` over the flat buffers with a mask expanded on the device (`repeat_interleave`
-with a known output size, so no host read). The decision itself is a handful of batched ops on
+by one `torch.where` over the flat buffers with a mask expanded on the device (a cumulative sum of
+its changes at each tensor's first element, so no host read). The decision itself is a handful of batched ops on
 the [modules, experts] totals (`decide`).
 
 So a step costs a fixed number of calls per chunk plus a fixed number per step: it grows with
@@ -69,18 +69,27 @@ def chunked(sizes: list[int], limit: int) -> list[list[int]]:
     return groups
 
 
-def _scratch(
+def scratch_for(
     tensors: list[torch.Tensor], workspace: tuple[torch.Tensor, torch.Tensor]
 ) -> F.Scratch:
+    """Scratch for `tensors` at the start of the two `workspace` buffers."""
     size = sum(t.numel() for t in tensors)
     a, b = (w[:size] for w in workspace)
-    a_views, b_views, start = [], [], 0
+    a_views, b_views, starts, start = [], [], [], 0
     for t in tensors:
         a_views.append(a[start : start + t.numel()].view(t.shape))
         b_views.append(b[start : start + t.numel()].view(t.shape))
+        starts.append(start)
         start += t.numel()
-    numel = on_device([t.numel() for t in tensors], torch.int64, a.device)
-    return F.Scratch(a, b, a_views, b_views, numel)
+    nonempty = [i for i, t in enumerate(tensors) if t.numel() > 0]
+    return F.Scratch(
+        a,
+        b,
+        a_views,
+        b_views,
+        on_device(nonempty, torch.int64, a.device),
+        on_device([starts[i] for i in nonempty], torch.int64, a.device),
+    )
 
 
 def _chunks(
@@ -114,7 +123,7 @@ def _chunks(
             torch.empty(biggest, dtype=dtype, device=device),
         )
         for g, n in zip(groups, need):
-            out.append((g, _scratch([moments[p] for p in g], workspace) if n else None))
+            out.append((g, scratch_for([moments[p] for p in g], workspace) if n else None))
     return out
 
 
