@@ -198,6 +198,16 @@ def make_opt(model: nn.Module, s: Setup, backend: str = "auto") -> MoLFAdamW:
 BACKENDS = ["auto", "device"]
 
 
+def for_each_backend(max_examples: int):
+    """A property over `max_examples` random setups (argument `s`), run with every backend."""
+
+    def decorate(test):
+        test = given(s=setups())(settings(QUICK, max_examples=max_examples)(test))
+        return pytest.mark.parametrize("backend", BACKENDS)(test)
+
+    return decorate
+
+
 # -- gradients -------------------------------------------------------------------------------
 
 
@@ -447,9 +457,7 @@ def check_step(
 # -- properties ------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-@settings(QUICK, max_examples=40)
-@given(s=setups())
+@for_each_backend(max_examples=40)
 def test_every_step_follows_the_method(backend: str, s: Setup) -> None:
     """Moments of all experts advance; only the top-k by the logged score update; wins add up."""
     model = build_model(s)
@@ -477,9 +485,7 @@ def test_every_step_follows_the_method(backend: str, s: Setup) -> None:
     assert torch.equal(wins, logged)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-@settings(QUICK, max_examples=25)
-@given(s=setups())
+@for_each_backend(max_examples=25)
 def test_state_dict_round_trip_continues_bitwise(backend: str, s: Setup) -> None:
     """A fresh optimizer on a deep copy, loaded from a saved state_dict, takes the same steps."""
     model = build_model(s)
