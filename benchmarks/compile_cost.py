@@ -17,6 +17,7 @@ import sys
 import time
 
 import torch
+import torch._inductor.config
 from common import base_parser, describe_machine, llama, setup, sync, table
 
 import molf
@@ -77,6 +78,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.set_defaults(layers=1)
     args = parser.parse_args(argv)
     device = setup(args)
+    # compile for real: no kernels from an earlier run's on-disk cache
+    torch._inductor.config.fx_graph_cache = False
     model = molf.wrap(
         llama("smollm2-135m", args.layers, device=device, vocab=args.vocab),
         molf.MoLFConfig(lora_ranks=(128,), lora_dropout=0.0),

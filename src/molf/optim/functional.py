@@ -51,13 +51,13 @@ class Scratch:
     def element_mask(self, per_tensor: torch.Tensor) -> torch.Tensor:
         """A bool [elements] mask, True on the elements of the tensors where `per_tensor` (bool,
         one per tensor) is: the changes of the mask placed at each non-empty tensor's first
-        element (distinct positions) and summed in place, one byte an element
-        (repeat_interleave would index with eight)."""
+        element (distinct positions) and summed in place, in bytes (repeat_interleave would
+        index with eight bytes an element)."""
         marks = per_tensor[self.nonempty].to(torch.int8)
         changes = torch.diff(marks, prepend=marks.new_zeros(1))
         mask = torch.zeros(self.a.numel(), dtype=torch.int8, device=self.a.device)
         mask.scatter_(0, self.starts, changes)
-        return mask.cumsum_(0).view(torch.bool)
+        return mask.cumsum_(0).bool()
 
 
 def accumulation_dtype(t: torch.Tensor) -> torch.dtype:

@@ -12,7 +12,7 @@ its changes at each tensor's first element, so no host read). The decision itsel
 the [modules, experts] totals (`decide`).
 
 So a step costs a fixed number of calls per chunk plus a fixed number per step: it grows with
-the element count in steps of CHUNK_ELEMENTS (which bounds the scratch memory, about 9 bytes per
+the element count in steps of CHUNK_ELEMENTS (which bounds the scratch memory, about 10 bytes per
 element of the largest chunk), never with the tensor count. The host reads nothing from the
 device: step counts live on the CPU (as in torch's AdamW), learning rates reach the device by a
 pinned non-blocking copy, and the winners stay on the device. With the routing log on, the
@@ -35,8 +35,8 @@ from molf.optim.backends import StepSettings, decide, on_device
 from molf.optim.layout import RoutedLayout, local
 from molf.scores import Score
 
-# Elements per chunk: bounds the scratch memory (two float32 buffers and a bool mask, about
-# 9 bytes an element: 576 MiB at 2^26) while keeping the calls per step few.
+# Elements per chunk: bounds the scratch memory (two float32 buffers and the mask, about 10 bytes
+# an element: 640 MiB at 2^26) while keeping the calls per step few.
 CHUNK_ELEMENTS = 1 << 26
 
 
