@@ -1,9 +1,11 @@
 """Forward + backward + optimizer step of FFT, LoRA, MoLF and MoLF-E on the same model and batch.
 
-    python benchmarks/train_step.py [--device cpu|cuda] [--layers 30] [--batch 2] [--seq 128]
-                                    [--steps 5] [--threads N]
+    python benchmarks/train_step.py [--device cpu|cuda] [--shape smollm2-135m|1b] [--layers N]
+                                    [--dtype float32|bfloat16] [--batch 2] [--seq 128]
+                                    [--steps 5] [--threads N] [--target 1.1]
 
-Methods, all on the smollm2-135m architecture with the same random weights and token batch:
+Methods, all on one architecture (smollm2-135m, or `--shape 1b`: Llama-3.2-1B's shapes) with the
+same random weights and token batch:
   fft        every parameter trained, torch AdamW (fused where available, else foreach);
   lora r128  peft LoraConfig(r=128, all-linear, rsLoRA) + torch AdamW, the LoRA baseline;
   lora r160  the same at rank 160: the FLOPs of MoLF-E's two experts (32 + 128);
@@ -14,8 +16,10 @@ forward + backward (torch.utils.flop_counter; the optimizers' elementwise work i
 benchmarks/optimizer_step.py measures it), the memory held between steps (parameters and
 optimizer state) and the peak extra memory of one step (gradients, activations, temporaries).
 
-Targets (about overhead, not arithmetic): molf's time ratio to fft at most 1.1x its FLOP ratio;
-molf-e at most 1.1x lora r160 (the same FLOPs).
+Targets (about overhead, not arithmetic): molf's time ratio to fft at most `--target` (1.1 on
+CPU, issue 5; the GPU check asks 1.05, issue 14) times its FLOP ratio; molf-e at most 1.1x lora
+r160 (the same FLOPs). In bfloat16 every method keeps its weights, LoRA factors included, in
+bfloat16 (peft's adapter upcast is off), and MoLFAdamW its default float32 moments.
 """
 
 from __future__ import annotations
@@ -27,14 +31,15 @@ import time
 
 import torch
 from common import (
+    SHAPES,
     base_parser,
     describe_machine,
     fmt_bytes,
     interleaved_times,
+    llama,
     median,
     peak_extra_bytes,
     setup,
-    smollm2_135m,
     table,
 )
 from torch import nn
@@ -58,7 +63,7 @@ def peft_lora(model: nn.Module, rank: int, dropout: float) -> nn.Module:
     cfg = LoraConfig(
         r=rank, lora_alpha=16, target_modules="all-linear", lora_dropout=dropout, use_rslora=True
     )
-    return get_peft_model(model, cfg)
+    return get_peft_model(model, cfg, autocast_adapter_dtype=False)
 
 
 def build(method: str, base: nn.Module, dropout: float) -> tuple[nn.Module, torch.optim.Optimizer]:
@@ -84,18 +89,24 @@ def state_bytes(model: nn.Module, opt: torch.optim.Optimizer) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     parser = base_parser(__doc__.splitlines()[0], steps=5)
+    parser.set_defaults(layers=None)
+    parser.add_argument("--shape", default="smollm2-135m", choices=sorted(SHAPES))
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    parser.add_argument("--target", type=float, default=1.1, help="molf overhead target")
     parser.add_argument("--batch", type=int, default=2)
     parser.add_argument("--seq", type=int, default=128)
     parser.add_argument("--lora-dropout", type=float, default=0.05, help="LoRA and MoLF dropout")
     args = parser.parse_args(argv)
     device = setup(args)
+    dtype = getattr(torch, args.dtype)
+    layers = args.layers or SHAPES[args.shape]["num_hidden_layers"]
     print(
-        f"train step: smollm2-135m architecture, {args.layers} layers, fp32, batch "
+        f"train step: {args.shape} architecture, {layers} layers, {args.dtype}, batch "
         f"{args.batch} x {args.seq} tokens; median of {args.steps} interleaved steps "
         f"({args.clock} clock); "
         f"{describe_machine(device)}"
     )
-    base = smollm2_135m(args.layers).to(device)
+    base = llama(args.shape, layers, dtype=dtype, device=device, vocab=args.vocab)
     tokens = torch.randint(
         0,
         base.config.vocab_size,
@@ -157,10 +168,10 @@ def main(argv: list[str] | None = None) -> int:
     overhead = time_ratio / flop_ratio
     e_ratio = t["molf-e"] / t["lora r160"]
     print("\ntargets:")
-    verdict = "met" if overhead <= 1.1 else "MISSED"
+    verdict = "met" if overhead <= args.target else "MISSED"
     print(
         f"  molf time / fft time = {time_ratio:.3f} for a FLOP ratio of {flop_ratio:.3f}: "
-        f"{overhead:.3f}x the FLOP ratio, target <= 1.1x: {verdict}"
+        f"{overhead:.3f}x the FLOP ratio, target <= {args.target}x: {verdict}"
     )
     verdict = "met" if e_ratio <= 1.1 else "MISSED"
     print(f"  molf-e time / lora r160 time = {e_ratio:.3f}, target <= 1.1x: {verdict}")

@@ -7,6 +7,7 @@ own moments, scores, top-k and AdamW update. Parameters and moments must agree w
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
@@ -129,6 +130,22 @@ class Oracle:
         return out
 
 
+def step_on_random_grads(runs, steps, seed=0):
+    """Step every (model, optimizer) of `runs` on the same random gradients, of a random scale
+    per tensor so that routing varies, set directly: no forward pass that could drift apart."""
+    params = [[p for p in m.parameters() if p.requires_grad] for m, _ in runs]
+    g = torch.Generator().manual_seed(seed)
+    for _ in range(steps):
+        grads = [
+            torch.randn(p.shape, generator=g) * 10 ** (-4 + 2 * torch.rand((), generator=g))
+            for p in params[0]
+        ]
+        for (_, opt), ps in zip(runs, params):
+            for p, grad in zip(ps, grads):
+                p.grad = grad.to(p.dtype)
+            opt.step()
+
+
 def case_id(case) -> str:
     return f"{case[0]}-{case[1]}-k{case[2]}-{case[3]}"
 
@@ -143,9 +160,13 @@ CASES = [
 ]
 
 
-def check_against_oracle(ranks, train_base, k, score, lr_lora) -> molf.MoLFAdamW:
-    """Train a small wrapped float64 net for 8 steps with MoLFAdamW and with the oracle: the
-    same parameters, moments and routing decisions at the end; returns the optimizer."""
+def check_against_oracle(
+    ranks, train_base, k, score, lr_lora, device: str = "cpu", during_step=None, log=True
+) -> molf.MoLFAdamW:
+    """Train a small wrapped float64 net for 8 steps with MoLFAdamW (on `device`; the oracle stays
+    on the CPU) and with the oracle: the same parameters, moments and (with the routing `log`)
+    routing decisions at the end; returns the optimizer. `during_step`, a context manager
+    factory, wraps every step."""
     torch.manual_seed(0)
     net = Net().double()
     alphas = tuple(2.0 * (i + 1) for i in range(len(ranks)))
@@ -163,6 +184,11 @@ def check_against_oracle(ranks, train_base, k, score, lr_lora) -> molf.MoLFAdamW
             for b in m.lora_B:
                 b.normal_(0, 0.1)
     lr_fft, wd_fft, wd_lora = 3e-3, 0.1, 0.01
+    lora_lrs = [lr_lora] if isinstance(lr_lora, float) else list(lr_lora)
+    lrs = ([lr_fft] if train_base else []) + lora_lrs
+    wds = ([wd_fft] if train_base else []) + [wd_lora] * len(ranks)
+    oracle = Oracle(net, ranks, alphas, train_base, lrs, wds, 5e-3, 0.05, score, k)
+    net.to(device)
     opt = molf.MoLFAdamW(
         net,
         lr_fft=lr_fft,
@@ -173,11 +199,8 @@ def check_against_oracle(ranks, train_base, k, score, lr_lora) -> molf.MoLFAdamW
         weight_decay_other=0.05,
         score=score,
         top_k=k,
+        log_routing=log,
     )
-    lora_lrs = [lr_lora] if isinstance(lr_lora, float) else list(lr_lora)
-    lrs = ([lr_fft] if train_base else []) + lora_lrs
-    wds = ([wd_fft] if train_base else []) + [wd_lora] * len(ranks)
-    oracle = Oracle(net, ranks, alphas, train_base, lrs, wds, 5e-3, 0.05, score, k)
 
     def factor(step):  # warmup then decay
         return min(1.0, (step + 1) / 3) * (1.0 - step / 20)
@@ -189,8 +212,10 @@ def check_against_oracle(ranks, train_base, k, score, lr_lora) -> molf.MoLFAdamW
         y = torch.randn(16, 3, generator=g, dtype=torch.float64)
         oracle.step(x, y, factor(step))
         opt.zero_grad()
+        x, y = x.to(device), y.to(device)
         ((net(x) - y) ** 2).mean().backward()
-        opt.step()
+        with during_step() if during_step is not None else contextlib.nullcontext():
+            opt.step()
         sched.step()
 
     names = {"fc1": net.fc1, "fc2": net.fc2}
@@ -199,14 +224,14 @@ def check_against_oracle(ranks, train_base, k, score, lr_lora) -> molf.MoLFAdamW
         pairs = [(m.base_layer.weight, d["W"]), (m.base_layer.bias, d["b"])]
         pairs += list(zip(m.lora_A, d["A"])) + list(zip(m.lora_B, d["B"]))
         for p, q in pairs:
-            torch.testing.assert_close(p.detach(), q.detach(), rtol=0, atol=1e-10)
+            torch.testing.assert_close(p.detach().cpu(), q.detach(), rtol=0, atol=1e-10)
             if p.requires_grad:
                 st = opt.state[p]
                 torch.testing.assert_close(
-                    st["exp_avg"], oracle.state[id(q)]["m"], rtol=0, atol=1e-10
+                    st["exp_avg"].cpu(), oracle.state[id(q)]["m"], rtol=0, atol=1e-10
                 )
                 torch.testing.assert_close(
-                    st["exp_avg_sq"], oracle.state[id(q)]["v"], rtol=0, atol=1e-10
+                    st["exp_avg_sq"].cpu(), oracle.state[id(q)]["v"], rtol=0, atol=1e-10
                 )
     others = [
         (net.norm.weight, "ln_w"),
@@ -215,12 +240,13 @@ def check_against_oracle(ranks, train_base, k, score, lr_lora) -> molf.MoLFAdamW
         (net.head.bias, "head_b"),
     ]
     for p, key in others:
-        torch.testing.assert_close(p.detach(), oracle.other[key].detach(), rtol=0, atol=1e-10)
+        torch.testing.assert_close(p.detach().cpu(), oracle.other[key].detach(), rtol=0, atol=1e-10)
 
+    if not log:
+        return opt
     # The routing decisions agree step by step, and the case really routes.
-    log = opt.routing_log
-    mods = log.module_names
-    for rec, dec in zip(log.records, oracle.decisions):
+    mods = opt.routing_log.module_names
+    for rec, dec in zip(opt.routing_log.records, oracle.decisions, strict=True):
         for mi, name in enumerate(mods):
             assert rec["winners"][mi].nonzero().flatten().tolist() == dec[name]
     all_winners = {tuple(w) for dec in oracle.decisions for w in dec.values()}

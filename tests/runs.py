@@ -46,12 +46,13 @@ def start_training(args: list[str], out: Path, *extra: str, **popen: object) -> 
 
 
 def train(
-    args: list[str], out: Path, *extra: str, timeout: float = 600
+    args: list[str], out: Path, *extra: str, timeout: float = 600, **env: str
 ) -> subprocess.CompletedProcess:
-    """A child `molf train`, waited for; its output is captured as text."""
+    """A child `molf train`, waited for; its output is captured as text. `env`: variables added
+    to the child's environment (e.g. MOLF_OPTIMIZER_BACKEND)."""
     return subprocess.run(
         train_command(args, out, *extra),
-        env=child_env(),
+        env=child_env() | env,
         capture_output=True,
         text=True,
         timeout=timeout,

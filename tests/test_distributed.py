@@ -49,8 +49,8 @@ pytestmark = pytest.mark.skipif(
 )
 
 
-def _train(out: Path, *extra: str) -> subprocess.CompletedProcess:
-    return train(RUN, out, *extra, timeout=300)
+def _train(out: Path, *extra: str, **env: str) -> subprocess.CompletedProcess:
+    return train(RUN, out, *extra, timeout=300, **env)
 
 
 def _ok(proc: subprocess.CompletedProcess) -> None:
@@ -139,6 +139,14 @@ def test_fsdp2_matches_one_process(one_process, fsdp2_run):
     summary = json.loads((fsdp2_run / "summary.json").read_text())
     assert summary["config"]["distributed"] == "fsdp2" and summary["world_size"] == 2
     _assert_same_training(one_process, fsdp2_run)
+
+
+def test_fsdp2_with_the_device_backend_matches_one_process(one_process, tmp_path):
+    # the accelerators' default backend, on gloo: local shards, score totals summed over ranks
+    out = tmp_path / "fsdp2-device"
+    proc = _train(out, "distributed=fsdp2", "--nproc", "2", MOLF_OPTIMIZER_BACKEND="device")
+    _ok(proc)
+    _assert_same_training(one_process, out)
 
 
 # -- FSDP2: signal on one rank, sharded checkpoint, resume ---------------------------------------
@@ -297,7 +305,8 @@ def test_fsdp1_and_flat_parameters_are_refused(world_of_one):
         molf.MoLFAdamW(fsdp1)
 
 
-def test_fsdp2_optimizer_in_a_world_of_one_equals_the_plain_optimizer(world_of_one):
+@pytest.mark.parametrize("backend", ["auto", "device"])
+def test_fsdp2_optimizer_in_a_world_of_one_equals_the_plain_optimizer(world_of_one, backend):
     """The DTensor path of MoLFAdamW (local partials, reducer, global numel) on one rank is the
     plain optimizer: same decisions, same weights."""
     from torch.distributed.device_mesh import init_device_mesh
@@ -312,7 +321,7 @@ def test_fsdp2_optimizer_in_a_world_of_one_equals_the_plain_optimizer(world_of_o
     plain = molf.wrap(tiny_causal_lm(), cfg)
     torch.manual_seed(0)
     sharded = shard_fsdp2(molf.wrap(tiny_causal_lm(), cfg), ctx)
-    kwargs = dict(lr_fft=2e-3, lr_lora=1e-3)
+    kwargs = dict(lr_fft=2e-3, lr_lora=1e-3, backend=backend)
     opt_plain, opt_sharded = molf.MoLFAdamW(plain, **kwargs), molf.MoLFAdamW(sharded, **kwargs)
     # DTensor parameters: the optimizer sums its score totals over the shard group by itself
     assert opt_plain.score_reducer is None and opt_sharded.score_reducer is not None

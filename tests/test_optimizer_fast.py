@@ -1,6 +1,6 @@
-"""The fast MoLFAdamW paths: the native CPU kernels, the distributed (two-phase) native step and
-the sync-free device-mask update, each against the float64 oracle and against each other; the
-backend registry and the kernels' build."""
+"""The native CPU kernels and the distributed (two-phase) native step, against the float64 oracle
+and against eager; the backend registry and the kernels' build. (The device backend has its own
+file, test_optimizer_device.py.)"""
 
 import copy
 
@@ -16,7 +16,7 @@ from molf.optim.backends.eager import EagerBackend
 from molf.optim.backends.native import NativeBackend
 from molf.scores import SCORES, Score
 from tests.conftest import tiny_causal_lm
-from tests.optim_helpers import CASES, case_id, check_against_oracle
+from tests.optim_helpers import CASES, case_id, check_against_oracle, step_on_random_grads
 
 native_available = K.cpu_kernels() is not None
 needs_native = pytest.mark.skipif(
@@ -63,73 +63,11 @@ def test_native_kernels_match_the_float64_oracle(monkeypatch, case, two_phase):
     assert len(reduced) == (8 if two_phase else 0)
 
 
-@pytest.mark.parametrize("case", CASES[:3], ids=case_id)
-def test_device_mask_update_matches_the_float64_oracle(monkeypatch, case):
-    # The sync-free accelerator path, forced on CPU: winners applied through a device mask.
-    monkeypatch.setenv("MOLF_OPTIMIZER_BACKEND", "eager")
-    monkeypatch.setattr(EagerBackend, "mask_on_device", lambda self, device, settings: True)
-    masked = []
-    update = F.adam_update
-
-    def spy(*args, won=None, **kwargs):
-        masked.append(won is not None)
-        return update(*args, won=won, **kwargs)
-
-    monkeypatch.setattr(F, "adam_update", spy)
-    check_against_oracle(*case)
-    assert masked.count(True) == 8  # the routed tensors, once a step
-
-
-def test_device_path_reads_back_once_per_step_and_never_without_a_routing_log(monkeypatch):
-    # A meta tensor has no values: any host read (.cpu(), .item(), bool()) raises. A step that
-    # runs on the meta device therefore makes no host-device synchronisation on an accelerator.
-    model = molf.wrap(tiny_causal_lm("qwen2"), molf.MoLFConfig(lora_ranks=(2, 4))).to("meta")
-    for p in model.parameters():
-        p.grad = torch.empty_like(p)
-    quiet = molf.MoLFAdamW(model, log_routing=False)
-    assert quiet.backend == "eager"
-    quiet.step()
-    quiet.step()
-    anchor = model.model.layers[0].self_attn.q_proj.base_layer.weight
-    assert quiet.state[anchor]["wins"].device.type == "meta"  # counted on the device
-    # With the log: one read per step, the packed winners and scores.
-    reads = []
-    real_cpu = torch.Tensor.cpu
-
-    def cpu(t, *args, **kwargs):
-        if t.device.type != "meta":
-            return real_cpu(t, *args, **kwargs)
-        reads.append(tuple(t.shape))
-        return torch.zeros(t.shape, dtype=t.dtype)
-
-    monkeypatch.setattr(torch.Tensor, "cpu", cpu)
-    logged = molf.MoLFAdamW(model)
-    logged.step()
-    logged.step()
-    assert reads == [(len(logged.module_names), 2 * 3)] * 2
-
-
-def _step_on_random_grads(runs, steps, seed=0):
-    """Step every (model, optimizer) of `runs` on the same random gradients, of a random scale
-    per tensor so that routing varies, set directly: no forward pass that could drift apart."""
-    params = [[p for p in m.parameters() if p.requires_grad] for m, _ in runs]
-    g = torch.Generator().manual_seed(seed)
-    for _ in range(steps):
-        grads = [
-            torch.randn(p.shape, generator=g) * 10 ** (-4 + 2 * torch.rand((), generator=g))
-            for p in params[0]
-        ]
-        for (_, opt), ps in zip(runs, params):
-            for p, grad in zip(ps, grads):
-                p.grad = grad.to(p.dtype)
-            opt.step()
-
-
 def _twin_runs(model, steps, **kwargs):
     """A copy of `model` stepped by each backend on the same gradients."""
     models = {b: copy.deepcopy(model) for b in ("native", "eager")}
     opts = {b: molf.MoLFAdamW(m, backend=b, **kwargs) for b, m in models.items()}
-    _step_on_random_grads([(models[b], opts[b]) for b in models], steps)
+    step_on_random_grads([(models[b], opts[b]) for b in models], steps)
     return models, opts
 
 
@@ -215,12 +153,12 @@ def test_state_dicts_move_between_backends(tmp_path):
     model = molf.wrap(tiny_causal_lm("llama"), molf.MoLFConfig(lora_ranks=(4,), lora_dropout=0.0))
     kwargs = {"lr_fft": 2e-3, "lr_lora": 4e-3}
     native = molf.MoLFAdamW(model, backend="native", **kwargs)
-    _step_on_random_grads([(model, native)], 3)
+    step_on_random_grads([(model, native)], 3)
     torch.save(native.state_dict(), tmp_path / "state.pt")
     twin = copy.deepcopy(model)
     eager = molf.MoLFAdamW(twin, backend="eager", **kwargs)
     eager.load_state_dict(torch.load(tmp_path / "state.pt", weights_only=True))
-    _step_on_random_grads([(model, native), (twin, eager)], 3, seed=1)
+    step_on_random_grads([(model, native), (twin, eager)], 3, seed=1)
     assert eager.routing_log.records[0]["step"] == 4
     assert torch.equal(eager.win_counts(), native.win_counts())
     for p, q in zip(model.parameters(), twin.parameters()):

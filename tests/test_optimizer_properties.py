@@ -176,7 +176,7 @@ def build_model(s: Setup) -> nn.Module:
     return model
 
 
-def make_opt(model: nn.Module, s: Setup) -> MoLFAdamW:
+def make_opt(model: nn.Module, s: Setup, backend: str = "auto") -> MoLFAdamW:
     return MoLFAdamW(
         model,
         lr_fft=s.lr_fft,
@@ -189,7 +189,23 @@ def make_opt(model: nn.Module, s: Setup) -> MoLFAdamW:
         eps=s.eps,
         score=s.score,
         top_k=s.top_k,
+        backend=backend,
     )
+
+
+# The default backend here (native on CPU when it builds), and the device backend (the default on
+# accelerators), which runs on CPU too: the same maths, so the same oracle and tolerances.
+BACKENDS = ["auto", "device"]
+
+
+def for_each_backend(max_examples: int):
+    """A property over `max_examples` random setups (argument `s`), run with every backend."""
+
+    def decorate(test):
+        test = given(s=setups())(settings(QUICK, max_examples=max_examples)(test))
+        return pytest.mark.parametrize("backend", BACKENDS)(test)
+
+    return decorate
 
 
 # -- gradients -------------------------------------------------------------------------------
@@ -441,12 +457,11 @@ def check_step(
 # -- properties ------------------------------------------------------------------------------
 
 
-@settings(QUICK, max_examples=40)
-@given(setups())
-def test_every_step_follows_the_method(s: Setup) -> None:
+@for_each_backend(max_examples=40)
+def test_every_step_follows_the_method(backend: str, s: Setup) -> None:
     """Moments of all experts advance; only the top-k by the logged score update; wins add up."""
     model = build_model(s)
-    opt = make_opt(model, s)
+    opt = make_opt(model, s, backend)
     assert opt.routing_log.module_names == list(molf_modules(model))
     gen = torch.Generator().manual_seed(s.seed)
     n_modules = len(s.targets)
@@ -470,12 +485,11 @@ def test_every_step_follows_the_method(s: Setup) -> None:
     assert torch.equal(wins, logged)
 
 
-@settings(QUICK, max_examples=25)
-@given(setups())
-def test_state_dict_round_trip_continues_bitwise(s: Setup) -> None:
+@for_each_backend(max_examples=25)
+def test_state_dict_round_trip_continues_bitwise(backend: str, s: Setup) -> None:
     """A fresh optimizer on a deep copy, loaded from a saved state_dict, takes the same steps."""
     model = build_model(s)
-    opt = make_opt(model, s)
+    opt = make_opt(model, s, backend)
     gen = torch.Generator().manual_seed(s.seed)
     for t in range(s.n_steps):
         apply_grads(model, make_grads(model, s, t, gen))
@@ -486,7 +500,7 @@ def test_state_dict_round_trip_continues_bitwise(s: Setup) -> None:
     buf = io.BytesIO()
     torch.save(opt.state_dict(), buf)
     buf.seek(0)
-    opt2 = make_opt(twin, s)
+    opt2 = make_opt(twin, s, backend)
     opt2.load_state_dict(torch.load(buf, weights_only=True))
     assert torch.equal(opt2.win_counts(), opt.win_counts())
 

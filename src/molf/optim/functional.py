@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 
@@ -31,33 +32,83 @@ PARTIAL_BATCH_ELEMENTS = 1 << 24
 Tensors = Sequence[torch.Tensor]
 
 
+@dataclass(frozen=True, eq=False)
+class Scratch:
+    """Working memory for one chunk of tensors, so that a step makes a fixed number of foreach
+    calls however many tensors the chunk holds: two flat buffers `a` and `b` in the
+    accumulation dtype (float32, or float64), views of them shaped like each tensor
+    (`a_views`, `b_views`), and, on the buffers' device, the indices of the non-empty tensors
+    (`nonempty`) and their first elements in the buffers (`starts`), which expand a per-tensor
+    mask to the elements without the host reading it (`element_mask`)."""
+
+    a: torch.Tensor
+    b: torch.Tensor
+    a_views: list[torch.Tensor]
+    b_views: list[torch.Tensor]
+    nonempty: torch.Tensor
+    starts: torch.Tensor
+
+    def element_mask(self, per_tensor: torch.Tensor) -> torch.Tensor:
+        """A bool [elements] mask, True on the elements of the tensors where `per_tensor` (bool,
+        one per tensor) is: the changes of the mask placed at each non-empty tensor's first
+        element (distinct positions) and summed in place, in bytes (repeat_interleave would
+        index with eight bytes an element)."""
+        marks = per_tensor[self.nonempty].to(torch.int8)
+        changes = torch.diff(marks, prepend=marks.new_zeros(1))
+        mask = torch.zeros(self.a.numel(), dtype=torch.int8, device=self.a.device)
+        mask.scatter_(0, self.starts, changes)
+        return mask.cumsum_(0).bool()
+
+
+def accumulation_dtype(t: torch.Tensor) -> torch.dtype:
+    """The dtype a tensor's score partials and scratch are computed in."""
+    return torch.float64 if t.dtype == torch.float64 else torch.float32
+
+
 def advance_moments(
-    grads: Tensors, exp_avgs: Tensors, exp_avg_sqs: Tensors, beta1: float, beta2: float
+    grads: Tensors,
+    exp_avgs: Tensors,
+    exp_avg_sqs: Tensors,
+    beta1: float,
+    beta2: float,
+    scratch: Scratch | None = None,
 ) -> None:
-    """Step 1, in place: m <- m + (1 - b1)(g - m), v <- b2 v + (1 - b2) g^2 (gradients are cast
-    to the moments' dtype first)."""
+    """Step 1, in place: m <- m + (1 - b1)(g - m), v <- b2 v + (1 - b2) g^2. Gradients in
+    another dtype than their moments are cast first (into `scratch.a_views` when given and of
+    the moments' dtype: one foreach copy instead of one cast per tensor)."""
     if not exp_avgs:
         return
-    grads = [g if g.dtype == m.dtype else g.to(m.dtype) for g, m in zip(grads, exp_avgs)]
+    if any(g.dtype != m.dtype for g, m in zip(grads, exp_avgs)):
+        if scratch is not None and all(
+            a.dtype == m.dtype for a, m in zip(scratch.a_views, exp_avgs)
+        ):
+            torch._foreach_copy_(scratch.a_views, grads)
+            grads = scratch.a_views
+        else:
+            grads = [g if g.dtype == m.dtype else g.to(m.dtype) for g, m in zip(grads, exp_avgs)]
     torch._foreach_lerp_(exp_avgs, grads, 1.0 - beta1)
     torch._foreach_mul_(exp_avg_sqs, beta2)
     torch._foreach_addcmul_(exp_avg_sqs, grads, grads, 1.0 - beta2)
 
 
-def _accumulation_dtype(t: torch.Tensor) -> torch.dtype:
-    return torch.float64 if t.dtype == torch.float64 else torch.float32
-
-
 def kernel_partials(
-    kernel: str, exp_avgs: Tensors, exp_avg_sqs: Tensors, eps: float
+    kernel: str,
+    exp_avgs: Tensors,
+    exp_avg_sqs: Tensors,
+    eps: float,
+    scratch: Scratch | None = None,
 ) -> torch.Tensor:
     """Step 2 for a built-in score: each tensor's partial sum on the raw moments, as one 1-d
     tensor on their device (accumulated in float32, float64 for float64 moments):
       epd: sum m^2 / (sqrt(v) + eps)       pfn: sum (m / (sqrt(v) + eps))^2
-    Both are squared norms (EPD of m / sqrt(sqrt(v) + eps)), so each batch of tensors costs a few
-    foreach ops instead of several small ops per tensor."""
+    Both are squared norms (EPD of m / sqrt(sqrt(v) + eps)), so a batch of tensors costs a few
+    foreach ops instead of several small ops per tensor. Without `scratch` the temporaries are
+    allocated per batch of about PARTIAL_BATCH_ELEMENTS elements; with it, the tensors are one
+    batch computed in `scratch` (the same operations, so the same numbers)."""
     if kernel not in SCORE_KERNELS:
         raise ValueError(f"unknown score kernel {kernel!r}")
+    if scratch is not None:
+        return _partials(kernel, exp_avgs, exp_avg_sqs, eps, scratch)
     out: list[torch.Tensor] = []
     start = 0
     while start < len(exp_avgs):
@@ -65,18 +116,33 @@ def kernel_partials(
         while stop < len(exp_avgs) and (stop == start or size < PARTIAL_BATCH_ELEMENTS):
             size += exp_avgs[stop].numel()
             stop += 1
-        ms, vs = exp_avgs[start:stop], exp_avg_sqs[start:stop]
-        acc = [_accumulation_dtype(m) for m in ms]
-        denom = torch._foreach_sqrt([v.to(dt) for v, dt in zip(vs, acc)])
-        torch._foreach_add_(denom, eps)
-        if kernel == "epd":
-            torch._foreach_sqrt_(denom)
-        ratio = torch._foreach_div([m.to(dt) for m, dt in zip(ms, acc)], denom)
-        out.append(torch.stack(torch._foreach_norm(ratio)).square())
+        out.append(_partials(kernel, exp_avgs[start:stop], exp_avg_sqs[start:stop], eps))
         start = stop
     if not out:
         return torch.zeros(0)
     return torch.cat(out)
+
+
+def _partials(
+    kernel: str, exp_avgs: Tensors, exp_avg_sqs: Tensors, eps: float, scratch: Scratch | None = None
+) -> torch.Tensor:
+    if scratch is None:
+        acc = [accumulation_dtype(m) for m in exp_avgs]
+        denom = torch._foreach_sqrt([v.to(dt) for v, dt in zip(exp_avg_sqs, acc)])
+        ratio = [m.to(dt) for m, dt in zip(exp_avgs, acc)]
+    else:  # the same values, computed in place in the scratch buffers
+        denom, ratio = scratch.a_views, scratch.b_views
+        torch._foreach_copy_(denom, exp_avg_sqs)
+        torch._foreach_sqrt_(denom)
+        torch._foreach_copy_(ratio, exp_avgs)
+    torch._foreach_add_(denom, eps)
+    if kernel == "epd":
+        torch._foreach_sqrt_(denom)
+    if scratch is None:
+        ratio = torch._foreach_div(ratio, denom)
+    else:
+        torch._foreach_div_(ratio, denom)
+    return torch.stack(torch._foreach_norm(ratio)).square()
 
 
 def finalize_scores(
@@ -127,10 +193,16 @@ def _updated(
     step_sizes: list[float],
     bc2_sqrt: list[float],
     eps: float,
+    denom: list[torch.Tensor] | None = None,
 ) -> None:
     """targets <- targets * decay + step * m / (sqrt(v) / sqrt(1 - b2^t) + eps), in place: the
-    one formula of step 5, applied to parameters or to copies of them in the moments' dtype."""
-    denom = torch._foreach_sqrt(exp_avg_sqs)
+    one formula of step 5, applied to parameters or to copies of them in the moments' dtype.
+    `denom` is working memory for sqrt(v) (allocated when not given)."""
+    if denom is None:
+        denom = torch._foreach_sqrt(exp_avg_sqs)
+    else:
+        torch._foreach_copy_(denom, exp_avg_sqs)
+        torch._foreach_sqrt_(denom)
     torch._foreach_div_(denom, bc2_sqrt)
     torch._foreach_add_(denom, eps)
     if any(d != 1.0 for d in decays):
@@ -149,6 +221,7 @@ def adam_update(
     beta2: float,
     eps: float,
     won: torch.Tensor | None = None,
+    scratch: Scratch | None = None,
 ) -> None:
     """Step 5, in place, on already advanced moments: decoupled weight decay, then
     p -= lr * m_hat / (sqrt(v_hat) + eps). `steps`, `lrs` and `weight_decays` hold one value per
@@ -157,18 +230,28 @@ def adam_update(
 
     Without `won` every given tensor is updated (the caller passes the winners). With `won`, a
     bool tensor with one entry per tensor on their device, every tensor's update is computed
-    and kept only where `won` is set: the winners are applied without the host reading them,
-    and losers keep their exact bits."""
+    in `scratch` (required then) and kept only where `won` is set, by one `torch.where` over the
+    flat buffers: the winners are applied without the host reading them, and losers keep their
+    exact bits. With `scratch` the update is computed in its buffers (in the accumulation dtype),
+    a fixed number of foreach calls for any number of tensors."""
     if not params:
         return
     decays, step_sizes, bc2_sqrt = _step_scalars(steps, lrs, weight_decays, beta1, beta2)
-    if won is None and all(p.dtype == m.dtype for p, m in zip(params, exp_avgs)):
+    if scratch is not None:
+        new = scratch.b_views
+        torch._foreach_copy_(new, params)
+        _updated(new, exp_avgs, exp_avg_sqs, decays, step_sizes, bc2_sqrt, eps, scratch.a_views)
+        if won is not None:
+            # a <- the parameters as they are; b <- where each element's tensor won, b, else a
+            torch._foreach_copy_(scratch.a_views, params)
+            torch.where(scratch.element_mask(won), scratch.b, scratch.a, out=scratch.b)
+        torch._foreach_copy_(list(params), new)
+        return
+    if won is not None:
+        raise ValueError("adam_update: a mask of winners needs scratch memory to select in")
+    if all(p.dtype == m.dtype for p, m in zip(params, exp_avgs)):
         _updated(list(params), exp_avgs, exp_avg_sqs, decays, step_sizes, bc2_sqrt, eps)
         return
     new = [p.to(m.dtype, copy=True) for p, m in zip(params, exp_avgs)]
     _updated(new, exp_avgs, exp_avg_sqs, decays, step_sizes, bc2_sqrt, eps)
-    if won is None:
-        torch._foreach_copy_(list(params), new)
-        return
-    for t, (p, n) in enumerate(zip(params, new)):
-        p.copy_(torch.where(won[t], n, p))
+    torch._foreach_copy_(list(params), new)

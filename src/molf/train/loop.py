@@ -370,8 +370,11 @@ def save_checkpoint(s: Setup, step: int, log_lines: int) -> Path:
         if s.tracker is not None:
             progress["best"] = s.tracker.state()
         (tmp / "progress.json").write_text(json.dumps(progress))
-        if routed is not None and routed.routing_log is not None:
-            routed.routing_log.write_jsonl(tmp / "routing.jsonl")
+        log = None if routed is None else routed.routing_log
+        if log is not None and log.streaming:  # appended to the run's log as it goes: how far
+            (tmp / "routing_state.json").write_text(json.dumps(log.state_dict()))
+        elif log is not None:
+            log.write_jsonl(tmp / "routing.jsonl")
 
     def fill(tmp: Path) -> None:
         save_file(_trainable_state(s.model), str(tmp / "trainable.safetensors"))
@@ -442,8 +445,14 @@ def load_checkpoint(s: Setup, path: Path) -> tuple[int, int]:
     if s.method.load_state is not None and method_state:
         s.method.load_state(s.model, method_state)
     routed = routed_optimizer(s.optimizer)
-    if routed is not None and routed.routing_log is not None and (path / "routing.jsonl").exists():
-        routed.routing_log.records = molf.RoutingLog.read_jsonl(path / "routing.jsonl").records
+    if routed is not None and routed.routing_log is not None:
+        log, stream = routed.routing_log, s.cfg.run_dir / "routing.jsonl"
+        if (path / "routing_state.json").exists():  # cut the log back to this checkpoint
+            state = json.loads((path / "routing_state.json").read_text())
+            log.stream_to(stream if s.dist.is_main else None, state)
+        elif (path / "routing.jsonl").exists():  # a checkpoint that holds the whole log
+            log.records = molf.RoutingLog.read_jsonl(path / "routing.jsonl").records
+            log.stream_to(stream if s.dist.is_main else None)
     progress = json.loads((path / "progress.json").read_text())
     if s.tracker is not None and "best" in progress:
         s.tracker.restore(progress["best"])
@@ -687,8 +696,10 @@ def train_loop(s: Setup, start_step: int, logger: MetricLogger) -> dict[str, Any
                 "peak_memory_mb": _peak_memory_mb(s.device),
             }
             postfix = {"loss": f"{loss:.3f}", "lr": f"{lrs[0]:.1e}"}
-            if routed is not None and routed.routing_log is not None and routed.routing_log.records:
-                rec = routed.routing_log.records[-1]
+            rec = (
+                None if routed is None or routed.routing_log is None else routed.routing_log.last()
+            )
+            if rec is not None:
                 act = rec["active"]
                 shares = rec["winners"][act].float().mean(dim=0).tolist() if act.any() else []
                 for name, share in zip(routed.expert_names, shares):
@@ -905,17 +916,20 @@ def _run(cfg: TrainConfig, resume: str, overwrite: bool, ctx: DistContext) -> di
             start, keep_lines = load_checkpoint(s, path)
             if ctx.is_main:
                 print(f"resumed from {path} at step {start}", file=sys.stderr)
+    routed = routed_optimizer(s.optimizer)
+    if routed is not None and routed.routing_log is not None and not routed.routing_log.streaming:
+        # rank 0 appends each step's record to the run's log; memory keeps running totals only
+        routed.routing_log.stream_to(run_dir / "routing.jsonl" if ctx.is_main else None)
     logger = MetricLogger(cfg, keep_lines) if ctx.is_main else _NoLogger(keep_lines)
     try:
         stats = train_loop(s, start, logger)
     finally:
         logger.close()
-    routed = routed_optimizer(s.optimizer)
     routing_summary = None
     if routed is not None and routed.routing_log is not None:
         routing_summary = routed.routing_log.summary()
+        routed.routing_log.close()
         if ctx.is_main:
-            routed.routing_log.write_jsonl(run_dir / "routing.jsonl")
             write_json_atomic(run_dir / "routing_summary.json", routing_summary)
     last_step = stats.get("stopped_early_at", s.total_steps)
     best = _best_checkpoint(s)

@@ -94,10 +94,11 @@ def choose_backend(requested: str, field: str, layout: RoutedLayout, score: Scor
 
 
 def on_device(
-    values: Sequence[float | int | bool], dtype: torch.dtype, device: torch.device
+    values: Sequence[float | int | bool] | torch.Tensor, dtype: torch.dtype, device: torch.device
 ) -> torch.Tensor:
-    """A small host list as a tensor on `device`, copied without making the host wait."""
-    t = torch.tensor(values, dtype=dtype)
+    """Host values (a list or a CPU tensor) as a tensor on `device`, copied without making the
+    host wait: through pinned memory, asynchronously, on CUDA."""
+    t = values.to(dtype) if torch.is_tensor(values) else torch.tensor(values, dtype=dtype)
     if device.type != "cuda":
         return t.to(device)
     return t.pin_memory().to(device, non_blocking=True)
@@ -119,10 +120,12 @@ def decide(
 
 
 def _register_builtin() -> None:
+    from molf.optim.backends.device import DeviceBackend
     from molf.optim.backends.eager import EagerBackend
     from molf.optim.backends.native import NativeBackend
 
-    register_backend(NativeBackend)
+    register_backend(NativeBackend)  # CPU
+    register_backend(DeviceBackend)  # accelerators
     register_backend(EagerBackend)  # last: "auto" falls back to it on any device
 
 

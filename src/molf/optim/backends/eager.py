@@ -1,12 +1,11 @@
-"""The eager backend: the step as torch ops on any device, for any registered score.
+"""The eager backend: the step as plain torch ops on any device, for any registered score; the
+reference the other backends are compared with, and the fallback for a step they cannot take.
 
 Moments advance with foreach ops, the score partials of all tensors are batched
 (`Score.partials`), summed into one [modules, experts] tensor and the winners are picked with one
-batched op on the device (`decide`). The host reads that small tensor once per step, for the
-routing log and to update only the winners. On an accelerator with the routing log off (and
-plain, unsharded tensors) it is not read at all: every routed tensor computes its update and
-keeps it where its expert won (`functional.adam_update` with a mask), so the step never waits for the
-device.
+batched op on the device (`decide`). The host then reads that small tensor, once per step, and
+updates only the winners. On an accelerator that read waits for the device, and the Python work
+per tensor (step counts, lists of winners) grows with the model: the device backend avoids both.
 """
 
 from __future__ import annotations
@@ -52,12 +51,6 @@ class EagerBackend:
             self.numel[key] = self.layout.numel.to(device, dtype)
         return self.numel[key]
 
-    def mask_on_device(self, device: torch.device, settings: StepSettings) -> bool:
-        """Whether winners are applied through a device mask rather than selected on the host:
-        on an accelerator when nothing else needs the host copy (and the parameters are plain
-        tensors: the mask is not a DTensor)."""
-        return device.type != "cpu" and settings.routing_log is None and not self.layout.sharded
-
     def step_routed(self, s: StepSettings) -> None:
         L = self.layout
         active = L.active_modules()
@@ -94,18 +87,6 @@ class EagerBackend:
             packed = torch.cat([winners.to(scores.dtype), scores], dim=1).cpu()
             win_host = packed[:, : L.n_experts].bool()
             s.routing_log.append(step_no, win_host, packed[:, L.n_experts :].float(), active_host)
-        steps = [float(st["step"]) for st in states]
-        lrs = [s.slot_lrs[L.expert_of[t]] for t in index]
-        wds = [s.slot_weight_decays[L.expert_of[t]] for t in index]
-        rows = [m for m, a in enumerate(active) if a]
-        if self.mask_on_device(device, s):
-            won = winners.reshape(-1)[bucket]
-            F.adam_update(
-                params, exp_avgs, exp_avg_sqs, steps, lrs, wds, s.beta1, s.beta2, s.eps, won=won
-            )
-            counts = winners.to(torch.int64).unbind(0)  # views: no index tensor to copy over
-            torch._foreach_add_([L.wins(m, device) for m in rows], [counts[m] for m in rows])
-            return
         if win_host is None:
             win_host = winners.cpu()
         chosen = [i for i, t in enumerate(index) if win_host[L.module_of[t], L.expert_of[t]]]
@@ -113,13 +94,14 @@ class EagerBackend:
             [params[i] for i in chosen],
             [exp_avgs[i] for i in chosen],
             [exp_avg_sqs[i] for i in chosen],
-            [steps[i] for i in chosen],
-            [lrs[i] for i in chosen],
-            [wds[i] for i in chosen],
+            [float(states[i]["step"]) for i in chosen],
+            [s.slot_lrs[L.expert_of[index[i]]] for i in chosen],
+            [s.slot_weight_decays[L.expert_of[index[i]]] for i in chosen],
             s.beta1,
             s.beta2,
             s.eps,
         )
+        rows = [m for m, a in enumerate(active) if a]
         host = torch.device("cpu")
         torch._foreach_add_([L.wins(m, host) for m in rows], list(win_host[rows].to(torch.int64)))
 

@@ -1,0 +1,70 @@
+"""The benchmark scripts run, at tiny sizes: the GPU check's CPU dry run (which runs
+optimizer_step, optimizer_ops and train_step the way a GPU session will) and routing_log."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "benchmarks" / "gpu_check.sh"
+
+
+def _env() -> dict[str, str]:
+    env = dict(os.environ, PYTHON=sys.executable, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
+    env.pop("MOLF_OPTIMIZER_BACKEND", None)
+    return env
+
+
+def test_gpu_check_dry_run_on_cpu_runs_every_part_into_one_results_file(tmp_path):
+    out = tmp_path / "results.txt"
+    cmd = ["bash", str(SCRIPT), "--device", "cpu", "--quick", "--out", str(out)]
+    proc = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    text = out.read_text()
+    for part in ["optimizer-device", "train-1b", "train-smollm2", "optimizer-eager"]:
+        assert f"-- {part}: ok" in text, part
+    assert "skipped the NCCL distributed tests: they need 2 GPUs" in text
+    assert "all parts passed" in text and "0 CUDA devices" in text
+    # what each part is there for reached the file
+    assert "MoLFAdamW, FFT wins everywhere (device)" in text and "syncs/step" in text
+    assert "1b architecture" in text and "target <= 1.05x" in text
+
+
+def test_gpu_check_refuses_unknown_arguments_and_a_machine_without_a_gpu(tmp_path):
+    proc = subprocess.run(
+        ["bash", str(SCRIPT), "--fast"], env=_env(), capture_output=True, text=True
+    )
+    assert proc.returncode == 2 and "unknown argument --fast" in proc.stderr
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    out = tmp_path / "r.txt"
+    proc = subprocess.run(
+        ["bash", str(SCRIPT), "--out", str(out)], env=_env(), capture_output=True, text=True
+    )
+    assert proc.returncode == 2 and "no CUDA device" in out.read_text()
+
+
+def test_optimizer_ops_benchmark_counts_calls_and_reads():
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "optimizer_ops.py"), "--layers", "1"]
+    cmd += ["--vocab", "512", "--backends", "eager", "device"]
+    env = dict(_env(), PYTHONPATH=str(ROOT / "src"))
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = {line.split()[0]: line.split() for line in proc.stdout.splitlines()[3:5]}
+    assert rows["device"][8:11] == ["0", "/", "0"]  # blocking reads with the log off / on
+    assert rows["eager"][8:11] == ["1", "/", "1"]
+
+
+def test_routing_log_benchmark_compares_streamed_and_in_memory_logs():
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "routing_log.py"), "--steps", "30", "60"]
+    env = dict(_env(), PYTHONPATH=str(ROOT / "src"))
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = [
+        line.split() for line in proc.stdout.splitlines() if line.startswith(("streamed", "kept"))
+    ]
+    assert [r[0] for r in rows] == ["streamed"] * 2 + ["kept"] * 2
