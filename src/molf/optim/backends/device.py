@@ -7,9 +7,9 @@ dtype with views shaped like its tensors (`functional.Scratch`), built once and 
 Per chunk, the moments advance with three foreach calls (plus one copy when the gradients are
 in another dtype), the score partials are a few foreach calls in the scratch, and after the
 decision every tensor's Adam update is computed in the scratch and kept only where its expert won,
-by one `torch.where` over the flat buffers with a mask expanded on the device (a cumulative sum of
-its changes at each tensor's first element, so no host read). The decision itself is a handful of batched ops on
-the [modules, experts] totals (`decide`).
+by one `torch.where` over the flat buffers with a mask expanded on the device (a cumulative sum
+of its changes at each tensor's first element, so no host read). The decision itself is a
+handful of batched ops on the [modules, experts] totals (`decide`).
 
 So a step costs a fixed number of calls per chunk plus a fixed number per step: it grows with
 the element count in steps of CHUNK_ELEMENTS (which bounds the scratch memory, about 10 bytes per
