@@ -101,3 +101,56 @@ def test_lora_160_has_the_rank_of_molf_es_two_experts():
     model = methods.get("lora-160").build_model(tiny_causal_lm(), cfg, 1)
     ranks = {m.r["default"] for m in model.modules() if hasattr(m, "lora_A") and m.r}
     assert ranks == {12}
+
+
+# -- statistics: paired differences on the same test items ----------------------------------------
+def _items_cell(root, task, method, scores):
+    import json
+
+    d = root / "cells" / task / method / "lr-5e-5"
+    d.mkdir(parents=True)
+    summary = {
+        "method": method,
+        "task": task,
+        "headline_metric": "accuracy",
+        "after": {"accuracy": sum(scores) / len(scores)},
+        "validation": {"accuracy": 0.5},
+        "n_test_records": len(scores),
+        "config": {"lr_lora": 5e-5},
+    }
+    (d / "summary.json").write_text(json.dumps(summary))
+    items = {f"{i:06d}": float(v) for i, v in enumerate(scores)}
+    (d / "test_items.json").write_text(json.dumps({"metric": "accuracy", "items": items}))
+
+
+def test_claims_are_judged_on_paired_intervals(tmp_path):
+    from molf.experiments.grid import load_results
+    from molf.experiments.report import claim_lines, claims
+
+    n = 400
+    rng = torch.Generator().manual_seed(0)
+    base = (torch.rand(n, generator=rng) < 0.6).float().tolist()
+    flip = lambda xs, k: [1.0 - x if i < k else x for i, x in enumerate(xs)]  # noqa: E731
+    # fft is the better baseline; MoLF agrees with it on all but 2 items (a paired gap within
+    # +-1 point); LoRA is 40 items worse. MoLF-E and AdaLoRA differ on 4 items in both ways
+    wrong_first = sorted(range(n), key=lambda i: base[i], reverse=True)
+    fft = base
+    molf = [1.0 - base[i] if i in wrong_first[:2] else base[i] for i in range(n)]
+    lora = [0.0 if i in wrong_first[:40] else base[i] for i in range(n)]
+    ada = flip(base, 4)
+    molf_e = flip(base, 8)
+    methods_ = {"fft": fft, "lora": lora, "molf": molf, "adalora": ada, "molf-e": molf_e}
+    for m, sc in methods_.items():
+        _items_cell(tmp_path, "med-icd10", m, sc)
+    res = load_results(tmp_path, ["med-icd10"], list(methods_))
+    c = claims(res)
+    pd = c["molf_gap_paired"]["med-icd10"]
+    assert pd.n == n and abs(pd.mean - (-0.5)) < 1e-9  # two items lost, 0.25 points each
+    # paired SE: two items of -100 points among 400
+    assert abs(pd.se - (19900 / 399 / n) ** 0.5) < 1e-9  # std(d, ddof=1) / sqrt(n)
+    assert pd.low > -1.5 and c["claim1"]["verdict"] == "HELD"
+    # MoLF-E vs AdaLoRA: items 4..7 differ either way; the interval crosses 0
+    assert c["claim2"]["verdict"] == "NOT RESOLVED"
+    assert c["claim2"]["unresolved"] == ["med-icd10"]
+    text = "\n".join(claim_lines(res, c))
+    assert f"[{pd.low:+.1f}, {pd.high:+.1f}]" in text and "NOT RESOLVED" in text

@@ -48,6 +48,7 @@ if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
 SUMMARY = "summary.json"
+TEST_ITEMS = "test_items.json"  # per-item headline scores of the final test evaluation
 
 
 class Interrupted(Exception):
@@ -292,12 +293,16 @@ def evaluate(
     tokenizer: PreTrainedTokenizerBase,
     records: list[dict[str, Any]],
     batch_size: int,
+    items: dict[str, float] | None = None,
 ) -> dict[str, float]:
-    """The task's metrics on `records`, in eval mode (restores the previous mode)."""
+    """The task's metrics on `records`, in eval mode (restores the previous mode); `items`, when
+    given, gets each record's headline score (the task's `evaluate` says how)."""
     was_training = model.training
     model.eval()
     try:
-        return task.evaluate(model, tokenizer, records, batch_size=batch_size)
+        if items is None:
+            return task.evaluate(model, tokenizer, records, batch_size=batch_size)
+        return task.evaluate(model, tokenizer, records, batch_size=batch_size, items=items)
     finally:
         model.train(was_training)
 
@@ -809,7 +814,14 @@ def _run(cfg: TrainConfig, resume: str, overwrite: bool, ctx: DistContext) -> di
         if trained is None:
             return {}
     plain, paths = finalize(s, trained)
-    after = evaluate(s.task, plain, s.tokenizer, s.splits.test, cfg.eval_batch_size)
+    test_items: dict[str, float] = {}
+    after = evaluate(s.task, plain, s.tokenizer, s.splits.test, cfg.eval_batch_size, test_items)
+    if test_items:
+        # per-item headline scores, for paired comparisons of methods on the same test items
+        write_json_atomic(
+            run_dir / TEST_ITEMS,
+            {"metric": s.task.headline, "items": dict(sorted(test_items.items()))},
+        )
     # validation metrics are what a learning-rate search may look at; test metrics never are
     validation = (
         evaluate(s.task, plain, s.tokenizer, s.splits.validation, cfg.eval_batch_size)
