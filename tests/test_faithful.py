@@ -154,3 +154,13 @@ def test_claims_are_judged_on_paired_intervals(tmp_path):
     assert c["claim2"]["unresolved"] == ["med-icd10"]
     text = "\n".join(claim_lines(res, c))
     assert f"[{pd.low:+.1f}, {pd.high:+.1f}]" in text and "NOT RESOLVED" in text
+
+
+def test_small_budget_grows_the_test_splits_for_paired_claims():
+    from molf.experiments.grid import BUDGETS
+
+    small = BUDGETS["small"].per_task
+    assert small["med"]["n_test"] >= 256
+    # fact's test rewrites are trained on: the training set holds every held-out fact
+    assert small["fact"]["n_test"] == 128
+    assert small["fact"]["n_train"] == small["fact"]["n_test"] + small["fact"]["n_val"]
