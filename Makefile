@@ -38,12 +38,12 @@ bench: setup
 	$(BIN)/python benchmarks/optimizer_step.py
 	$(BIN)/python benchmarks/train_step.py
 
-# The published comparison: the small-budget grid (about 2 h on 2 cores; resumable, finished
+# The published comparison: the small-budget grid (about 4.4 CPU hours, docs/compare.md; resumable, finished
 # cells are skipped) and its report, plots and records copied into docs/results/.
 COMPARE_OUT := runs/compare-small
 results: setup
 	$(BIN)/molf compare --model smollm2-135m --tasks fact-geo,med-icd10,spider-dev \
-		--methods fft,lora,adalora,molf,molf-e --budget small --output-dir $(COMPARE_OUT)
+		--methods fft,lora,lora-160,adalora,molf,molf-e,molf-e-k2 --budget small --output-dir $(COMPARE_OUT)
 	mkdir -p docs/results
 	cp $(COMPARE_OUT)/results.csv $(COMPARE_OUT)/results.md $(COMPARE_OUT)/cells.csv \
 		$(COMPARE_OUT)/report.md $(COMPARE_OUT)/grid.json $(COMPARE_OUT)/*.png docs/results/

@@ -26,9 +26,9 @@ import torch
 from tests.runs import child_env, tiny_run, train
 
 GRAD_ACCUM = 2
-# lr_fft = 2 lr_lora makes this tiny model route about half its modules to each expert, with
-# score margins far above float32 noise; no dropout, so that every rank sees the one-process
-# computation.
+# lr_fft = 2 lr_lora at lora_alpha 16 makes this tiny model route about half its modules to each
+# expert, with score margins far above float32 noise; no dropout, so that every rank sees the
+# one-process computation.
 RUN = tiny_run(
     "molf",
     n_train=16,
@@ -40,6 +40,7 @@ RUN = tiny_run(
     lora_rank=4,
     lr_fft="2e-3",
     lr_lora="1e-3",
+    lora_alpha=16,
     lora_dropout=0,
 )
 

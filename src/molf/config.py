@@ -15,7 +15,8 @@ class MoLFConfig:
 
     Attributes:
         lora_ranks: rank of each LoRA expert; `(128,)` is the paper's MoLF, `(32, 128)` MoLF-E.
-        lora_alphas: alpha of each expert (same length as `lora_ranks`); default 16 for every one.
+        lora_alphas: alpha of each expert (same length as `lora_ranks`); default 32 for every one,
+            the authors' reference value (docs/method.md section 7.1).
         use_rslora: scale s_i = alpha_i / sqrt(r_i) (rsLoRA, the paper's choice) instead of alpha_i / r_i.
         lora_dropout: dropout on the LoRA input; one sample is shared by all experts.
         target_modules: "all-linear", a list of module names (a name matches itself and any module
@@ -39,7 +40,7 @@ class MoLFConfig:
     def __post_init__(self) -> None:
         self.lora_ranks = tuple(int(r) for r in self.lora_ranks)
         if self.lora_alphas is None:
-            self.lora_alphas = tuple(16.0 for _ in self.lora_ranks)
+            self.lora_alphas = tuple(32.0 for _ in self.lora_ranks)
         self.lora_alphas = tuple(float(a) for a in self.lora_alphas)
         if not isinstance(self.target_modules, str):
             self.target_modules = tuple(self.target_modules)

@@ -1,6 +1,7 @@
 """`molf compare`: run every method on every task under one budget, then write the report.
 
-    molf compare --tasks fact-geo,med-icd10,spider-dev --methods fft,lora,adalora,molf,molf-e \\
+    molf compare --tasks fact-geo,med-icd10,spider-dev \\
+        --methods fft,lora,lora-160,adalora,molf,molf-e,molf-e-k2 \\
         --budget small
 
 docs/compare.md describes the protocol (fairness, budgets, how each learning rate is chosen) and

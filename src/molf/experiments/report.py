@@ -26,9 +26,11 @@ from typing import Any
 
 import numpy as np
 
-from molf.experiments.grid import CellRecord, Results, load_results
+from molf.experiments.grid import CellRecord, Results, load_results, read_json
+from molf.experiments.stats import PairedDifference, align, paired_difference
 from molf.routing import RoutingLog, layer_index, module_type
 from molf.train import methods as registry
+from molf.train.loop import TEST_ITEMS
 
 TYPE_ORDER = ("q", "k", "v", "o", "gate", "up", "down")
 # paper claim 1: MoLF within this many points of max(FFT, LoRA) on every task
@@ -257,37 +259,90 @@ def _csv_num(v: Any) -> str:
 
 
 # -- paper claims ----------------------------------------------------------------------------------
+def cell_items(cell: CellRecord | None) -> dict[str, float] | None:
+    """A finished cell's per-item test scores on the headline (`test_items.json`), as points
+    (0-100); None for a cell without them (a run from before molf wrote them)."""
+    if cell is None or cell.status != "done":
+        return None
+    data = read_json(cell.directory / TEST_ITEMS)
+    items = data.get("items") if isinstance(data, dict) else None
+    if not isinstance(items, dict) or not items:
+        return None
+    if not all(isinstance(v, (int, float)) and math.isfinite(v) for v in items.values()):
+        return None
+    return {str(k): 100.0 * float(v) for k, v in items.items()}
+
+
+def paired(res: Results, task: str, a: str, b: str) -> PairedDifference | None:
+    """Paired difference a - b (points) over the test items both chosen cells answered; None
+    when either lacks per-item scores. Cells of one grid share their test items; a grid whose
+    cells do not is refused (`align`)."""
+    items_a = cell_items(res.chosen.get((task, a)))
+    items_b = cell_items(res.chosen.get((task, b)))
+    if items_a is None or items_b is None:
+        return None
+    _, x, y = align(items_a, items_b)
+    return paired_difference(x, y, seed=0) if len(x) >= 2 else None
+
+
 def claims(res: Results) -> dict[str, Any]:
     """MoLF's gap to max(FFT, LoRA) and MoLF-E minus AdaLoRA per task (points), and verdicts.
 
-    Claim 1 holds when the gap is >= -1.5 points on every task; claim 2 when MoLF-E is strictly
-    ahead of AdaLoRA on every task. A task missing any of the needed scores is 'not judged'; a
-    verdict on a partial grid is only 'held' when no task is missing.
+    Where the cells kept per-item scores, each comparison is a paired difference on the same
+    test items (mean, paired standard error, 95% bootstrap interval), and the verdict reads the
+    interval: claim 1 holds on a task when the whole interval lies above -1.5 points and fails
+    when the whole interval lies below; claim 2 holds when it lies above 0 and fails when it
+    lies at or below 0. An interval across the line is 'not resolved': the test set cannot tell.
+    Without per-item scores the point difference decides, as before (gap >= -1.5; ahead > 0).
+    A task missing any of the needed scores is 'not judged'; a verdict on a partial grid is
+    only 'held' when no task is missing.
     """
     gaps: dict[str, float | None] = {}
     diffs: dict[str, float | None] = {}
+    paired1: dict[str, PairedDifference | None] = {}
+    paired2: dict[str, PairedDifference | None] = {}
     for t in res.tasks:
         molf, fft, lora = res.score(t, "molf"), res.score(t, "fft"), res.score(t, "lora")
         gaps[t] = None if None in (molf, fft, lora) else molf - max(fft, lora)  # type: ignore
+        best = None if gaps[t] is None else ("fft" if fft >= lora else "lora")  # type: ignore
+        paired1[t] = paired(res, t, "molf", best) if best else None
         molf_e, ada = res.score(t, "molf-e"), res.score(t, "adalora")
         diffs[t] = None if None in (molf_e, ada) else molf_e - ada  # type: ignore[operator]
+        paired2[t] = paired(res, t, "molf-e", "adalora") if diffs[t] is not None else None
 
-    def verdict(values: dict[str, float | None], ok: Any) -> tuple[str, list[str], list[str]]:
-        failed = [t for t, v in values.items() if v is not None and not ok(v)]
-        missing = [t for t, v in values.items() if v is None]
+    def verdict(
+        values: dict[str, float | None],
+        intervals: dict[str, PairedDifference | None],
+        line: float,
+        strict: bool,
+    ) -> dict[str, Any]:
+        failed, missing, unresolved = [], [], []
+        for t, v in values.items():
+            pd = intervals.get(t)
+            if v is None:
+                missing.append(t)
+            elif pd is not None:
+                if pd.high < line or (pd.high <= line and strict):
+                    failed.append(t)
+                elif not (pd.low > line or (pd.low >= line and not strict)):
+                    unresolved.append(t)
+            elif v < line or (v <= line and strict):
+                failed.append(t)
         if failed:
-            return "NOT HELD", failed, missing
-        if missing:
-            return "NOT JUDGED", failed, missing
-        return "HELD", failed, missing
+            word = "NOT HELD"
+        elif missing or unresolved:
+            word = "NOT RESOLVED" if unresolved and not missing else "NOT JUDGED"
+        else:
+            word = "HELD"
+        return {"verdict": word, "failed": failed, "missing": missing, "unresolved": unresolved}
 
-    v1, f1, m1 = verdict(gaps, lambda g: g >= -CLAIM_TOLERANCE_POINTS)
-    v2, f2, m2 = verdict(diffs, lambda d: d > 0)
     return {
         "molf_gap": gaps,
         "molf_e_minus_adalora": diffs,
-        "claim1": {"verdict": v1, "failed": f1, "missing": m1},
-        "claim2": {"verdict": v2, "failed": f2, "missing": m2},
+        "molf_gap_paired": paired1,
+        "molf_e_minus_adalora_paired": paired2,
+        "claim1": verdict(gaps, paired1, -CLAIM_TOLERANCE_POINTS, strict=False),
+        "claim2": verdict(diffs, paired2, 0.0, strict=True),
     }
 
 
@@ -300,9 +355,26 @@ def standard_error(points: float | None, n: int | None) -> float | None:
     return 100.0 * math.sqrt(p * (1.0 - p) / n)
 
 
+def _paired_cells(pd: PairedDifference | None) -> list[str]:
+    """Paired mean difference, paired SE and the 95% bootstrap interval, as table cells."""
+    if pd is None:
+        return ["n/a", "n/a", "n/a"]
+    return [f"{pd.mean:+.1f}", f"{pd.se:.1f}", f"[{pd.low:+.1f}, {pd.high:+.1f}]"]
+
+
+def _wide(intervals: dict[str, PairedDifference | None], width: float) -> list[str]:
+    """Tasks whose 95% interval is wider than `width` either side of its mean."""
+    return [
+        t
+        for t, pd in intervals.items()
+        if pd is not None and max(pd.high - pd.mean, pd.mean - pd.low) > width
+    ]
+
+
 def claim_lines(res: Results, c: dict[str, Any]) -> list[str]:
-    """The markdown section with both comparisons, explicit verdict lines, and how large the
-    test sets' sampling error is against the claims' margins."""
+    """The markdown section with both comparisons (paired on the test items where the cells
+    kept per-item scores), explicit verdict lines, and where the paired error is still larger
+    than the margin the claim is judged by."""
     lines = ["## Paper claims", ""]
     rows = []
     errors = []
@@ -327,12 +399,32 @@ def claim_lines(res: Results, c: dict[str, Any]) -> list[str]:
                 str(n) if n else "n/a",
                 _pts(None if not n else 100.0 / n),
                 _pts(se),
+                *_paired_cells(c["molf_gap_paired"].get(t)),
             ]
         )
     header = ["task", "MoLF", "FFT", "LoRA", "max(FFT, LoRA)", "MoLF gap (points)"]
     header += ["test records", "one record (points)", "standard error (points)"]
+    header += ["paired gap", "paired SE", "95% interval (bootstrap)"]
     lines += _md_table(header, rows)
-    if errors and max(errors) > CLAIM_TOLERANCE_POINTS:
+    paired_any = any(v is not None for v in c["molf_gap_paired"].values())
+    if paired_any:
+        lines += [
+            "",
+            "The paired columns compare MoLF with the better baseline item by item on the same "
+            "test records (paired standard error; percentile bootstrap over items, 10,000 "
+            "resamples, seed 0); the verdict reads the 95% interval against the "
+            f"{CLAIM_TOLERANCE_POINTS}-point margin.",
+        ]
+        wide = _wide(c["molf_gap_paired"], CLAIM_TOLERANCE_POINTS)
+        if wide:
+            lines += [
+                "",
+                "The paired error is still larger than the margin on "
+                + ", ".join(wide)
+                + f": the 95% interval reaches more than {CLAIM_TOLERANCE_POINTS} points from "
+                "its mean, so this test set cannot tell a 1.5-point gap from none there.",
+            ]
+    elif errors and max(errors) > CLAIM_TOLERANCE_POINTS:
         lines += [
             "",
             f"The standard error of a score on these test sets (up to {max(errors):.1f} points, "
@@ -356,10 +448,12 @@ def claim_lines(res: Results, c: dict[str, Any]) -> list[str]:
             _pts(res.score(t, "adalora")),
             _pts(c["molf_e_minus_adalora"][t], sign=True),
             _pts(standard_error(res.score(t, "adalora"), res.n_test(t))),
+            *_paired_cells(c["molf_e_minus_adalora_paired"].get(t)),
         ]
         for t in res.tasks
     ]
     header = ["task", "MoLF-E", "AdaLoRA", "MoLF-E - AdaLoRA (points)", "standard error (points)"]
+    header += ["paired difference", "paired SE", "95% interval (bootstrap)"]
     lines += _md_table(header, rows)
     diffs = [v for v in c["molf_e_minus_adalora"].values() if v is not None]
     lines += _verdict_paragraph(
@@ -386,6 +480,8 @@ def _verdict_paragraph(
         detail.append(
             failed_words + " " + ", ".join(f"{t} ({values[t]:+.1f})" for t in verdict["failed"])
         )
+    if verdict.get("unresolved"):
+        detail.append("the 95% interval crosses the line on " + ", ".join(verdict["unresolved"]))
     if verdict["missing"]:
         detail.append("not judged on " + ", ".join(verdict["missing"]) + " (missing cells)")
     tail = f" ({'; '.join(detail)})" if detail else ""

@@ -117,7 +117,8 @@ class Task(Protocol):
     """A task: builds splits from a source, scores a model on held-out records.
 
     `headline` is the metric a comparison reports (`lower_is_better(headline)` says which way it
-    points).
+    points). Given an `items` dict, `evaluate` also fills it with each record's score on the
+    headline (`item_id(i)` -> score, the headline being their mean) for paired comparisons.
     Validation and test records are task-specific dicts that only the task's `evaluate` reads."""
 
     name: str
@@ -127,8 +128,20 @@ class Task(Protocol):
     def build(self, request: TaskRequest) -> TaskSplits: ...
 
     def evaluate(
-        self, model: Any, tokenizer: Any, records: list[dict[str, Any]], batch_size: int = 16
+        self,
+        model: Any,
+        tokenizer: Any,
+        records: list[dict[str, Any]],
+        batch_size: int = 16,
+        items: dict[str, float] | None = None,
     ) -> dict[str, float]: ...
+
+
+def item_id(index: int) -> str:
+    """The id of the `index`-th record of an evaluated split, for per-item scores: every method
+    of a comparison answers the same split in the same order (the split is a function of the
+    seed and sizes), so the position names the item. Zero-padded, so ids sort as positions."""
+    return f"{index:06d}"
 
 
 @dataclass(frozen=True)

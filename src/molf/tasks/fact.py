@@ -61,7 +61,7 @@ from typing import Any
 import torch
 
 from molf.errors import MolfError
-from molf.tasks.base import TaskRequest, refuse_data, register_task
+from molf.tasks.base import TaskRequest, item_id, refuse_data, register_task
 from molf.tasks.common import (
     Example,
     TaskSplits,
@@ -515,7 +515,12 @@ class FactTask:
         return TaskSplits(train=train, validation=val, test=test, info=info)
 
     def evaluate(
-        self, model: Any, tokenizer: Any, records: list[dict[str, Any]], batch_size: int = 16
+        self,
+        model: Any,
+        tokenizer: Any,
+        records: list[dict[str, Any]],
+        batch_size: int = 16,
+        items: dict[str, float] | None = None,
     ) -> dict[str, float]:
         """ROME/MEMIT efficacy, paraphrase, neighbourhood and generation metrics on `records`."""
         if not records:
@@ -571,6 +576,8 @@ class FactTask:
                 per_record[kind][i].append(float(lp_new > lp_true))
             else:
                 per_record[kind][i].append(float(lp_true > lp_new))
+        if items is not None:
+            items.update({item_id(i): v for i, v in enumerate(efficacy)})
         generated = [
             float(_starts_with_word(t, r["requested_rewrite"]["target_new"]["str"]))
             for t, r in zip(texts, records)

@@ -49,7 +49,7 @@ from typing import Any
 import torch
 
 from molf.errors import MolfError
-from molf.tasks.base import TaskRequest, refuse_data, register_task
+from molf.tasks.base import TaskRequest, item_id, refuse_data, register_task
 from molf.tasks.common import (
     Example,
     TaskSplits,
@@ -412,7 +412,12 @@ class MedTask:
         return train, val, test, info
 
     def evaluate(
-        self, model: Any, tokenizer: Any, records: list[dict[str, Any]], batch_size: int = 16
+        self,
+        model: Any,
+        tokenizer: Any,
+        records: list[dict[str, Any]],
+        batch_size: int = 16,
+        items: dict[str, float] | None = None,
     ) -> dict[str, float]:
         """Accuracy of the argmax over the four letter tokens, and the mass they get together."""
         if not records:
@@ -442,6 +447,10 @@ class MedTask:
         predicted = letters.argmax(dim=1).tolist()
         gold = [int(r["answer"]) for r in records]
         correct = sum(int(p == g) for p, g in zip(predicted, gold))
+        if items is not None:
+            items.update(
+                {item_id(i): float(p == g) for i, (p, g) in enumerate(zip(predicted, gold))}
+            )
         mass = float(letters.exp().sum(dim=1).mean())
         return {
             "accuracy": correct / len(records),

@@ -42,7 +42,7 @@ from typing import Any
 import torch
 
 from molf.errors import MolfError
-from molf.tasks.base import TaskOptions, TaskRequest, register_task
+from molf.tasks.base import TaskOptions, TaskRequest, item_id, register_task
 from molf.tasks.chat import chat_prompt, check_messages
 from molf.tasks.common import (
     IGNORE,
@@ -293,7 +293,12 @@ class SftTask:
         )
 
     def evaluate(
-        self, model: Any, tokenizer: Any, records: list[dict[str, Any]], batch_size: int = 16
+        self,
+        model: Any,
+        tokenizer: Any,
+        records: list[dict[str, Any]],
+        batch_size: int = 16,
+        items: dict[str, float] | None = None,
     ) -> dict[str, float]:
         """Loss and perplexity on `records`, and the generation metric when one was requested.
         The model's train/eval mode is restored afterwards."""
@@ -307,7 +312,9 @@ class SftTask:
             metrics = {"loss": loss, "perplexity": math.exp(loss) if loss < 700 else math.inf}
             metric = self.options.generation_metric
             if metric != "none":
-                metrics[metric] = self._generation(model, tokenizer, records, batch_size, metric)
+                metrics[metric] = self._generation(
+                    model, tokenizer, records, batch_size, metric, items
+                )
         finally:
             model.train(was_training)
         return metrics
@@ -341,7 +348,13 @@ class SftTask:
         return total / count
 
     def _generation(
-        self, model: Any, tokenizer: Any, records: list[dict[str, Any]], bs: int, metric: str
+        self,
+        model: Any,
+        tokenizer: Any,
+        records: list[dict[str, Any]],
+        bs: int,
+        metric: str,
+        items: dict[str, float] | None = None,
     ) -> float:
         prompts, references = [], []
         for r in records:
@@ -359,6 +372,8 @@ class SftTask:
             model, tokenizer, prompts, max_new, bs, eos_token_id=_stop_ids(model, tokenizer)
         )
         hits = [_matches(out, ref, metric) for out, ref in zip(outputs, references)]
+        if items is not None:  # the headline when a generation metric is asked for
+            items.update({item_id(i): float(h) for i, h in enumerate(hits)})
         return sum(hits) / len(hits)
 
 

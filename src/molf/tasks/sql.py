@@ -33,7 +33,7 @@ import sqlglot
 from sqlglot import exp
 
 from molf.errors import MolfError
-from molf.tasks.base import TaskRequest, register_task
+from molf.tasks.base import TaskRequest, item_id, register_task
 from molf.tasks.common import (
     Example,
     TaskSplits,
@@ -456,17 +456,22 @@ def score_record(prediction: str, record: dict[str, Any]) -> dict[str, bool | No
 
 
 def score_predictions(
-    predictions: Sequence[str], records: Sequence[dict[str, Any]]
+    predictions: Sequence[str],
+    records: Sequence[dict[str, Any]],
+    items: dict[str, float] | None = None,
 ) -> dict[str, float]:
     """Mean metrics of predictions against their records (same order).
 
     `exact_match`, `logic_match` and `valid_sql` average over all records (NaN when there are
     none). `execution_match` averages over the records with table contents whose gold query runs
-    in SQLite, and is left out when there are no such records.
+    in SQLite, and is left out when there are no such records. `items`, when given, gets each
+    record's `logic_match` (the headline) as 0/1.
     """
     if len(predictions) != len(records):
         raise ValueError(f"{len(predictions)} predictions for {len(records)} records")
     rows = [score_record(p, r) for p, r in zip(predictions, records)]
+    if items is not None:
+        items.update({item_id(i): float(bool(r["logic_match"])) for i, r in enumerate(rows)})
     n = len(rows)
     out: dict[str, float] = {}
     for key in ("exact_match", "logic_match", "valid_sql"):
@@ -709,14 +714,19 @@ class SqlTask:
         )
 
     def evaluate(
-        self, model: Any, tokenizer: Any, records: list[dict[str, Any]], batch_size: int = 16
+        self,
+        model: Any,
+        tokenizer: Any,
+        records: list[dict[str, Any]],
+        batch_size: int = 16,
+        items: dict[str, float] | None = None,
     ) -> dict[str, float]:
         """Greedy one-line generations for the records' prompts, scored by `score_predictions`."""
         prompts = [r["prompt"] for r in records]
         predictions = generate(
             model, tokenizer, prompts, max_new_tokens=MAX_NEW_TOKENS, batch_size=batch_size
         )
-        return score_predictions(predictions, records)
+        return score_predictions(predictions, records, items)
 
 
 TASK = register_task(SqlTask(), embedded="spider-dev", with_data="gretel")

@@ -68,7 +68,7 @@ class TrainConfig:
     # adapters
     lora_rank: int = 128
     molf_e_ranks: tuple[int, ...] = (32, 128)
-    lora_alpha: float = 16.0
+    lora_alpha: float = 32.0  # the reference's, for every expert and the LoRA baselines
     lora_dropout: float = 0.05
     use_rslora: bool = True
     target_modules: str | list[str] = "all-linear"
@@ -184,6 +184,12 @@ class TrainConfig:
                 "(distributed=none)"
             )
         method = methods.get(self.method)
+        for key, value in method.implies.items():
+            if getattr(self, key) != value:
+                raise MolfError(
+                    f"config key '{key}': method {self.method} runs with {key}={value}, "
+                    f"got {getattr(self, key)!r}"
+                )
         n_experts = method.n_experts(self) if method.n_experts is not None else None
         if n_experts is not None and self.top_k > n_experts:
             raise MolfError(
@@ -307,6 +313,9 @@ def load_config(
     values.update({k: v for k, v in explicit.items() if v is not None})
     for key in values:
         _check_key(key)
+    implied = methods.REGISTRY.get(values.get("method", TrainConfig.method))
+    for key, value in (implied.implies if implied is not None else {}).items():
+        values.setdefault(key, value)
     typed = {key: _coerce(key, value) for key, value in values.items()}
     cfg = TrainConfig(**typed)
     cfg.validate()

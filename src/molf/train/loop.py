@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import inspect
 import json
 import math
 import resource
@@ -49,6 +50,7 @@ if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
 SUMMARY = "summary.json"
+TEST_ITEMS = "test_items.json"  # per-item headline scores of the final test evaluation
 
 
 class Interrupted(Exception):
@@ -338,12 +340,17 @@ def evaluate(
     tokenizer: PreTrainedTokenizerBase,
     records: list[dict[str, Any]],
     batch_size: int,
+    items: dict[str, float] | None = None,
 ) -> dict[str, float]:
-    """The task's metrics on `records`, in eval mode (restores the previous mode)."""
+    """The task's metrics on `records`, in eval mode (restores the previous mode); `items`, when
+    given, gets each record's headline score (the task's `evaluate` says how)."""
     was_training = model.training
     model.eval()
     try:
-        return task.evaluate(model, tokenizer, records, batch_size=batch_size)
+        # a task written before per-item scores existed takes no `items`: it gives none
+        if items is None or "items" not in inspect.signature(task.evaluate).parameters:
+            return task.evaluate(model, tokenizer, records, batch_size=batch_size)
+        return task.evaluate(model, tokenizer, records, batch_size=batch_size, items=items)
     finally:
         model.train(was_training)
 
@@ -590,22 +597,38 @@ def _micro_batch(s: Setup, idx: list[int], pad: int) -> dict[str, torch.Tensor]:
     return {k: v.to(s.device) for k, v in batch.items()}
 
 
-def _distributed_micro_step(s: Setup, idx: list[int], pad: int, sync: bool) -> tuple[float, int]:
+def step_loss_tokens(s: Setup, micro: list[list[int]]) -> int:
+    """The loss tokens of one whole optimizer step (all its micro-batches, all ranks)."""
+    return sum(s.data.loss_tokens(idx) for idx in micro)
+
+
+def _micro_step(s: Setup, idx: list[int], pad: int, step_tokens: int) -> tuple[float, int]:
+    """Forward and backward of one micro-batch, its token-loss sum divided by the whole step's
+    token count (`num_items_in_batch`, as HF Trainer does): the accumulated gradient is then the
+    gradient of the step's token mean, however unevenly the tokens fall into micro-batches
+    (docs/method.md section 7.5). Returns (its share of the step's loss, its tokens)."""
+    batch = _micro_batch(s, idx, pad)
+    out = s.model(**batch, num_items_in_batch=step_tokens)
+    out.loss.backward()
+    return float(out.loss.detach()), sum(len(s.data.input_ids[i]) for i in idx)
+
+
+def _distributed_micro_step(
+    s: Setup, idx: list[int], pad: int, sync: bool, step_tokens: int
+) -> tuple[float, int]:
     """Forward and backward of this rank's share of one global micro-batch.
 
-    The token-loss sum of this rank's examples is divided by the micro-batch's global token
+    The token-loss sum of this rank's examples is divided by the whole step's global token
     count over the world size (`num_items_in_batch`), so that the engines' average of the
-    ranks' gradients is the gradient of the one-process micro-batch mean; a term a model adds
-    to its loss (AdaLoRA's regulariser) then also counts once. Returns (this rank's share of
-    the one-process micro-batch loss, its tokens): summed over ranks, that loss."""
-    ctx, cfg = s.dist, s.cfg
-    # no loss tokens at all gives NaN and a skipped step, as with one process
-    count = s.data.loss_tokens(idx)
+    ranks' gradients, accumulated over the micro-batches, is the gradient of the one-process
+    step's token mean, as `_micro_step` gives. Returns (this rank's share of the one-process
+    step loss, its tokens): summed over ranks and micro-batches, that loss."""
+    ctx = s.dist
     mine = distributed.local_part(idx, ctx)
     batch = _micro_batch(s, mine, pad)
     with distributed.gradient_sync(s.engine, ctx, sync):
-        out = s.engine(**batch, num_items_in_batch=count / ctx.world_size)
-        (out.loss / cfg.grad_accum).backward()
+        out = s.engine(**batch, num_items_in_batch=step_tokens / ctx.world_size)
+        out.loss.backward()
     return float(out.loss.detach()) / ctx.world_size, sum(len(s.data.input_ids[i]) for i in mine)
 
 
@@ -630,17 +653,16 @@ def train_loop(s: Setup, start_step: int, logger: MetricLogger) -> dict[str, Any
             t0 = time.perf_counter()
             loss_sum, n_tokens = 0.0, 0
             micro = s.order.micro_batches(step)
+            # no loss tokens in the whole step gives NaN and a skipped step
+            step_tokens = step_loss_tokens(s, micro)
             for m, idx in enumerate(micro):
                 if ctx.enabled:
-                    part, toks = _distributed_micro_step(s, idx, pad, m == len(micro) - 1)
-                    loss_sum += part
-                    n_tokens += toks
-                    continue
-                batch = _micro_batch(s, idx, pad)
-                out = model(**batch)
-                (out.loss / cfg.grad_accum).backward()
-                loss_sum += float(out.loss.detach())
-                n_tokens += sum(len(s.data.input_ids[i]) for i in idx)
+                    last = m == len(micro) - 1
+                    part, toks = _distributed_micro_step(s, idx, pad, last, step_tokens)
+                else:
+                    part, toks = _micro_step(s, idx, pad, step_tokens)
+                loss_sum += part
+                n_tokens += toks
             agreed = None
             if ctx.enabled:
                 # One small all-reduce per step: the loss, the tokens, and whether any rank got
@@ -656,7 +678,7 @@ def train_loop(s: Setup, start_step: int, logger: MetricLogger) -> dict[str, Any
             else:
                 norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
             grad_norm = distributed.scalar(norm) if ctx.enabled else float(norm)
-            loss = loss_sum / cfg.grad_accum
+            loss = loss_sum  # the step's token-mean loss: each part is already a share
             if not math.isfinite(grad_norm) or not math.isfinite(loss):
                 # Skip: weights, moments, step counters and the schedule stay as they were.
                 opt.zero_grad(set_to_none=True)
@@ -961,7 +983,14 @@ def _run(cfg: TrainConfig, resume: str, overwrite: bool, ctx: DistContext) -> di
         if trained is None:
             return {}
     plain, paths = finalize(s, trained)
-    after = evaluate(s.task, plain, s.tokenizer, s.splits.test, cfg.eval_batch_size)
+    test_items: dict[str, float] = {}
+    after = evaluate(s.task, plain, s.tokenizer, s.splits.test, cfg.eval_batch_size, test_items)
+    if test_items:
+        # per-item headline scores, for paired comparisons of methods on the same test items
+        write_json_atomic(
+            run_dir / TEST_ITEMS,
+            {"metric": s.task.headline, "items": dict(sorted(test_items.items()))},
+        )
     # validation metrics are what a learning-rate search may look at; test metrics never are
     validation = (
         evaluate(s.task, plain, s.tokenizer, s.splits.validation, cfg.eval_batch_size)

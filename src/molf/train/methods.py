@@ -10,6 +10,7 @@ this registry, so a new method is one `register(Method(...))` below, plus its bu
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -45,6 +46,9 @@ class Method:
     `after_step(model, step)` runs after every optimizer step; `save_state` / `load_state` carry
     state the method keeps outside the model and optimizer through checkpoints.
     `fsdp2_refusal`: why it cannot run under FSDP2, if it cannot.
+    `implies`: config values the method stands for (MoLF-E at top_k 2 is `molf-e` with
+    `top_k: 2`): a config naming the method gets them unless it sets them, and a config that
+    sets another value is refused.
     """
 
     name: str
@@ -61,6 +65,7 @@ class Method:
     save_state: Callable[[nn.Module], dict[str, Any]] | None = None
     load_state: Callable[[nn.Module, dict[str, Any]], None] | None = None
     fsdp2_refusal: str | None = None
+    implies: Mapping[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if (self.n_experts is None) != (self.routing is None):
@@ -140,20 +145,52 @@ def _lora_model(model: nn.Module, cfg: TrainConfig, total_steps: int) -> nn.Modu
     return _peft_model(model, LoraConfig(r=cfg.lora_rank, **_peft_options(cfg)))
 
 
+def _lora_sum_model(model: nn.Module, cfg: TrainConfig, total_steps: int) -> nn.Module:
+    """Plain LoRA of rank r1 + r2 (MoLF-E's ranks): the same trainable parameters as MoLF-E."""
+    from peft import LoraConfig
+
+    return _peft_model(model, LoraConfig(r=sum(cfg.molf_e_ranks), **_peft_options(cfg)))
+
+
+def lora_scale(cfg: TrainConfig, rank: int | None = None) -> float:
+    """LoRA's scale s at `rank` (default `lora_rank`): alpha / sqrt(r) with rsLoRA, else alpha / r."""
+    r = cfg.lora_rank if rank is None else rank
+    return cfg.lora_alpha / (math.sqrt(r) if cfg.use_rslora else r)
+
+
+def adalora_schedule(cfg: TrainConfig, total_steps: int) -> dict[str, Any]:
+    """AdaLoRA's ranks, scale and rank schedule, fitted to the run (docs/compare.md, AdaLoRA).
+
+    peft scales AdaLoRA's update by `lora_alpha / init_r` (init_r stays the divisor while ranks
+    are pruned; rsLoRA does not apply), so `lora_alpha = s * init_r` makes its scale LoRA's s at
+    the target rank: the two start from the same footing. The ranks start at 1.5x the target;
+    pruning waits out the warmup (tinit), ends with a fifth of the run left to train at the
+    final ranks (tfinal), and masks every ~5% of the run (deltaT), whatever the step count.
+    """
+    init_r = max(cfg.lora_rank * 3 // 2, cfg.lora_rank)
+    total = max(int(total_steps), 1)
+    tinit = max(math.ceil(cfg.warmup_ratio * total), int(0.1 * total))
+    tfinal = int(0.2 * total)
+    if tinit + tfinal >= total:  # too short a run to prune in: prune at once, as peft allows
+        tinit, tfinal = 0, 0
+    return dict(
+        init_r=init_r,
+        target_r=cfg.lora_rank,
+        lora_alpha=lora_scale(cfg) * init_r,
+        total_step=total,
+        tinit=tinit,
+        tfinal=tfinal,
+        deltaT=max(1, total // 20),
+    )
+
+
 def _adalora_model(model: nn.Module, cfg: TrainConfig, total_steps: int) -> nn.Module:
     from peft import AdaLoraConfig
 
-    # AdaLoRA starts at 1.5x the target rank and prunes to it between tinit and T - tfinal.
-    peft_config = AdaLoraConfig(
-        init_r=max(cfg.lora_rank * 3 // 2, cfg.lora_rank),
-        target_r=cfg.lora_rank,
-        total_step=total_steps,
-        tinit=int(0.1 * total_steps),
-        tfinal=int(0.2 * total_steps),
-        deltaT=max(1, total_steps // 20),
-        **_peft_options(cfg),
-    )
-    return _peft_model(model, peft_config)
+    options = _peft_options(cfg)
+    options.update(adalora_schedule(cfg, total_steps))
+    options.pop("use_rslora")  # AdaLoRA ignores it; its scale is set through lora_alpha above
+    return _peft_model(model, AdaLoraConfig(**options))
 
 
 def _molf_model(model: nn.Module, cfg: TrainConfig, total_steps: int) -> nn.Module:
@@ -332,5 +369,35 @@ register(
         lr_grids={"smoke": (1e-3,), "small": (5e-4, 5e-5), "paper": (5e-4, 5e-5)},
         n_experts=lambda cfg: len(cfg.molf_e_ranks),
         routing="between the two ranks",
+    )
+)
+register(
+    Method(
+        name="molf-e-k2",
+        label="MoLF-E (top-2)",
+        lr_keys=("lr_lora",),
+        build_model=_molf_e_model,
+        build_optimizer=_molf_adamw,
+        merge=molf.merge_and_unload,
+        save_adapter=_save_molf_e_adapter,
+        lr_grids={"smoke": (1e-3,), "small": (5e-4, 5e-5), "paper": (5e-4, 5e-5)},
+        n_experts=lambda cfg: len(cfg.molf_e_ranks),
+        routing="between the two ranks (both update every step at top_k 2)",
+        # the reference's MoLF-E quickstart: every expert updates every step
+        implies={"top_k": 2},
+    )
+)
+register(
+    Method(
+        name="lora-160",
+        label="LoRA-160",
+        lr_keys=("lr_lora",),
+        build_model=_lora_sum_model,
+        build_optimizer=_adamw("lr_lora", "weight_decay_lora"),
+        merge=_peft_merge,
+        save_adapter=_save_peft_adapter,
+        # rank r1 + r2 of molf_e_ranks (160 at the default 32 + 128): MoLF-E's parameter count,
+        # so the comparison shows what MoLF-E's routing adds over one LoRA of that size
+        lr_grids={"smoke": (1e-3,), "small": (5e-4, 5e-5), "paper": (5e-4, 5e-5)},
     )
 )
