@@ -10,6 +10,7 @@ this registry, so a new method is one `register(Method(...))` below, plus its bu
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -357,7 +358,7 @@ register(
         routing="FFT expert vs LoRA expert",
     )
 )
-register(
+MOLF_E = register(
     Method(
         name="molf-e",
         label="MoLF-E",
@@ -372,16 +373,10 @@ register(
     )
 )
 register(
-    Method(
+    dataclasses.replace(
+        MOLF_E,
         name="molf-e-k2",
         label="MoLF-E (top-2)",
-        lr_keys=("lr_lora",),
-        build_model=_molf_e_model,
-        build_optimizer=_molf_adamw,
-        merge=molf.merge_and_unload,
-        save_adapter=_save_molf_e_adapter,
-        lr_grids={"smoke": (1e-3,), "small": (5e-4, 5e-5), "paper": (5e-4, 5e-5)},
-        n_experts=lambda cfg: len(cfg.molf_e_ranks),
         routing="between the two ranks (both update every step at top_k 2)",
         # the reference's MoLF-E quickstart: every expert updates every step
         implies={"top_k": 2},
