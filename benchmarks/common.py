@@ -84,6 +84,15 @@ def llama(
             torch.set_default_dtype(default)
 
 
+def state_bytes(model: nn.Module, opt: torch.optim.Optimizer) -> int:
+    """Parameters (packed bytes for quantized ones) plus optimizer state: what stays allocated
+    between steps."""
+    n = sum(p.numel() * p.element_size() for p in model.parameters())
+    for st in opt.state.values():
+        n += sum(t.numel() * t.element_size() for t in st.values() if torch.is_tensor(t))
+    return n
+
+
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)

@@ -28,10 +28,11 @@ from common import (
     describe_machine,
     fmt_bytes,
     interleaved_times,
+    llama,
     median,
     peak_extra_bytes,
     setup,
-    smollm2_135m,
+    state_bytes,
     table,
 )
 from torch import nn
@@ -78,14 +79,6 @@ def build(method: str, base: nn.Module, dropout: float) -> tuple[nn.Module, torc
     return model, molf.MoLFAdamW(model, lr_lora=LR)
 
 
-def state_bytes(model: nn.Module, opt: torch.optim.Optimizer) -> int:
-    """Parameters (packed bytes for quantized ones) plus optimizer state."""
-    n = sum(p.numel() * p.element_size() for p in model.parameters())
-    for st in opt.state.values():
-        n += sum(t.numel() * t.element_size() for t in st.values() if torch.is_tensor(t))
-    return n
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = base_parser(__doc__.splitlines()[0], steps=5)
     parser.add_argument("--batch", type=int, default=2)
@@ -115,7 +108,7 @@ def main(argv: list[str] | None = None) -> int:
         f"interleaved steps ({args.clock} clock); {describe_machine(device)}"
     )
     with tempfile.TemporaryDirectory() as tmp:
-        smollm2_135m(args.layers).save_pretrained(tmp)
+        llama("smollm2-135m", args.layers).save_pretrained(tmp)
         runs = {
             m: build(m, load_quantized(tmp, args.bits, dtype, device), args.lora_dropout)
             for m in METHODS

@@ -40,6 +40,7 @@ from common import (
     median,
     peak_extra_bytes,
     setup,
+    state_bytes,
     table,
 )
 from torch import nn
@@ -77,14 +78,6 @@ def build(method: str, base: nn.Module, dropout: float) -> tuple[nn.Module, torc
     cfg = molf.MoLFConfig(lora_ranks=ranks, train_base=method == "molf", lora_dropout=dropout)
     model = molf.wrap(model, cfg)
     return model, molf.MoLFAdamW(model, lr_fft=LR, lr_lora=LR)
-
-
-def state_bytes(model: nn.Module, opt: torch.optim.Optimizer) -> int:
-    """Parameters plus optimizer state: what stays allocated between steps."""
-    n = sum(p.numel() * p.element_size() for p in model.parameters())
-    for st in opt.state.values():
-        n += sum(t.numel() * t.element_size() for t in st.values() if torch.is_tensor(t))
-    return n
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -26,8 +26,11 @@ from molf.tasks import TaskRequest
 VOCAB = 96
 
 
-def tiny_causal_lm(arch: str = "llama", seed: int = 0, dtype: torch.dtype = torch.float32):
-    """A 2-layer random-init causal LM of the real transformers architecture `arch`."""
+def tiny_causal_lm(
+    arch: str = "llama", seed: int = 0, dtype: torch.dtype = torch.float32, **config: object
+):
+    """A 2-layer random-init causal LM of the real transformers architecture `arch`; `config`
+    adds config fields (e.g. tie_word_embeddings=True)."""
     common = dict(
         vocab_size=VOCAB,
         hidden_size=32,
@@ -36,6 +39,7 @@ def tiny_causal_lm(arch: str = "llama", seed: int = 0, dtype: torch.dtype = torc
         num_attention_heads=4,
         num_key_value_heads=2,
         max_position_embeddings=64,
+        **config,
     )
     if arch == "llama":
         cfg, cls = LlamaConfig(**common), LlamaForCausalLM

@@ -30,20 +30,7 @@ def tiny_gpt2(seed: int = 0) -> nn.Module:
 
 
 def tied_llama(seed: int = 0) -> nn.Module:
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    config = LlamaConfig(
-        vocab_size=VOCAB,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        tie_word_embeddings=True,
-    )
-    with torch.random.fork_rng():
-        torch.manual_seed(seed)
-        model = LlamaForCausalLM(config).eval()
+    model = tiny_causal_lm("llama", seed, tie_word_embeddings=True).eval()
     assert model.lm_head.weight is model.model.embed_tokens.weight
     return model
 
