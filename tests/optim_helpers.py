@@ -117,7 +117,9 @@ class Oracle:
             step_decisions[name] = winners
             for e in winners:
                 for p in experts[e]:
-                    self.adam(p, lrs[e], self.wds[e])
+                    # a wrapped layer's bias is not decayed (docs/method.md section 3)
+                    wd = 0.0 if p is self.mods[name]["b"] else self.wds[e]
+                    self.adam(p, lrs[e], wd)
         for key, p in self.other.items():
             self.moments(p)
             self.adam(p, self.lr_other * lr_factor, self.wd_other if key == "head_w" else 0.0)

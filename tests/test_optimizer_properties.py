@@ -57,6 +57,8 @@ class Setup:
     wd_other: float
     betas: tuple[float, float]
     eps: float
+    score_eps: float
+    decay_bias: bool
     score: str
     twins: bool  # all LoRA experts identical (same rank, init, lr, gradients): exact score ties
     grad_mode: str  # "direct" (p.grad = ...) or "loss" (backward of a random linear loss)
@@ -132,6 +134,8 @@ def setups(draw: st.DrawFn) -> Setup:
         wd_other=draw(wds),
         betas=(draw(st.floats(0.0, 0.99)), draw(st.floats(0.5, 0.9999))),
         eps=draw(st.sampled_from([1e-8, 1e-6, 1e-3])),
+        score_eps=draw(st.sampled_from([1e-8, 1e-8, 1e-5, 1e-3])),
+        decay_bias=draw(st.booleans()),
         score=draw(st.sampled_from(["epd", "pfn"])),
         twins=twins,
         grad_mode=grad_mode,
@@ -188,6 +192,8 @@ def make_opt(model: nn.Module, s: Setup, backend: str = "auto") -> MoLFAdamW:
         betas=s.betas,
         eps=s.eps,
         score=s.score,
+        score_eps=s.score_eps,
+        decay_bias=s.decay_bias,
         top_k=s.top_k,
         backend=backend,
     )
@@ -275,9 +281,18 @@ def snapshot(model: nn.Module, opt: MoLFAdamW) -> dict[str, tuple[torch.Tensor, 
     out = {}
     for n, p in model.named_parameters():
         st_ = opt.state.get(p)
-        state = {k: st_[k].clone() for k in STATE_KEYS} if st_ else None
+        state = {k: st_[k].clone() for k in STATE_KEYS} if st_ and "step" in st_ else None
         out[n] = (p.detach().clone(), state)
     return out
+
+
+def unchanged_state(opt: MoLFAdamW, p: torch.Tensor, before: dict | None) -> bool:
+    """Whether p's moments and step count are as `before` (None: p had none, and still has
+    none; its state may hold its module's win counter only)."""
+    st1 = opt.state.get(p) or {}
+    if before is None:
+        return "step" not in st1
+    return all(torch.equal(st1[k], before[k]) for k in STATE_KEYS)
 
 
 def close(actual: torch.Tensor, expected: torch.Tensor, tol: float = 1e-12) -> bool:
@@ -313,8 +328,11 @@ def expected_adam(
 def expert_score(
     ms: list[torch.Tensor], vs: list[torch.Tensor], lr: float, eps: float, score: str
 ) -> float:
-    """EPD or PFN of one expert from its raw moments, in float64 (docs/method.md section 3)."""
+    """EPD or PFN of one expert from the raw moments of its tensors with a gradient, in float64
+    (docs/method.md section 3); -inf when none has one (it cannot win)."""
     n = sum(m.numel() for m in ms)
+    if n == 0:
+        return -math.inf
     if score == "epd":
         total = sum(float((m * m / (v.sqrt() + eps)).sum()) for m, v in zip(ms, vs))
         return lr / n * total
@@ -375,22 +393,24 @@ def check_step(
                     checked.add(n)
                     p0, st0 = before[n]
                     assert torch.equal(p.detach(), p0), n
-                    st1 = opt.state.get(p)
-                    assert (st0 is None and not st1) or all(
-                        torch.equal(st1[k], st0[k]) for k in STATE_KEYS
-                    ), n
+                    assert unchanged_state(opt, p, st0), n
             if rec is not None:
                 assert not rec["winners"][mi].any()
             continue
 
-        new_moments = []  # per expert: [(m, v, t)] from the oracle
+        new_moments = []  # per expert: [(m, v, t)] from the oracle, None without a gradient
         exact_scores = []
         for e, ps in enumerate(experts):
             lr, _ = s.expert_lr_wd(e)
             mv = []
             for p in ps:
                 n = names[id(p)]
-                g = grads[n] if grads[n] is not None else torch.zeros_like(p)
+                g = grads[n]
+                if g is None:
+                    # skipped as torch's AdamW skips it: no moments, no step, not in N, no update
+                    assert unchanged_state(opt, p, before[n][1]), f"gradless {n} stepped"
+                    mv.append(None)
+                    continue
                 m_exp, v_exp, t_exp = expected_moments(before[n][1], g, b1, b2)
                 st1 = opt.state[p]
                 # All experts' moments advance with their exact gradient, winners or not.
@@ -399,12 +419,13 @@ def check_step(
                 assert float(st1["step"]) == t_exp, f"step of {n}"
                 mv.append((m_exp, v_exp, t_exp))
             new_moments.append(mv)
+            with_grad = [p for p, x in zip(ps, mv) if x is not None]
             exact_scores.append(
                 expert_score(
-                    [opt.state[p]["exp_avg"] for p in ps],
-                    [opt.state[p]["exp_avg_sq"] for p in ps],
+                    [opt.state[p]["exp_avg"] for p in with_grad],
+                    [opt.state[p]["exp_avg_sq"] for p in with_grad],
                     lr,
-                    s.eps,
+                    s.score_eps,
                     s.score,
                 )
             )
@@ -419,14 +440,17 @@ def check_step(
 
         for e, ps in enumerate(experts):
             lr, wd = s.expert_lr_wd(e)
-            for p, (m_exp, v_exp, t_exp) in zip(ps, new_moments[e]):
+            for p, mv in zip(ps, new_moments[e]):
                 n = names[id(p)]
                 checked.add(n)
                 p0 = before[n][0]
-                if not winners[e]:
-                    assert torch.equal(p.detach(), p0), f"loser {n} changed"
+                if not winners[e] or mv is None:
+                    assert torch.equal(p.detach(), p0), f"loser or gradless {n} changed"
                     continue
-                want = expected_adam(p0, m_exp, v_exp, t_exp, lr, wd, s.betas, s.eps)
+                m_exp, v_exp, t_exp = mv
+                # a wrapped layer's bias takes the FFT decay only with decay_bias
+                wd_p = wd if s.decay_bias or p is not m.bias else 0.0
+                want = expected_adam(p0, m_exp, v_exp, t_exp, lr, wd_p, s.betas, s.eps)
                 assert close(p.detach(), want), f"winner {n} off the AdamW oracle"
                 if not close(want, p0, 1e-9):
                     assert not torch.equal(p.detach(), p0), f"winner {n} unchanged"
@@ -439,10 +463,7 @@ def check_step(
         g = grads[n]
         if not p.requires_grad or g is None:
             assert torch.equal(p.detach(), p0), n
-            st1 = opt.state.get(p)
-            assert (st0 is None and not st1) or all(
-                torch.equal(st1[k], st0[k]) for k in STATE_KEYS
-            ), n
+            assert unchanged_state(opt, p, st0), n
             continue
         m_exp, v_exp, t_exp = expected_moments(st0, g, b1, b2)
         st1 = opt.state[p]

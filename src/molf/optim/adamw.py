@@ -6,6 +6,8 @@ One step, for every wrapped module (docs/method.md section 3):
   3. every expert is scored on its raw moments (EPD by default, see molf.scores);
   4. the top-k experts win, ties going to the lower expert index;
   5. only winners are decayed and updated with the bias-corrected Adam step.
+A tensor without a gradient is skipped, as torch's AdamW skips it: no moment update, no step
+count, not counted in its expert's size; an expert none of whose tensors has one cannot win.
 Parameters outside wrapped modules get plain AdamW every step.
 
 This class is the front: parameter groups, state, validation and the choice of a backend. The
@@ -58,6 +60,10 @@ class MoLFAdamW(torch.optim.Optimizer):
             1-d weights (norms) never decay.
         betas, eps: AdamW's.
         score: a registered score name ("epd", the paper's default, or "pfn").
+        score_eps: the eps inside the score, its own constant (1e-8, the reference's) whatever
+            Adam's `eps` is, so that changing Adam's eps does not change the routing.
+        decay_bias: whether the biases of wrapped layers (scored with the FFT expert's weight)
+            take the FFT weight decay; off by default, as in the reference.
         top_k: number of experts updated per module and step (1 to the number of experts).
         moments_dtype: "float32" (default: moments in float32, or float64 for float64 params) or
             "param" (moments in the parameter dtype, e.g. bfloat16, to save memory).
@@ -85,6 +91,8 @@ class MoLFAdamW(torch.optim.Optimizer):
         betas: tuple[float, float] = (0.9, 0.999),
         eps: float = 1e-8,
         score: str = "epd",
+        score_eps: float = 1e-8,
+        decay_bias: bool = False,
         top_k: int = 1,
         moments_dtype: str = "float32",
         log_routing: bool = True,
@@ -109,6 +117,7 @@ class MoLFAdamW(torch.optim.Optimizer):
         if moments_dtype not in ("float32", "param"):
             raise MolfError(f"moments_dtype: must be 'float32' or 'param', got {moments_dtype!r}")
         checks = [("lr_fft", lr_fft), ("weight_decay_fft", weight_decay_fft), ("eps", eps)]
+        checks.append(("score_eps", score_eps))
         checks += [
             ("lr_lora", v) for v in ([lr_lora] if isinstance(lr_lora, (int, float)) else lr_lora)
         ]
@@ -178,13 +187,16 @@ class MoLFAdamW(torch.optim.Optimizer):
         super().__init__(groups, defaults)
 
         self.top_k = top_k
+        self.score_eps = float(score_eps)
+        self.decay_bias = bool(decay_bias)
         self.moments_dtype = moments_dtype
         self.expert_names = expert_names
         self.module_names = list(modules)
         self.routing_log = (
             RoutingLog(self.module_names, list(expert_names)) if log_routing else None
         )
-        self.layout = self._build_layout(routed, first.weight.device)
+        biases = {id(m.bias) for m in modules.values() if m.bias is not None}
+        self.layout = self._build_layout(routed, biases, first.weight.device)
         self.score_reducer: Callable[[torch.Tensor], torch.Tensor] | None = None
         # FSDP2 (DTensor) parameters: each rank scores its shards, so the totals must be summed
         # over the shard group before any decision (docs/method.md section 4); never left to the user.
@@ -200,7 +212,7 @@ class MoLFAdamW(torch.optim.Optimizer):
         self._warned = False
 
     def _build_layout(
-        self, routed: list[list[list[nn.Parameter]]], device: torch.device
+        self, routed: list[list[list[nn.Parameter]]], biases: set[int], device: torch.device
     ) -> RoutedLayout:
         """The read-only description of the routed tensors that the backends step."""
         n_exp = len(self.expert_names)
@@ -230,6 +242,8 @@ class MoLFAdamW(torch.optim.Optimizer):
             module_of=tuple(m for _, m, _ in flat),
             expert_of=tuple(e for _, _, e in flat),
             module_start=tuple(start),
+            decays=tuple(self.decay_bias or id(p) not in biases for p, _, _ in flat),
+            tensor_numel=tuple(p.numel() for p, _, _ in flat),
             numel=numel,
             plain=plain,
             state=self._init_state,
@@ -246,7 +260,7 @@ class MoLFAdamW(torch.optim.Optimizer):
 
     def _init_state(self, p: torch.Tensor) -> dict[str, torch.Tensor]:
         state = self.state[p]
-        if not state:
+        if "step" not in state:  # a module's win counter may be there first
             dt = self._moment_dtype(p)
             state["step"] = torch.zeros((), dtype=torch.float32)
             state["exp_avg"] = torch.zeros_like(p, dtype=dt, memory_format=torch.preserve_format)
@@ -304,6 +318,7 @@ class MoLFAdamW(torch.optim.Optimizer):
             beta1=beta1,
             beta2=beta2,
             eps=self.defaults["eps"],
+            score_eps=self.score_eps,
             top_k=self.top_k,
             score=self.score_fn,
             slot_lrs=tuple(g["lr"] for g in slots),

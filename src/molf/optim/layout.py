@@ -26,8 +26,10 @@ class RoutedLayout:
     """The routed tensors, module-major and expert-minor, and everything else a step needs.
 
     `params[t]` belongs to module `module_of[t]` and expert slot `expert_of[t]`; module i owns
-    `params[module_start[i]:module_start[i + 1]]`. `numel[i, e]` is the global element count of
-    expert e of module i (float64, on the CPU; for DTensors the whole tensor's, not the shard's).
+    `params[module_start[i]:module_start[i + 1]]`. `decays[t]` says whether tensor t takes its
+    expert's weight decay (False for the biases of wrapped layers unless `decay_bias`).
+    `tensor_numel[t]` is tensor t's global element count (for DTensors the whole tensor's, not
+    the shard's) and `numel[i, e]` the sum over expert e of module i (float64, on the CPU).
     `plain` lists the parameters outside the wrapped modules with the index of their group.
     `state(p)` is p's optimizer state, created (moments zero, step 0) on first use;
     `states()` the optimizer's mapping of parameters to states as it is now (read only: a
@@ -41,6 +43,8 @@ class RoutedLayout:
     module_of: tuple[int, ...]
     expert_of: tuple[int, ...]
     module_start: tuple[int, ...]
+    decays: tuple[bool, ...]
+    tensor_numel: tuple[int, ...]
     numel: torch.Tensor
     plain: tuple[tuple[torch.Tensor, int], ...]
     state: Callable[[torch.Tensor], dict[str, torch.Tensor]]
@@ -73,3 +77,15 @@ class RoutedLayout:
         """Indices into `params` of the tensors of the active modules, in order."""
         start = self.module_start
         return [t for i, a in enumerate(active) if a for t in range(start[i], start[i + 1])]
+
+    def numel_with_grad(self, has_grad: Sequence[bool]) -> torch.Tensor:
+        """[modules, experts] float64 element counts over the tensors that have a gradient this
+        step: a tensor without one is skipped like torch's AdamW skips it, so it does not count
+        in its expert's N (docs/method.md section 3). `numel` itself when every tensor has one."""
+        if all(has_grad):
+            return self.numel
+        numel = torch.zeros_like(self.numel)
+        for t, has in enumerate(has_grad):
+            if has:
+                numel[self.module_of[t], self.expert_of[t]] += self.tensor_numel[t]
+        return numel

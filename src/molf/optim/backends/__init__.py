@@ -33,6 +33,7 @@ class StepSettings:
     beta1: float
     beta2: float
     eps: float
+    score_eps: float  # the eps inside the score (docs/method.md section 3), not Adam's
     top_k: int
     score: Score
     slot_lrs: tuple[float, ...]  # per expert slot
@@ -109,12 +110,14 @@ def decide(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Steps 3-4 on the packed [modules, experts] score totals: the reducer (so that every rank
     decides on the same sums, docs/method.md section 4), the scores and the top-k winners of the
-    active modules. `numel` (the layout's, in the totals' dtype) and `active` (bool [modules])
-    are on the totals' device."""
+    active modules. `numel` (of the tensors with a gradient, in the totals' dtype) and `active`
+    (bool [modules]) are on the totals' device. An expert with no such tensor (N = 0) scores
+    -inf, so it cannot win while another expert has a gradient."""
     if settings.score_reducer is not None:
         totals = settings.score_reducer(totals)
     lrs = on_device(settings.slot_lrs, totals.dtype, totals.device)
     scores = settings.score.finalize(totals, numel, lrs[None, :])
+    scores = scores.masked_fill(numel == 0, float("-inf"))
     winners = F.top_k_mask(scores, settings.top_k) & active[:, None]
     return scores, winners
 

@@ -52,6 +52,7 @@ class Chunk:
     scratch: F.Scratch | None
     bucket: torch.Tensor | None = None
     experts: list[int] | None = None
+    decays: list[bool] | None = None
     groups: list[int] | None = None
 
 
@@ -128,18 +129,23 @@ def _chunks(
 
 
 class Plan:
-    """The chunks, scratch and state references of one set of active modules and of other
-    parameters with gradients. Built once, checked every step (the same state tensors and win
-    counters), rebuilt when anything changes (another active set, `load_state_dict`...)."""
+    """The chunks, scratch and state references of one set of routed tensors with gradients
+    (a tensor without one is skipped, as torch's AdamW skips it, and does not count in its
+    expert's size) and of other parameters with gradients. Built once, checked every step (the
+    same state tensors and win counters), rebuilt when anything changes (another set of
+    gradients, `load_state_dict`...)."""
 
     def __init__(
         self, layout: RoutedLayout, key: tuple[tuple[bool, ...], tuple[bool, ...]]
     ) -> None:
         self.key = key
         self.layout = layout
-        active, plain_has = key
+        has_grad, plain_has = key
+        active = layout.active_modules(has_grad)
         device = layout.device
-        routed = layout.tensors_of(active)
+        routed = [t for t, has in enumerate(has_grad) if has]
+        self.numel_host = layout.numel_with_grad(has_grad)
+        self.numel: torch.Tensor | None = None  # on the device, in the totals' dtype
         plain = [i for i, has in enumerate(plain_has) if has]
         all_params = [layout.params[t] for t in routed] + [layout.plain[i][0] for i in plain]
         for p in all_params:  # the host reads step counts: keep them there
@@ -169,13 +175,14 @@ class Plan:
                     scratch,
                     bucket=on_device(cells, torch.int64, device),
                     experts=[layout.expert_of[t] for t in ts],
+                    decays=[layout.decays[t] for t in ts],
                 )
             )
         self.bucket = torch.cat([c.bucket for c in self.routed]) if self.routed else None
-        # where, in the chunks' order, the first active module's first tensor is: its step
-        # count is the step number the routing log records
+        # where, in the chunks' order, the first routed tensor is: its step count is the step
+        # number the routing log records
         order = [routed[p] for g, _ in chunks for p in g]
-        self.anchor = order.index(layout.module_start[self.rows[0]]) if self.rows else 0
+        self.anchor = order.index(routed[0]) if routed else 0
         params = [layout.plain[i][0] for i in plain]
         states = [layout.state(p) for p in params]
         self.plain: list[Chunk] = [
@@ -238,7 +245,7 @@ def _update_all(
         n = len(params)
         if c.experts is not None:
             lrs = [s.slot_lrs[e] for e in c.experts]
-            wds = [s.slot_weight_decays[e] for e in c.experts]
+            wds = [s.slot_weight_decays[e] if d else 0.0 for e, d in zip(c.experts, c.decays)]
         else:
             lrs = [s.group_lrs[g] for g in c.groups]
             wds = [s.group_weight_decays[g] for g in c.groups]
@@ -272,11 +279,13 @@ class DeviceBackend:
     def __init__(self, layout: RoutedLayout) -> None:
         self.layout = layout
         self.plan: Plan | None = None
-        self.numel: torch.Tensor | None = None
 
     def step(self, s: StepSettings) -> str | None:
         L = self.layout
-        key = (tuple(L.active_modules()), tuple(p.grad is not None for p, _ in L.plain))
+        key = (
+            tuple(p.grad is not None for p in L.params),
+            tuple(p.grad is not None for p, _ in L.plain),
+        )
         if not any(key[0]) and not any(key[1]):
             return None
         if self.plan is None or self.plan.key != key or not self.plan.is_current():
@@ -293,15 +302,15 @@ class DeviceBackend:
         partials = []
         for c, (_, ms, vs) in zip(plan.routed, tensors):
             if s.score.kernel is not None:
-                partials.append(F.kernel_partials(s.score.kernel, ms, vs, s.eps, c.scratch))
+                partials.append(F.kernel_partials(s.score.kernel, ms, vs, s.score_eps, c.scratch))
             else:  # a registered score's own partial, tensor by tensor
-                partials.append(s.score.partials(ms, vs, s.eps))
+                partials.append(s.score.partials(ms, vs, s.score_eps))
         flat = torch.cat(partials)
         totals = torch.zeros(L.n_modules * L.n_experts, dtype=flat.dtype, device=flat.device)
         totals = totals.index_add_(0, plan.bucket, flat).view(L.n_modules, L.n_experts)
-        if self.numel is None or self.numel.dtype != totals.dtype:
-            self.numel = on_device(L.numel, totals.dtype, totals.device)
-        scores, winners = decide(s, totals, self.numel, plan.active)
+        if plan.numel is None or plan.numel.dtype != totals.dtype:
+            plan.numel = on_device(plan.numel_host, totals.dtype, totals.device)
+        scores, winners = decide(s, totals, plan.numel, plan.active)
         if s.routing_log is not None:  # copied without blocking; see RoutingLog.append
             s.routing_log.append(int(steps[plan.anchor]), winners, scores, plan.active)
 

@@ -53,21 +53,22 @@ class EagerBackend:
 
     def step_routed(self, s: StepSettings) -> None:
         L = self.layout
-        active = L.active_modules()
+        has_grad = [p.grad is not None for p in L.params]
+        active = L.active_modules(has_grad)
         if not any(active):
             return
-        index = L.tensors_of(active)
+        # a tensor without a gradient is skipped, as torch's AdamW skips it (method.md section 3)
+        index = [t for t in L.tensors_of(active) if has_grad[t]]
         params = [L.params[t] for t in index]
         states = [L.state(p) for p in params]
-        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
         exp_avgs = [st["exp_avg"] for st in states]
         exp_avg_sqs = [st["exp_avg_sq"] for st in states]
-        F.advance_moments(grads, exp_avgs, exp_avg_sqs, s.beta1, s.beta2)
+        F.advance_moments([p.grad for p in params], exp_avgs, exp_avg_sqs, s.beta1, s.beta2)
         torch._foreach_add_([st["step"] for st in states], 1.0)
 
         # float32 partial sums over this rank's shards; the score reducer adds up the ranks'
         partials = s.score.partials(
-            [local(m) for m in exp_avgs], [local(v) for v in exp_avg_sqs], s.eps
+            [local(m) for m in exp_avgs], [local(v) for v in exp_avg_sqs], s.score_eps
         )
         device = partials.device
         bucket = self.bucket
@@ -76,10 +77,12 @@ class EagerBackend:
         totals = torch.zeros(L.n_modules * L.n_experts, dtype=partials.dtype, device=device)
         totals = totals.index_add_(0, bucket, partials).view(L.n_modules, L.n_experts)
         active_host = torch.tensor(active)
-        scores, winners = decide(
-            s, totals, self.numel_on(device, totals.dtype), on_device(active, torch.bool, device)
-        )
-        step_no = int(L.state(L.params[L.module_start[active.index(True)]])["step"])
+        if all(has_grad):
+            numel = self.numel_on(device, totals.dtype)
+        else:
+            numel = on_device(L.numel_with_grad(has_grad), totals.dtype, device)
+        scores, winners = decide(s, totals, numel, on_device(active, torch.bool, device))
+        step_no = int(states[0]["step"])
 
         win_host = None
         if s.routing_log is not None:
@@ -96,7 +99,10 @@ class EagerBackend:
             [exp_avg_sqs[i] for i in chosen],
             [float(states[i]["step"]) for i in chosen],
             [s.slot_lrs[L.expert_of[index[i]]] for i in chosen],
-            [s.slot_weight_decays[L.expert_of[index[i]]] for i in chosen],
+            [
+                s.slot_weight_decays[L.expert_of[index[i]]] if L.decays[index[i]] else 0.0
+                for i in chosen
+            ],
             s.beta1,
             s.beta2,
             s.eps,

@@ -21,8 +21,10 @@ from molf.optim.backends import StepSettings, decide
 from molf.optim.layout import RoutedLayout, is_plain
 from molf.scores import Score
 
-# One column per routed tensor in the pointer tables (the other parameters' have no expert).
-COLUMNS = ("p", "m", "v", "step", "numel", "combo", "expert")
+# The columns of the pointer tables, one row per tensor: the other parameters' tables have the
+# shared ones (prefixed "p"), the routed tensors' also their expert slot and whether they decay.
+SHARED = ("p", "m", "v", "step", "numel", "combo")
+COLUMNS = SHARED + ("expert", "decay")
 # A gradient slot: (index into the step's gradient list or -1, the dtype expected, the param).
 GradSlot = tuple[int, "torch.dtype | None", "torch.Tensor | None"]
 
@@ -33,9 +35,11 @@ def dense_cpu(t: torch.Tensor) -> bool:
 
 class KernelTables:
     """What the kernels need that stays the same from step to step (pointers to parameters,
-    moments, step counts and win counters, sizes, dtypes), for one set of active modules and
+    moments, step counts and win counters, sizes, dtypes), for one set of routed tensors and
     of other parameters with gradients. Built once, checked every step, rebuilt when any of it
-    changes (another active set, `load_state_dict`, a parameter given new storage...)."""
+    changes (another set of gradients, `load_state_dict`, a parameter given new storage...).
+    A routed tensor without a gradient (or of an inactive module) gets a row of zeros: the
+    kernels skip it, as torch's AdamW skips a parameter without a gradient."""
 
     def __init__(
         self,
@@ -54,19 +58,22 @@ class KernelTables:
         self.plain_grads: list[GradSlot] = []
         self.plain_group: list[int] = []
         cols: dict[str, list[int]] = {k: [] for k in COLUMNS}
-        cols.update({"p" + k: [] for k in COLUMNS[:-1]})
-        active, plain_has = key
+        cols.update({"p" + k: [] for k in SHARED})
+        has_grad, plain_has = key
+        active = layout.active_modules(has_grad)
         start = layout.module_start
         wins = [0] * len(active)
         for mi, is_active in enumerate(active):
             for t in range(start[mi], start[mi + 1]):
                 p, e = layout.params[t], layout.expert_of[t]
-                if not is_active:  # never read by the kernels, but every column keeps one row
-                    for col in COLUMNS[:-1]:
+                if not has_grad[t]:  # never read by the kernels, but every column keeps one row
+                    for col in SHARED:
                         cols[col].append(0)
                     cols["expert"].append(e)
+                    cols["decay"].append(0)
                     self.routed_grads.append((-1, None, None))
                     continue
+                cols["decay"].append(int(layout.decays[t]))
                 self.why = self._add(cols, "", p, routed_grads[t], e, t, self.routed_grads)
                 if self.why is not None:
                     return
@@ -84,7 +91,9 @@ class KernelTables:
         self.arrays["mod_start"] = torch.tensor(start, dtype=torch.int64)
         self.arrays["active"] = torch.tensor(active, dtype=torch.uint8)
         self.arrays["wins"] = torch.tensor(wins, dtype=torch.int64)
-        self.arrays["numel_exp"] = layout.numel.to(torch.float64).contiguous()
+        self.arrays["numel_exp"] = layout.numel_with_grad(has_grad).to(torch.float64).contiguous()
+        # the step number the routing log records: the first routed tensor's count
+        self.anchor = next((t for t, has in enumerate(has_grad) if has), None)
 
     def _add(
         self,
@@ -112,7 +121,7 @@ class KernelTables:
             values = (ptr, m.data_ptr(), v.data_ptr(), step.data_ptr(), p.numel(), combo, expert)
         except RuntimeError:  # tensor subclasses without storage, e.g. DTensor
             return f"parameters of type {type(p).__name__}"
-        for col, value in zip(COLUMNS, values):
+        for col, value in zip(SHARED + ("expert",), values):
             if prefix and col == "expert":
                 continue
             cols[prefix + col].append(value)
@@ -136,11 +145,9 @@ class KernelTables:
         self,
         routed_grads: list[torch.Tensor | None],
         plain_grads: list[torch.Tensor | None],
-        keep: list[torch.Tensor],
     ) -> tuple[list[int], list[int]] | None:
-        """This step's gradient pointers (zeros for a tensor of an active module without one,
-        kept alive in `keep`), or None when a gradient does not match the dtype and layout the
-        tables were built for."""
+        """This step's gradient pointers (0 where the tables have no gradient), or None when a
+        gradient does not match the dtype and layout the tables were built for."""
         out = []
         for grads, slots in ((routed_grads, self.routed_grads), (plain_grads, self.plain_grads)):
             ptrs = []
@@ -149,12 +156,7 @@ class KernelTables:
                     ptrs.append(0)
                     continue
                 g = grads[index]
-                if g is None:
-                    if p.dtype != dtype:
-                        return None
-                    g = torch.zeros_like(p, memory_format=torch.contiguous_format)
-                    keep.append(g)
-                elif g.dtype != dtype or not dense_cpu(g) or g.numel() != p.numel():
+                if g is None or g.dtype != dtype or not dense_cpu(g) or g.numel() != p.numel():
                     return None
                 ptrs.append(g.data_ptr())
             out.append(ptrs)
@@ -198,25 +200,27 @@ class NativeBackend:
         L = self.layout
         routed_grads = [p.grad for p in L.params]
         plain_grads = [p.grad for p, _ in L.plain]
-        active = tuple(L.active_modules([g is not None for g in routed_grads]))
-        key = (active, tuple(g is not None for g in plain_grads))
-        if not any(active) and not any(key[1]):
+        key = (
+            tuple(g is not None for g in routed_grads),
+            tuple(g is not None for g in plain_grads),
+        )
+        if not any(key[0]) and not any(key[1]):
             return None
-        keep: list[torch.Tensor] = []  # zero gradients the kernels read: alive until they return
         tables = self.tables
         pointers = None
         if tables is not None and tables.key == key and tables.is_current():
-            pointers = tables.grad_pointers(routed_grads, plain_grads, keep)
+            pointers = tables.grad_pointers(routed_grads, plain_grads)
         if pointers is None:  # first step, other active set, new state or gradient dtypes
             tables = KernelTables(L, key, routed_grads, plain_grads)
             if tables.why is not None:
                 return tables.why
             self.tables = tables
-            pointers = tables.grad_pointers(routed_grads, plain_grads, keep)
+            pointers = tables.grad_pointers(routed_grads, plain_grads)
             if pointers is None:
                 return "gradients that changed while the step was prepared"
         g, pg = pointers
 
+        active = tables.arrays["active"]
         n_mod, n_exp = len(active), L.n_experts
         f64 = torch.float64
         arrays: dict[str, Any] = {
@@ -240,6 +244,7 @@ class NativeBackend:
             b1=s.beta1,
             b2=s.beta2,
             eps=s.eps,
+            score_eps=s.score_eps,
             kind=kernels.score_ids[s.score.kernel],
             top_k=s.top_k,
             n_threads=torch.get_num_threads(),
@@ -252,12 +257,13 @@ class NativeBackend:
             if s.score_reducer is not None:
                 # Distributed: every module's totals are reduced before any module decides.
                 active_mask = tables.arrays["active"].bool()
-                scores, winners = decide(s, arrays["totals"], L.numel.to(f64), active_mask)
+                numel = tables.arrays["numel_exp"]
+                scores, winners = decide(s, arrays["totals"], numel, active_mask)
                 arrays["winners"].copy_(winners)
                 args.phase = K.APPLY
                 kernels.run(args)
-        if s.routing_log is not None and any(active):
-            step_no = int(L.state(L.params[L.module_start[active.index(True)]])["step"])
+        if s.routing_log is not None and tables.anchor is not None:
+            step_no = int(L.state(L.params[tables.anchor])["step"])
             s.routing_log.append(
                 step_no,
                 arrays["winners"].bool(),

@@ -44,7 +44,8 @@ COMBOS = {
 }
 
 _POINTERS = (
-    "mod_start expert p g m v step numel combo active numel_exp lr wd wins totals scores winners"
+    "mod_start expert decay p g m v step numel combo active numel_exp lr wd wins totals scores "
+    "winners"
 ).split()
 _PLAIN_POINTERS = "pp pg pm pv pstep pnumel pcombo plr pwd".split()
 
@@ -57,7 +58,7 @@ class KernelArgs(ctypes.Structure):
         + [(name, ctypes.c_void_p) for name in _POINTERS]
         + [("n_plain", ctypes.c_int64)]
         + [(name, ctypes.c_void_p) for name in _PLAIN_POINTERS]
-        + [(name, ctypes.c_double) for name in ("b1", "b2", "eps")]
+        + [(name, ctypes.c_double) for name in ("b1", "b2", "eps", "score_eps")]
         + [(name, ctypes.c_int64) for name in ("kind", "top_k", "phase", "n_threads")]
     )
 

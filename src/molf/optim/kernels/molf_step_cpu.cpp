@@ -237,15 +237,18 @@ struct MolfStep {
   int64_t n_mod, n_exp;
   const int64_t* mod_start;
   const int64_t* expert;
+  const int64_t* decay;      // 1: the tensor takes its expert's weight decay (0: wrapped biases)
   void* const* p;
-  void* const* g;
+  void* const* g;            // null: no gradient this step, the tensor is skipped (as torch's
+                             // AdamW skips it): no moments, no step count, not in numel_exp
   void* const* m;
   void* const* v;
   float* const* step;
   const int64_t* numel;
   const int64_t* combo;
   const uint8_t* active;     // [n_mod]
-  const double* numel_exp;   // [n_mod * n_exp] global element count of each expert
+  const double* numel_exp;   // [n_mod * n_exp] global element count of each expert's tensors
+                             // with a gradient (0: it cannot win)
   const double* lr;          // [n_exp]
   const double* wd;          // [n_exp]
   int64_t* const* wins;      // [n_mod], null for inactive modules
@@ -263,7 +266,7 @@ struct MolfStep {
   const int64_t* pcombo;
   const double* plr;
   const double* pwd;
-  double b1, b2, eps;
+  double b1, b2, eps, score_eps;  // score_eps: the eps inside the score, not Adam's
   int64_t kind, top_k, phase, n_threads;
 };
 
@@ -271,9 +274,10 @@ static void apply_winners(const MolfStep& s, int64_t i) {
   const int64_t E = s.n_exp;
   for (int64_t t = s.mod_start[i]; t < s.mod_start[i + 1]; ++t) {
     const int64_t e = s.expert[t];
-    if (!s.winners[i * E + e]) continue;
+    if (!s.winners[i * E + e] || !s.g[t]) continue;
     const double t_ = double(*s.step[t]), bc2_sqrt = std::sqrt(1.0 - std::pow(s.b2, t_));
-    run_apply(s.combo[t], s.p[t], s.m[t], s.v[t], 0, s.numel[t], 1.0 - s.lr[e] * s.wd[e],
+    const double wd = s.decay[t] ? s.wd[e] : 0.0;
+    run_apply(s.combo[t], s.p[t], s.m[t], s.v[t], 0, s.numel[t], 1.0 - s.lr[e] * wd,
               s.lr[e] * bc2_sqrt / (1.0 - std::pow(s.b1, t_)), s.eps * bc2_sqrt);
   }
   if (s.wins[i])
@@ -288,15 +292,19 @@ static void route_module(const MolfStep& s, int64_t i) {
   const int64_t E = s.n_exp;
   double total[MAX_EXPERTS] = {0.0};
   for (int64_t t = s.mod_start[i]; t < s.mod_start[i + 1]; ++t)
-    total[s.expert[t]] += run_moments(s.combo[t], s.kind, s.g[t], s.m[t], s.v[t], 0, s.numel[t],
-                                      s.b1, s.b2, s.eps);
+    if (s.g[t])
+      total[s.expert[t]] += run_moments(s.combo[t], s.kind, s.g[t], s.m[t], s.v[t], 0,
+                                        s.numel[t], s.b1, s.b2, s.score_eps);
   for (int64_t e = 0; e < E; ++e) s.totals[i * E + e] = total[e];
   if (s.phase != FUSED) return;
   double score[MAX_EXPERTS];
   for (int64_t e = 0; e < E; ++e) {
     const double n = s.numel_exp[i * E + e];
     // kind is EPD or PFN (checked in molf_step); functional.finalize_scores is the Python copy
-    score[e] = s.kind == EPD ? s.lr[e] * total[e] / n : std::sqrt(total[e]) / std::sqrt(n);
+    if (n == 0)  // no tensor with a gradient: cannot win against one that has
+      score[e] = -INFINITY;
+    else
+      score[e] = s.kind == EPD ? s.lr[e] * total[e] / n : std::sqrt(total[e]) / std::sqrt(n);
     s.scores[i * E + e] = score[e];
     s.winners[i * E + e] = s.top_k >= E;
   }
@@ -327,7 +335,8 @@ int molf_step(const MolfStep* sp) {
   if (s.phase != APPLY)
     for (int64_t i = 0; i < s.n_mod; ++i)
       if (s.active[i])
-        for (int64_t t = s.mod_start[i]; t < s.mod_start[i + 1]; ++t) *s.step[t] += 1.0f;
+        for (int64_t t = s.mod_start[i]; t < s.mod_start[i + 1]; ++t)
+          if (s.g[t]) *s.step[t] += 1.0f;
   const bool plain = s.phase != SCORE;
   if (plain)
     for (int64_t t = 0; t < s.n_plain; ++t) *s.pstep[t] += 1.0f;
@@ -338,7 +347,7 @@ int molf_step(const MolfStep* sp) {
   for (int64_t i = 0; i < s.n_mod; ++i) {
     if (!s.active[i]) continue;
     int64_t cost = 0;
-    for (int64_t t = s.mod_start[i]; t < s.mod_start[i + 1]; ++t) cost += s.numel[t];
+    for (int64_t t = s.mod_start[i]; t < s.mod_start[i + 1]; ++t) cost += s.g[t] ? s.numel[t] : 0;
     items.push_back({-cost, i});
   }
   if (plain)
