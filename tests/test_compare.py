@@ -184,7 +184,7 @@ def test_plan_small_budget_grids_and_fairness(tmp_path):
     ]
     assert [c.directory.name for c in by_pair[("med-icd10", "lora")]] == ["lr-5e-4", "lr-5e-5"]
     # AdaLoRA's grid sits a decade higher in the short budget (its E starts at zero)
-    assert [c.lrs["lr_lora"] for c in by_pair[("spider-dev", "adalora")]] == [5e-3, 5e-4]
+    assert [c.lrs["lr_lora"] for c in by_pair[("spider-dev", "adalora")]] == [1e-2, 5e-3]
     for task in ("fact-geo", "med-icd10", "spider-dev"):
         same = {
             (c.config.n_train, c.config.n_val, c.config.n_test, c.config.epochs, c.config.seed)

@@ -4,14 +4,20 @@ from __future__ import annotations
 
 from types import SimpleNamespace
 
+import pytest
 import torch
+from torch import nn
 
 import molf
+from molf.optim.kernels import cpu_kernels
 from molf.train import methods
 from molf.train.config import TrainConfig, load_config
 from molf.train.data import Tokenized, collate
 from molf.train.loop import _micro_step, step_loss_tokens
 from tests.conftest import VOCAB, tiny_causal_lm
+
+# every optimizer backend that can run here (the native one needs a C++ compiler)
+BACKENDS = ["eager", "device"] + (["native"] if cpu_kernels() is not None else [])
 
 
 # -- 7.1: LoRA alpha 32 --------------------------------------------------------------------------
@@ -34,6 +40,84 @@ def test_adalora_scale_matches_loras_at_the_target_rank():
     # a run too short to prune in prunes at once instead of failing peft's checks
     short = methods.adalora_schedule(cfg, total_steps=1)
     assert (short["tinit"], short["tfinal"]) == (0, 0)
+
+
+# -- 7.2: biases inside wrapped layers are not decayed --------------------------------------------
+def _wrapped_linear(seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    net = nn.Sequential(nn.Linear(4, 3)).double()
+    return molf.wrap(net, molf.MoLFConfig(lora_ranks=(2,), lora_dropout=0.0))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_wrapped_biases_are_not_decayed_unless_asked(backend):
+    for decay_bias in (False, True):
+        net = _wrapped_linear()
+        layer = net[0]
+        w0, b0 = layer.base_layer.weight.detach().clone(), layer.bias.detach().clone()
+        kwargs = {} if not decay_bias else {"decay_bias": True}
+        opt = molf.MoLFAdamW(net, lr_fft=0.1, weight_decay_fft=0.5, backend=backend, **kwargs)
+        for p in net.parameters():  # zero gradients: the Adam step is 0, only the decay moves
+            p.grad = torch.zeros_like(p)
+        opt.step()
+        assert opt.routing_log.last()["winners"][0].tolist() == [True, False]  # tie: FFT
+        torch.testing.assert_close(layer.base_layer.weight.detach(), w0 * 0.95, rtol=0, atol=0)
+        torch.testing.assert_close(layer.bias.detach(), b0 * (0.95 if decay_bias else 1.0))
+    assert TrainConfig().decay_bias is False and load_config("molf").decay_bias is False
+
+
+# -- 7.3: the score has its own eps ---------------------------------------------------------------
+def _first_scores(backend: str, **kwargs) -> torch.Tensor:
+    net = _wrapped_linear()
+    opt = molf.MoLFAdamW(net, lr_fft=1e-3, lr_lora=1e-3, backend=backend, **kwargs)
+    g = torch.Generator().manual_seed(1)
+    for p in net.parameters():  # tiny gradients, where eps matters
+        p.grad = torch.randn(p.shape, generator=g, dtype=p.dtype) * 1e-6
+    opt.step()
+    return opt.routing_log.last()["scores"][0]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_routing_scores_use_their_own_eps_not_adams(backend):
+    default = _first_scores(backend)
+    assert torch.equal(_first_scores(backend, eps=1e-3), default)  # Adam's eps: same routing
+    assert torch.equal(_first_scores(backend, eps=1e-3, score_eps=1e-8), default)
+    assert not torch.allclose(_first_scores(backend, score_eps=1e-3), default, rtol=0.1, atol=0)
+    assert molf.MoLFAdamW(_wrapped_linear()).score_eps == 1e-8
+    assert TrainConfig().score_eps == 1e-8 and load_config("molf").score_eps == 1e-8
+
+
+# -- 7.4: a tensor without a gradient is skipped ---------------------------------------------------
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_gradless_tensors_are_skipped_and_not_counted(backend):
+    net = _wrapped_linear()
+    layer = net[0]
+    opt = molf.MoLFAdamW(net, lr_fft=1e-3, lr_lora=1e-3, backend=backend)
+    w, b = layer.base_layer.weight, layer.bias
+    a_, b_ = layer.lora_A[0], layer.lora_B[0]
+    g = torch.Generator().manual_seed(2)
+    # FFT: W and b have gradients; LoRA: B only (A has none)
+    for p in (w, b, b_):
+        p.grad = torch.randn(p.shape, generator=g, dtype=p.dtype)
+    a0 = a_.detach().clone()
+    opt.step()
+    assert "step" not in opt.state.get(a_, {})  # no moments, no step count
+    assert torch.equal(a_.detach(), a0)
+    m, v = opt.state[b_]["exp_avg"], opt.state[b_]["exp_avg_sq"]
+    # the LoRA expert's N is B's size alone
+    want = 1e-3 * float((m * m / (v.sqrt() + 1e-8)).sum()) / b_.numel()
+    got = float(opt.routing_log.last()["scores"][0, 1])
+    assert abs(got - want) <= 1e-6 * want
+    # an expert none of whose tensors has a gradient scores -inf and cannot win
+    opt.zero_grad()
+    for p in (a_, b_):
+        p.grad = torch.randn(p.shape, generator=g, dtype=p.dtype) * 1e-9
+    w0 = w.detach().clone()
+    opt.step()
+    rec = opt.routing_log.last()
+    assert rec["scores"][0, 0] == float("-inf")
+    assert rec["winners"][0].tolist() == [False, True]
+    assert torch.equal(w.detach(), w0) and opt.state[w]["step"].item() == 1.0
 
 
 # -- 7.5: gradient accumulation normalised by the whole step's tokens -----------------------------

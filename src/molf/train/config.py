@@ -64,6 +64,8 @@ class TrainConfig:
     betas: tuple[float, float] = (0.9, 0.999)
     eps: float = 1e-8
     score: str = "epd"
+    score_eps: float = 1e-8  # the eps inside the score, not Adam's (the reference's 1e-8)
+    decay_bias: bool = False  # decay wrapped layers' biases with the FFT expert (reference: no)
     top_k: int = 1
     # adapters
     lora_rank: int = 128
@@ -155,6 +157,8 @@ class TrainConfig:
             "weight_decay_lora",
             "max_grad_norm",
             "lora_alpha",
+            "eps",
+            "score_eps",
         ):
             value = getattr(self, key)
             if not math.isfinite(value) or value < 0:

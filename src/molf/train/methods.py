@@ -245,6 +245,8 @@ def _molf_adamw(model: nn.Module, cfg: TrainConfig) -> molf.MoLFAdamW:
         betas=tuple(cfg.betas),
         eps=cfg.eps,
         score=cfg.score,
+        score_eps=cfg.score_eps,
+        decay_bias=cfg.decay_bias,
         top_k=cfg.top_k,
     )
 
@@ -337,7 +339,7 @@ register(
         build_optimizer=_adamw("lr_lora", "weight_decay_lora"),
         merge=_peft_merge,
         save_adapter=_save_peft_adapter,
-        lr_grids={"smoke": (1e-3,), "small": (5e-3, 5e-4), "paper": (5e-4, 5e-5)},
+        lr_grids={"smoke": (1e-3,), "small": (1e-2, 5e-3), "paper": (5e-4, 5e-5)},
         after_step=_adalora_after_step,
         save_state=_adalora_state,
         load_state=_load_adalora_state,
