@@ -238,6 +238,37 @@ def test_claims_are_judged_on_paired_intervals(tmp_path):
     assert c["claim2"]["unresolved"] == ["med-icd10"]
     text = "\n".join(claim_lines(res, c))
     assert f"[{pd.low:+.1f}, {pd.high:+.1f}]" in text and "NOT RESOLVED" in text
+    # AdaLoRA is 36 points ahead of LoRA here: a fair baseline
+    assert c["adalora_minus_lora_paired"]["med-icd10"].low > 0 and not c["claim2"]["weak_baseline"]
+
+
+def test_claim_2_is_not_judged_against_an_adalora_weaker_than_lora(tmp_path):
+    from molf.experiments.grid import load_results
+    from molf.experiments.report import claim_lines, claims
+
+    base = [1.0] * 150 + [0.0] * 50
+    ada = [0.0 if i < 30 else x for i, x in enumerate(base)]  # 15 points behind LoRA
+    methods_ = {
+        "fft": base,
+        "lora": base,
+        "molf": base,
+        "adalora": ada,
+        "molf-e": base,  # 15 points ahead of AdaLoRA, but only as good as LoRA
+        "lora-160": base,
+        "molf-e-k2": ada,
+    }
+    for m, sc in methods_.items():
+        _items_cell(tmp_path, "fact-geo", m, sc)
+    res = load_results(tmp_path, ["fact-geo"], list(methods_))
+    c = claims(res)
+    assert c["molf_e_minus_adalora_paired"]["fact-geo"].low > 0  # MoLF-E is clearly ahead
+    assert c["adalora_minus_lora_paired"]["fact-geo"].high < -1.5
+    assert c["claim2"]["verdict"] == "NOT JUDGED" and c["claim2"]["weak_baseline"] == ["fact-geo"]
+    text = "\n".join(claim_lines(res, c))
+    assert "AdaLoRA trails plain LoRA by more than the margin on fact-geo (-15.0)" in text
+    # what the routing adds over a LoRA of MoLF-E's size: one paired row per MoLF-E variant
+    assert "## What MoLF-E's routing adds over a LoRA of its size" in text
+    assert "| fact-geo | MoLF-E (top-2) | 60.0 | 75.0 | -15.0 |" in text
 
 
 def test_small_budget_grows_the_test_splits_for_paired_claims():
