@@ -112,13 +112,16 @@ def decide(
     decides on the same sums, docs/method.md section 4), the scores and the top-k winners of the
     active modules. `numel` (of the tensors with a gradient, in the totals' dtype) and `active`
     (bool [modules]) are on the totals' device. An expert with no such tensor (N = 0) scores
-    -inf, so it cannot win while another expert has a gradient."""
+    -inf and never wins, even when top_k is larger than the number of experts with a
+    gradient (as in the reference, which drops such winners)."""
     if settings.score_reducer is not None:
         totals = settings.score_reducer(totals)
     lrs = on_device(settings.slot_lrs, totals.dtype, totals.device)
     scores = settings.score.finalize(totals, numel, lrs[None, :])
-    scores = scores.masked_fill(numel == 0, float("-inf"))
-    winners = F.top_k_mask(scores, settings.top_k) & active[:, None]
+    has_grad = numel > 0
+    scores = scores.masked_fill(~has_grad, float("-inf"))
+    # an expert without a gradient never wins, even when top_k leaves room for it
+    winners = F.top_k_mask(scores, settings.top_k) & active[:, None] & has_grad
     return scores, winners
 
 

@@ -79,7 +79,7 @@ class KernelTables:
                     return
             if is_active:
                 w = layout.wins(mi, torch.device("cpu"))
-                self.wins.append((layout.state(layout.params[start[mi]]), w))
+                self.wins.append((layout.states()[layout.params[start[mi]]], w))
                 wins[mi] = w.data_ptr()
         for i, ((p, gi), has) in enumerate(zip(layout.plain, plain_has)):
             if has:

@@ -315,6 +315,9 @@ static void route_module(const MolfStep& s, int64_t i) {
       if (!s.winners[i * E + e] && (best < 0 || beats(score[e], score[best]))) best = e;
     s.winners[i * E + best] = 1;
   }
+  // an expert without a gradient never wins, even when top_k leaves room for it
+  for (int64_t e = 0; e < E; ++e)
+    if (s.numel_exp[i * E + e] == 0) s.winners[i * E + e] = 0;
   apply_winners(s, i);
 }
 
