@@ -259,13 +259,22 @@ def test_claim_2_is_not_judged_against_an_adalora_weaker_than_lora(tmp_path):
     }
     for m, sc in methods_.items():
         _items_cell(tmp_path, "fact-geo", m, sc)
-    res = load_results(tmp_path, ["fact-geo"], list(methods_))
+    # med-icd10: AdaLoRA 4 of 200 items behind LoRA (-2.0), a gap this test set cannot prove,
+    # but not "about as well as LoRA" either; spider-dev: 2 items behind (-1.0), fair
+    for task, lost in (("med-icd10", 4), ("spider-dev", 2)):
+        for m in methods_:
+            _items_cell(tmp_path, task, m, [0.0] * lost + base[lost:] if m == "adalora" else base)
+    tasks = ["fact-geo", "med-icd10", "spider-dev"]
+    res = load_results(tmp_path, tasks, list(methods_))
     c = claims(res)
     assert c["molf_e_minus_adalora_paired"]["fact-geo"].low > 0  # MoLF-E is clearly ahead
-    assert c["adalora_minus_lora_paired"]["fact-geo"].high < -1.5
-    assert c["claim2"]["verdict"] == "NOT JUDGED" and c["claim2"]["weak_baseline"] == ["fact-geo"]
+    assert c["adalora_minus_lora"]["fact-geo"] == -15.0
+    med = c["adalora_minus_lora_paired"]["med-icd10"]
+    assert med.low < -1.5 < med.high  # the interval crosses the margin: judged on -2.0 itself
+    assert c["claim2"]["verdict"] == "NOT JUDGED"
+    assert c["claim2"]["weak_baseline"] == ["fact-geo", "med-icd10"]
     text = "\n".join(claim_lines(res, c))
-    assert "AdaLoRA trails plain LoRA by more than the margin on fact-geo (-15.0)" in text
+    assert "AdaLoRA trails plain LoRA by more than the margin on fact-geo (-15.0), med" in text
     # what the routing adds over a LoRA of MoLF-E's size: one paired row per MoLF-E variant
     assert "## What MoLF-E's routing adds over a LoRA of its size" in text
     assert "| fact-geo | MoLF-E (top-2) | 60.0 | 75.0 | -15.0 |" in text

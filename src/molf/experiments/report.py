@@ -297,10 +297,10 @@ def claims(res: Results) -> dict[str, Any]:
     A task missing any of the needed scores is 'not judged'; a verdict on a partial grid is
     only 'held' when no task is missing.
 
-    Claim 2 is only as good as its baseline: AdaLoRA is also compared with plain LoRA (paired),
-    and where it trails LoRA by more than the 1.5-point margin (the whole interval below it,
-    or the point difference without per-item scores) a MoLF-E lead over it is not evidence, so
-    claim 2 is 'not judged' there (a MoLF-E loss to it still fails the claim).
+    Claim 2 is only as good as its baseline: AdaLoRA is also compared with plain LoRA (paired,
+    for the table), and where its score trails LoRA's by more than the 1.5-point margin it does
+    not train about as well as LoRA, a MoLF-E lead over it is not evidence, and claim 2 is 'not
+    judged' there (a MoLF-E loss to it still fails the claim).
     """
     gaps: dict[str, float | None] = {}
     diffs: dict[str, float | None] = {}
@@ -318,16 +318,9 @@ def claims(res: Results) -> dict[str, Any]:
         paired2[t] = paired(res, t, "molf-e", "adalora") if diffs[t] is not None else None
         ada_lora[t] = None if None in (ada, lora) else ada - lora  # type: ignore[operator]
         paired_ada[t] = paired(res, t, "adalora", "lora") if ada_lora[t] is not None else None
-    weak = [
-        t
-        for t, v in ada_lora.items()
-        if v is not None
-        and (
-            paired_ada[t].high < -CLAIM_TOLERANCE_POINTS  # type: ignore[union-attr]
-            if paired_ada[t] is not None
-            else v < -CLAIM_TOLERANCE_POINTS
-        )
-    ]
+    # "about as well as LoRA" is judged on the difference itself: a baseline 7 points behind is
+    # not about as good even when the test set cannot prove the gap
+    weak = [t for t, v in ada_lora.items() if v is not None and v < -CLAIM_TOLERANCE_POINTS]
 
     def verdict(
         values: dict[str, float | None],
@@ -483,8 +476,9 @@ def claim_lines(res: Results, c: dict[str, Any]) -> list[str]:
     lines += [
         "",
         "Is AdaLoRA a fair baseline here? It should train about as well as plain LoRA (the same "
-        "target rank and scale); where it trails LoRA by more than "
-        f"{CLAIM_TOLERANCE_POINTS} points a lead over it says little about adaptive LoRA.",
+        "target rank and scale); where its score trails LoRA's by more than "
+        f"{CLAIM_TOLERANCE_POINTS} points a lead over it says little about adaptive LoRA, and "
+        "claim 2 is not judged there.",
         "",
     ]
     rows = [
