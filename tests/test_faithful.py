@@ -37,6 +37,10 @@ def test_adalora_scale_matches_loras_at_the_target_rank():
     assert abs(sched["lora_alpha"] / sched["init_r"] - 32 / 128**0.5) < 1e-12
     # pruning waits out the warmup, stops with a fifth of the run left, masks every ~5%
     assert (sched["total_step"], sched["tinit"], sched["tfinal"], sched["deltaT"]) == (44, 5, 8, 2)
+    # the AdaLoRA authors' orthogonality weight, not peft's 0.5
+    assert sched["orth_reg_weight"] == 0.1
+    model = methods.get("adalora").build_model(tiny_causal_lm(), TrainConfig(lora_rank=4), 20)
+    assert model.peft_config["default"].orth_reg_weight == 0.1
     # a run too short to prune in prunes at once instead of failing peft's checks
     short = methods.adalora_schedule(cfg, total_steps=1)
     assert (short["tinit"], short["tfinal"]) == (0, 0)
