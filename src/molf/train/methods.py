@@ -172,8 +172,8 @@ def adalora_schedule(cfg: TrainConfig, total_steps: int) -> dict[str, Any]:
     pruning waits out the warmup (tinit), ends with a fifth of the run left to train at the
     final ranks (tfinal), and masks every ~5% of the run (deltaT), whatever the step count.
     The orthogonality regulariser's weight is 0.1, the AdaLoRA authors' value in their GLUE,
-    SQuAD and summarisation scripts (peft's default is 0.5): at 0.5 it is most of the loss at
-    the start of a short run and pulls A and B towards orthonormality rather than the task.
+    SQuAD and summarisation scripts (peft's default is 0.5): at 0.5 it adds about half the
+    task's loss at the start of a short run and pulls A and B towards orthonormality.
     """
     init_r = max(cfg.lora_rank * 3 // 2, cfg.lora_rank)
     total = max(int(total_steps), 1)
