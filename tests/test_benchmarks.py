@@ -1,5 +1,6 @@
 """The benchmark scripts run, at tiny sizes: the GPU check's CPU dry run (which runs
-optimizer_step, optimizer_ops and train_step the way a GPU session will) and routing_log."""
+optimizer_step, optimizer_ops and train_step the way a GPU session will), routing_log and
+qlora_memory."""
 
 import os
 import subprocess
@@ -68,3 +69,18 @@ def test_routing_log_benchmark_compares_streamed_and_in_memory_logs():
         line.split() for line in proc.stdout.splitlines() if line.startswith(("streamed", "kept"))
     ]
     assert [r[0] for r in rows] == ["streamed"] * 2 + ["kept"] * 2
+
+
+def test_qlora_memory_benchmark_runs_molf_e_and_lora_on_one_quantized_base():
+    pytest.importorskip("bitsandbytes")
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "qlora_memory.py"), "--layers", "1"]
+    cmd += ["--vocab", "256", "--steps", "1", "--batch", "1", "--seq", "8"]
+    env = dict(_env(), PYTHONPATH=str(ROOT / "src"))
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    out = proc.stdout
+    # every linear of the one decoder layer is a 4-bit base that MoLF-E wrapped
+    assert "molf-e wrapped 7 layers of type Linear4bit" in out
+    rows = [line.split() for line in out.splitlines() if "MiB" in line]
+    assert [r[0] for r in rows] == ["lora", "lora", "molf-e"]  # r128, r160, MoLF-E
+    assert "vs lora r128: time" in out and "vs lora r160: time" in out
