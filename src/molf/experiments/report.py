@@ -285,6 +285,17 @@ def paired(res: Results, task: str, a: str, b: str) -> PairedDifference | None:
     return paired_difference(x, y, seed=0) if len(x) >= 2 else None
 
 
+def difference(
+    res: Results, task: str, a: str, b: str
+) -> tuple[float | None, PairedDifference | None]:
+    """a's score minus b's on `task` (points) and, where both cells kept per-item scores, the
+    paired difference; (None, None) when either score is missing."""
+    score_a, score_b = res.score(task, a), res.score(task, b)
+    if score_a is None or score_b is None:
+        return None, None
+    return score_a - score_b, paired(res, task, a, b)
+
+
 def claims(res: Results) -> dict[str, Any]:
     """MoLF's gap to max(FFT, LoRA) and MoLF-E minus AdaLoRA per task (points), and verdicts.
 
@@ -309,15 +320,11 @@ def claims(res: Results) -> dict[str, Any]:
     ada_lora: dict[str, float | None] = {}
     paired_ada: dict[str, PairedDifference | None] = {}
     for t in res.tasks:
-        molf, fft, lora = res.score(t, "molf"), res.score(t, "fft"), res.score(t, "lora")
-        gaps[t] = None if None in (molf, fft, lora) else molf - max(fft, lora)  # type: ignore
-        best = None if gaps[t] is None else ("fft" if fft >= lora else "lora")  # type: ignore
-        paired1[t] = paired(res, t, "molf", best) if best else None
-        molf_e, ada = res.score(t, "molf-e"), res.score(t, "adalora")
-        diffs[t] = None if None in (molf_e, ada) else molf_e - ada  # type: ignore[operator]
-        paired2[t] = paired(res, t, "molf-e", "adalora") if diffs[t] is not None else None
-        ada_lora[t] = None if None in (ada, lora) else ada - lora  # type: ignore[operator]
-        paired_ada[t] = paired(res, t, "adalora", "lora") if ada_lora[t] is not None else None
+        fft, lora = res.score(t, "fft"), res.score(t, "lora")
+        best = None if None in (fft, lora) else ("fft" if fft >= lora else "lora")  # type: ignore
+        gaps[t], paired1[t] = difference(res, t, "molf", best) if best else (None, None)
+        diffs[t], paired2[t] = difference(res, t, "molf-e", "adalora")
+        ada_lora[t], paired_ada[t] = difference(res, t, "adalora", "lora")
     # "about as well as LoRA" is judged on the difference itself: a baseline 7 points behind is
     # not about as good even when the test set cannot prove the gap
     weak = [t for t, v in ada_lora.items() if v is not None and v < -CLAIM_TOLERANCE_POINTS]
@@ -518,11 +525,9 @@ def routing_gain_lines(res: Results) -> list[str]:
     for t in res.tasks:
         base = res.score(t, "lora-160")
         for m in rivals:
-            score = res.score(t, m)
-            diff = None if None in (score, base) else score - base  # type: ignore[operator]
-            pd = paired(res, t, m, "lora-160") if diff is not None else None
-            rows.append([t, registry.label(m), _pts(score), _pts(base), _pts(diff, sign=True)])
-            rows[-1] += _paired_cells(pd)
+            diff, pd = difference(res, t, m, "lora-160")
+            rows.append([t, registry.label(m), _pts(res.score(t, m)), _pts(base)])
+            rows[-1] += [_pts(diff, sign=True), *_paired_cells(pd)]
     header = ["task", "method", "score", "LoRA r160", "difference (points)"]
     header += ["paired difference", "paired SE", "95% interval (bootstrap)"]
     return [
