@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import platform
+import signal
 from pathlib import Path
 
 import pytest
@@ -439,6 +440,33 @@ def test_cells_in_subprocesses(tmp_path, capsys):
     assert outcome.status == "failed" and "killed by signal 9" in outcome.error
     assert "killed by signal 9" in (cell.directory / "FAILED").read_text()
     assert not (cell.directory / "RUNNING").exists()
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads /proc")
+def test_a_cell_takes_sigint_even_when_the_grid_was_started_ignoring_it(tmp_path):
+    # `nohup molf compare ... &` from a script starts the grid with SIGINT ignored, and an
+    # ignored signal stays ignored through exec: the SIGINT that asks a cell to stop was lost
+    # while the cell loaded its model, and the grid waited for it to finish (seen in a real grid)
+    cell = plan_grid("smoke", ["fact-geo"], ["lora"], tmp_path)[0]
+    old = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        proc = molf.experiments.runner._launch(cell, 1)
+    finally:
+        signal.signal(signal.SIGINT, old)
+    try:
+        status = Path(f"/proc/{proc.pid}/status").read_text()
+        ignored = int(
+            next(x for x in status.splitlines() if x.startswith("SigIgn:")).split()[1], 16
+        )
+        assert not ignored & (1 << (signal.SIGINT - 1)), "the cell process ignores SIGINT"
+        proc.send_signal(signal.SIGINT)  # while it is still starting up
+        assert proc.wait(timeout=120) != 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert not (cell.directory / "summary.json").exists()
+    assert signal.getsignal(signal.SIGINT) == old
 
 
 class _FakeProc:

@@ -140,6 +140,29 @@ def config_from_dict(values: dict[str, Any]) -> TrainConfig:
     return load_config(None, nulls, **{k: v for k, v in values.items() if v is not None})
 
 
+@contextlib.contextmanager
+def _sigint_not_ignored() -> Any:
+    """Let a child started inside this block take SIGINT even if this process ignores it.
+
+    An ignored signal stays ignored through exec: `nohup molf compare ... &` from a script starts
+    us with SIGINT ignored, and a cell process would then drop the SIGINT that asks it to
+    checkpoint and stop until its training loop installs a handler. A signal received before
+    that would be lost, and the grid would wait for the cell to finish instead."""
+    old = signal.getsignal(signal.SIGINT)
+    if old != signal.SIG_IGN:
+        yield
+        return
+    try:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+    except ValueError:  # not the main thread: leave it
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, old)
+
+
 def _launch(cell: Cell, threads: int | None) -> subprocess.Popen:
     """Start `python -m molf.experiments.runner --cell <spec>` for one cell; its output goes to
     log.txt."""
@@ -156,7 +179,7 @@ def _launch(cell: Cell, threads: int | None) -> subprocess.Popen:
     env = dict(os.environ, TOKENIZERS_PARALLELISM="false")
     if threads:
         env["OMP_NUM_THREADS"] = str(threads)
-    with (d / "log.txt").open("ab") as log:
+    with (d / "log.txt").open("ab") as log, _sigint_not_ignored():
         return subprocess.Popen(
             [sys.executable, "-m", "molf.experiments.runner", "--cell", str(d / JOB_SPEC)],
             stdout=log,
