@@ -22,7 +22,7 @@ import subprocess
 import sys
 import time
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -141,26 +141,23 @@ def config_from_dict(values: dict[str, Any]) -> TrainConfig:
 
 
 @contextlib.contextmanager
-def _sigint_not_ignored() -> Any:
+def _sigint_not_ignored() -> Iterator[None]:
     """Let a child started inside this block take SIGINT even if this process ignores it.
 
     An ignored signal stays ignored through exec: `nohup molf compare ... &` from a script starts
     us with SIGINT ignored, and a cell process would then drop the SIGINT that asks it to
     checkpoint and stop until its training loop installs a handler. A signal received before
     that would be lost, and the grid would wait for the cell to finish instead."""
-    old = signal.getsignal(signal.SIGINT)
-    if old != signal.SIG_IGN:
-        yield
-        return
-    try:
-        signal.signal(signal.SIGINT, signal.default_int_handler)
-    except ValueError:  # not the main thread: leave it
-        yield
-        return
+    ignored = signal.getsignal(signal.SIGINT) == signal.SIG_IGN
+    if ignored:
+        with contextlib.suppress(ValueError):  # not the main thread: leave it
+            signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         yield
     finally:
-        signal.signal(signal.SIGINT, old)
+        if ignored:
+            with contextlib.suppress(ValueError):
+                signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def _launch(cell: Cell, threads: int | None) -> subprocess.Popen:
