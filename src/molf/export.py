@@ -15,6 +15,11 @@ from molf._files import atomic_directory
 from molf.errors import MolfError
 from molf.layer import MoLFLinear, molf_modules, shared_base_weights
 
+# what an adapter directory holds (peft writes the README; molf train adds its run info)
+_ADAPTER_FILES = frozenset(
+    {"adapter_model.safetensors", "adapter_config.json", "README.md", "molf_run.json"}
+)
+
 
 @torch.no_grad()
 def merge_and_unload(model: nn.Module) -> nn.Module:
@@ -162,4 +167,14 @@ def export_peft_lora(
         save_file(tensors, str(tmp / "adapter_model.safetensors"), metadata={"format": "pt"})
         (tmp / "adapter_config.json").write_text(json.dumps(adapter_config, indent=2))
 
-    return atomic_directory(Path(out_dir), fill)
+    out = Path(out_dir)
+    if out.is_dir():
+        # the export replaces the directory whole: only an earlier adapter may be in the way
+        foreign = sorted(p.name for p in out.iterdir() if p.name not in _ADAPTER_FILES)
+        if foreign:
+            raise MolfError(
+                f"export_peft_lora: {out} holds files that are not a PEFT adapter's "
+                f"({', '.join(foreign[:3])}{' ...' if len(foreign) > 3 else ''}); "
+                "export into a new or empty directory"
+            )
+    return atomic_directory(out, fill)

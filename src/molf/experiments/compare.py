@@ -167,6 +167,12 @@ def compare(
     overrides = list(overrides or [])
     out = Path(output_dir or f"runs/compare-{budget}")
     check_directory_path(out, "--output-dir")
+    if out.is_dir() and any(out.iterdir()) and not (out / "grid.json").exists():
+        # its report files would replace whatever of the user's has the same name
+        raise MolfError(
+            f"--output-dir {out}: not a molf compare directory (no grid.json) and not empty; "
+            "give a new or empty directory"
+        )
     cells = plan_grid(budget, tasks, methods, out, model, seed, overrides, lr_grid, data)
     check_finished(cells)
     model_name = cells[0].config.model if cells else (model or b.model)

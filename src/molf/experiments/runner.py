@@ -44,6 +44,7 @@ from molf.experiments.grid import (
     read_summary,
 )
 from molf.train.config import TrainConfig, load_config
+from molf.train.run_dir import clear_run_dir, mark_run_dir
 
 
 @dataclass
@@ -106,8 +107,11 @@ def run_cell(cell: Cell, skip_failed: bool = False) -> Outcome:
     if (d / "config.yaml").exists() and not (d / SUMMARY).exists():
         old = yaml.safe_load((d / "config.yaml").read_text()) or {}
         if config_mismatch(old, cell.config.to_dict()):
-            shutil.rmtree(d)  # a leftover of another config: its checkpoints cannot be resumed
-    d.mkdir(parents=True, exist_ok=True)
+            # a leftover of another config: its checkpoints cannot be resumed (a cell directory
+            # of this grid: cells written before the run marker existed get it first)
+            mark_run_dir(d)
+            clear_run_dir(d)
+    mark_run_dir(d)
     write_json_atomic(d / CELL_META, _cell_meta(cell))
     write_json_atomic(d / RUNNING, {"attempts": attempts + 1, "pid": os.getpid()})
     with contextlib.suppress(FileNotFoundError):
@@ -164,7 +168,7 @@ def _launch(cell: Cell, threads: int | None) -> subprocess.Popen:
     """Start `python -m molf.experiments.runner --cell <spec>` for one cell; its output goes to
     log.txt."""
     d = cell.directory
-    d.mkdir(parents=True, exist_ok=True)
+    mark_run_dir(d)
     spec = {
         "task": cell.task,
         "method": cell.method,

@@ -35,7 +35,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 import molf
-from molf._files import check_directory_path, write_json_atomic
+from molf._files import write_json_atomic
 from molf.errors import MolfError
 from molf.optim.sharded import attach_score_reducer, check_model
 from molf.tasks import Task, TaskOptions, TaskSplits, build_task, lower_is_better
@@ -45,11 +45,11 @@ from molf.train.config import TrainConfig, dump_config
 from molf.train.data import StepOrder, Tokenized, check_packable, collate, pack, tokenize_examples
 from molf.train.distributed import DistContext
 from molf.train.methods import Method
+from molf.train.run_dir import SUMMARY, check_output_dir, clear_run_dir, mark_run_dir
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
-SUMMARY = "summary.json"
 TEST_ITEMS = "test_items.json"  # per-item headline scores of the final test evaluation
 
 
@@ -171,26 +171,6 @@ def routed_optimizer(opt: torch.optim.Optimizer) -> molf.MoLFAdamW | None:
 
 
 # -- preparation -------------------------------------------------------------------------------
-def check_output_dir(cfg: TrainConfig, resume: str, overwrite: bool) -> None:
-    """Refuse to clobber a finished run; refuse to silently restart an unfinished one."""
-    run_dir = cfg.run_dir
-    check_directory_path(run_dir, "output directory")
-    if not run_dir.exists() or not any(run_dir.iterdir()):
-        return
-    if overwrite:
-        shutil.rmtree(run_dir)
-        return
-    if (run_dir / SUMMARY).exists():
-        raise MolfError(
-            f"output directory {run_dir} already holds a finished run (use --overwrite to replace it)"
-        )
-    if resume == "none":
-        raise MolfError(
-            f"output directory {run_dir} holds an unfinished run (use --resume auto to continue it, "
-            "or --overwrite to start again)"
-        )
-
-
 def check_disk_space(cfg: TrainConfig, n_params: int, path: Path) -> None:
     """Refuse before any compute when the disk cannot hold a checkpoint and the final model."""
     bytes_per = 2 if cfg.dtype == "bfloat16" else 4
@@ -281,7 +261,7 @@ def _prepare_local(cfg: TrainConfig, resume: str, overwrite: bool, ctx: DistCont
     if ctx.enabled:
         distributed.check_setup(cfg.method, ctx.mode, cfg.batch_size, ctx.world_size)
     if ctx.is_main:
-        check_output_dir(cfg, resume, overwrite)
+        check_output_dir(cfg.run_dir, resume, overwrite)
     task, splits = build_task(
         cfg.task,
         cfg.data,
@@ -929,7 +909,14 @@ def _run(cfg: TrainConfig, resume: str, overwrite: bool, ctx: DistContext) -> di
     s = prepare(cfg, resume, overwrite, ctx)
     run_dir = cfg.run_dir
     if ctx.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
+        # only now, with config, data and model loaded: a run that cannot start loses nothing
+        if overwrite:
+            kept = clear_run_dir(run_dir)
+            if kept:
+                print(
+                    f"--overwrite kept files molf did not write: {', '.join(kept)}", file=sys.stderr
+                )
+        mark_run_dir(run_dir)
         (run_dir / "config.yaml").write_text(dump_config(cfg))
     start, keep_lines = 0, None
     if resume != "none":
