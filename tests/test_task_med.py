@@ -1,4 +1,4 @@
-"""The `med` task: MedMCQA loading, the embedded ICD-10-CM questions, splits and letter accuracy."""
+"""The `med` task: MedMCQA loading, the embedded ICD-10-CM questions, splits and option scoring."""
 
 from __future__ import annotations
 
@@ -10,67 +10,74 @@ import torch
 
 from molf.errors import MolfError
 from molf.tasks import TaskRequest, build_task, get_task
-from molf.tasks.med import TASK, format_prompt
+from molf.tasks.common import _without_eos, option_logprobs
+from molf.tasks.med import TASK, _argmax, format_prompt, to_example
 from tests.conftest import assert_splits_independent_of_hash_seed
-from tests.fakes import FakeTokenizer, OracleLM
 from tests.files import write_rows
 
 # simple_icd_10_cm reads its data with a deprecated importlib.resources API
 pytestmark = pytest.mark.filterwarnings("ignore:.*deprecated. Use files:DeprecationWarning")
 
-# --------------------------------------------------------------------------- fakes
-
-
-class LineTokenizer(FakeTokenizer):
-    """Splits on spaces and keeps newlines as tokens, so prompts round-trip exactly."""
-
-    def __init__(self) -> None:
-        super().__init__(r"\n|[^ \n]+")
-
-
-def mcq(question: str, answer: int) -> dict:
-    return {"question": question, "options": ["w", "x", "y", "z"], "answer": answer}
-
-
 # --------------------------------------------------------------------------- evaluator
 
 
 def test_prompt_format():
-    assert (
-        format_prompt(" Q? ", ["a", "b", "c", "d"])
-        == "Question: Q?\nA. a\nB. b\nC. c\nD. d\nAnswer:"
-    )
+    assert format_prompt(" Which  chapter?\n ") == "Question: Which chapter?\nAnswer:"
+    example = to_example({"question": "Q?", "options": ["a", " b  c ", "d", "e"], "answer": 1})
+    assert (example.prompt, example.completion) == ("Question: Q?\nAnswer:", " b c")
 
 
-def test_evaluate_known_accuracy():
-    tok = LineTokenizer()
-    lm = OracleLM(tok)
-    recs = [mcq("one", 0), mcq("two", 1), mcq("three", 2), mcq("four", 3), mcq("five", 1)]
-    # right on one, two and five; wrong on three (C beaten by D) and four (B beats D)
-    picks = {"one": "A", "two": "B", "three": "D", "four": "B", "five": "B"}
+def _brute_force(model, tok, prompt, option):
+    """Summed log-probability and length of `option` after `prompt`: one full forward pass."""
+    head, cont = _without_eos(tok, prompt, option)
+    with torch.no_grad():
+        logp = torch.log_softmax(model(torch.tensor([head + cont])).logits[0].float(), -1)
+    return sum(float(logp[len(head) - 1 + j, t]) for j, t in enumerate(cont)), len(cont)
+
+
+def test_option_logprobs_match_full_sequences(tiny_hf):
+    model, tok = tiny_hf
+    prompts = ["Question: what?\nAnswer:", "A longer prompt, with more words in it:", "Q:"]
+    options = [[" a b c", " dd", " something else"], [" yes", " no way at all"], [" x"]]
+    for batch_size in (1, 2, 8):
+        got = option_logprobs(model, tok, prompts, options, batch_size)
+        for p, opts, scored in zip(prompts, options, got):
+            assert len(scored) == len(opts)
+            for o, (lp, n) in zip(opts, scored):
+                ref, n_ref = _brute_force(model, tok, p, o)
+                assert n == n_ref and lp == pytest.approx(ref, abs=1e-4)
+    with pytest.raises(MolfError, match="tokenizes to nothing"):
+        option_logprobs(model, tok, ["Q:"], [[""]])
+
+
+def test_evaluate_is_the_argmax_of_mean_and_summed_logprobs(tiny_hf):
+    model, tok = tiny_hf
+    recs = TASK.build(TaskRequest("med-icd10", None, seed=0, n_train=1, n_val=0, n_test=9)).test
+    model.train()
+    items = {}
+    m = TASK.evaluate(model, tok, recs, batch_size=4, items=items)
+    assert model.training  # the mode is given back
+    by_mean, by_sum = [], []
     for r in recs:
-        lm.prefer(format_prompt(r["question"], r["options"]), {picks[r["question"]]: 3.0, "C": 1.0})
-    # a non-letter token with more mass must not count
-    lm.prefer(format_prompt("five", recs[4]["options"]), {"B": 2.0, "the": 9.0})
-    lm.train()
-    m = TASK.evaluate(lm, tok, recs, batch_size=2)
-    assert m["accuracy"] == pytest.approx(3 / 5)
-    assert lm.training
-    assert 0.0 < m["letter_mass"] < 1.0
-    assert TASK.evaluate(lm, tok, recs, batch_size=16) == pytest.approx(m)
-    # more prompts than one chunk (8 * batch_size): the chunks must line up with the records
-    assert TASK.evaluate(lm, tok, recs + recs[::-1], batch_size=1) == pytest.approx(m)
-
-
-def test_evaluate_sets_pad_and_rejects_empty():
-    tok = LineTokenizer()
-    tok.pad_token = None
-    lm = OracleLM(tok)
-    lm.prefer(format_prompt("q", ["w", "x", "y", "z"]), {"D": 1.0})
-    assert TASK.evaluate(lm, tok, [mcq("q", 3)])["accuracy"] == 1.0
-    assert tok.pad_token == "</s>"
+        scored = [
+            _brute_force(model, tok, format_prompt(r["question"]), " " + o) for o in r["options"]
+        ]
+        by_mean.append(
+            max(range(4), key=lambda k: (scored[k][0] / scored[k][1], -k)) == r["answer"]
+        )
+        by_sum.append(max(range(4), key=lambda k: (scored[k][0], -k)) == r["answer"])
+    assert m["accuracy"] == pytest.approx(sum(by_mean) / len(recs))
+    assert m["accuracy_sum"] == pytest.approx(sum(by_sum) / len(recs))
+    assert [items[k] for k in sorted(items)] == [float(x) for x in by_mean]
+    assert TASK.evaluate(model, tok, recs, batch_size=16) == pytest.approx(m)
     with pytest.raises(MolfError, match="no records"):
-        TASK.evaluate(lm, tok, [])
+        TASK.evaluate(model, tok, [])
+
+
+def test_argmax_ties_go_to_the_lower_index_and_nan_never_wins():
+    assert _argmax([1.0, 3.0, 3.0]) == 1
+    assert _argmax([float("nan"), -5.0, -7.0]) == 1
+    assert _argmax([-1.0, float("nan")]) == 0
 
 
 # --------------------------------------------------------------------------- medmcqa
@@ -124,7 +131,7 @@ def test_medmcqa_files(tmp_path, name, kind, base):
     check_gold(s.test + s.validation)
     for ex in s.train:
         i = int(re.search(r"item (\d+)", ex.prompt).group(1))
-        assert ex.completion == " " + "ABCD"[i % 4]
+        assert ex.completion == f" right{i}"
         assert ex.prompt.endswith("\nAnswer:")
     held = {r["question"] for r in s.test + s.validation}
     assert held.isdisjoint(re.search(r"Question: (.*)\n", ex.prompt).group(1) for ex in s.train)
@@ -153,9 +160,7 @@ def test_medmcqa_letters_unlabelled_and_duplicates(tmp_path):
     assert len(s.train) + len(s.validation) + len(s.test) == 11
     check_gold(s.test + s.validation)
     assert "What is item 5?" not in json.dumps(s.test + s.validation) + str(s.train)
-    prompts = [ex.prompt for ex in s.train] + [
-        format_prompt(r["question"], r["options"]) for r in s.test
-    ]
+    prompts = [ex.prompt for ex in s.train] + [format_prompt(r["question"]) for r in s.test]
     assert sum("item 3?" in p for p in prompts) <= 1
 
 
@@ -291,7 +296,10 @@ def test_icd10_build_correct_balanced_and_leak_free():
     held = [_description(r["question"]) for r in s.test + s.validation]
     assert len(set(held)) == len(held)
     assert train_diagnoses.isdisjoint(held)
-    assert all(ex.completion in (" A", " B", " C", " D") for ex in s.train)
+    gold = {" " + cm.get_description(c) for c in cm.get_all_codes(True)} | {
+        " " + strip(cm.get_description(c)) for c in cm.get_all_codes(True)
+    }
+    assert all(ex.completion in gold for ex in s.train)
 
 
 def test_icd10_sizes_and_determinism():
@@ -312,20 +320,3 @@ def test_icd10_sizes_and_determinism():
 
 def test_icd10_independent_of_hash_seed():
     assert_splits_independent_of_hash_seed("med", "med-icd10")
-
-
-# --------------------------------------------------------------------------- real tokenizer + tiny model
-
-
-def test_evaluate_real_model_matches_unbatched(tiny_hf):
-    model, tok = tiny_hf
-    recs = TASK.build(TaskRequest("med-icd10", None, seed=0, n_train=1, n_val=0, n_test=9)).test
-    m = TASK.evaluate(model, tok, recs, batch_size=4)
-    letters = [tok(" " + L, add_special_tokens=False)["input_ids"][0] for L in "ABCD"]
-    correct = 0
-    for r in recs:
-        enc = tok(format_prompt(r["question"], r["options"]), return_tensors="pt")
-        with torch.no_grad():
-            logits = model(**enc).logits[0, -1]
-        correct += int(logits[letters].argmax()) == r["answer"]
-    assert m["accuracy"] == pytest.approx(correct / len(recs))

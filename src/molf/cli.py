@@ -157,6 +157,12 @@ def _compare(args: argparse.Namespace) -> int:
     return run_compare(args)
 
 
+def _sweep(args: argparse.Namespace) -> int:
+    from molf.experiments.sweep import run_sweep
+
+    return run_sweep(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     from molf.experiments.grid import BUDGETS
     from molf.tasks import task_names
@@ -281,6 +287,18 @@ def build_parser() -> argparse.ArgumentParser:
         choices=["chosen", "all", "none"],
         help="whose final/ weights to keep: the chosen LR candidate of each pair (default), all or none",
     )
+    c.add_argument(
+        "--seeds",
+        type=int,
+        default=None,
+        help="train each chosen learning rate with this many seeds (--seed, --seed + 1, ...; "
+        "the split stays --seed's); default: the budget's (small: 3)",
+    )
+    c.add_argument(
+        "--seed-methods",
+        default=None,
+        help="comma list of the methods that get --seeds (default: those in a paper claim)",
+    )
     c.add_argument("--skip-failed", action="store_true", help="do not retry failed cells")
     c.add_argument(
         "--report-only", action="store_true", help="rebuild the report from the cells on disk"
@@ -288,6 +306,30 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--plan", action="store_true", help="print the cells and exit")
     c.add_argument("overrides", nargs="*", help="key=value overrides applied to every cell")
     c.set_defaults(func=_compare)
+
+    w = sub.add_parser(
+        "routing-sweep",
+        help="what decides MoLF's routing: train MoLF over LoRA alphas and learning-rate ratios",
+        description="Train MoLF at every --alphas x --lr-ratios (lr_lora = ratio x lr_fft), "
+        "MoLF-E at equal alpha and at equal scale, and FFT and LoRA as references, on each task "
+        "of a compare budget, --seeds seeds each (resumable); write sweep.md/csv with the share "
+        "of updates routed to each expert (overall, step 1, per module type), the task scores, "
+        "plots, and the first-step check of docs/method.md's derivation.",
+    )
+    w.add_argument("--tasks", default="fact-geo,med-icd10", help="comma list of task names")
+    w.add_argument("--alphas", default="8,16,32,64", help="MoLF's lora_alpha values")
+    w.add_argument("--lr-ratios", default="1,5", help="lr_lora / lr_fft values (lr_fft 1e-4)")
+    w.add_argument("--seeds", default="0,1", help="training seeds (the splits use seed 0)")
+    w.add_argument("--budget", default="small", choices=list(BUDGETS))
+    w.add_argument("--model", default=None, help="default: the budget's")
+    w.add_argument("--output-dir", default=None, help="default: runs/routing-sweep-<budget>")
+    w.add_argument("--jobs", type=int, default=None, help="cells at a time (default: the budget's)")
+    w.add_argument("--threads", type=int, default=None, help="torch threads per cell")
+    w.add_argument("--report-only", action="store_true", help="rebuild the report from the cells")
+    w.add_argument("--no-first-step", action="store_true", help="skip the derivation check")
+    w.add_argument("--plan", action="store_true", help="print the cells and exit")
+    w.add_argument("overrides", nargs="*", help="key=value overrides applied to every cell")
+    w.set_defaults(func=_sweep)
     return parser
 
 

@@ -31,6 +31,7 @@ from molf.experiments.grid import (
     parse_lr_grid,
     plan_grid,
     read_json,
+    seed_cells,
     task_labels,
 )
 from molf.experiments.report import package_versions, write_report
@@ -120,10 +121,16 @@ def _command(
     overrides: list[str],
     lr_grid: str | None,
     data: dict[str, str] | None,
+    seeds: int | None = None,
+    seed_methods: list[str] | None = None,
 ) -> str:
     parts = ["molf compare", f"--budget {budget}", f"--model {shlex.quote(model)}"]
     parts += [f"--tasks {','.join(tasks)}", f"--methods {','.join(methods)}"]
     parts += [f"--output-dir {shlex.quote(str(out))}", f"--seed {seed}"]
+    if seeds is not None:
+        parts.append(f"--seeds {seeds}")
+    if seed_methods:
+        parts.append(f"--seed-methods {','.join(seed_methods)}")
     if lr_grid:
         parts.append(f"--lr-grid {shlex.quote(lr_grid)}")
     parts += [f"--data {shlex.quote(f'{t}={p}')}" for t, p in (data or {}).items()]
@@ -142,6 +149,8 @@ def compare(
     data: dict[str, str] | None = None,
     threads: int | None = None,
     jobs: int | None = None,
+    seeds: int | None = None,
+    seed_methods: list[str] | None = None,
     keep_models: str = "chosen",
     skip_failed: bool = False,
     report_only: bool = False,
@@ -167,6 +176,16 @@ def compare(
     overrides = list(overrides or [])
     out = Path(output_dir or f"runs/compare-{budget}")
     check_directory_path(out, "--output-dir")
+    n_seeds = b.seeds if seeds is None else seeds
+    if n_seeds < 1:
+        raise MolfError(f"--seeds: must be >= 1, got {n_seeds}")
+    if seed_methods is None:
+        seed_methods = [m for m in methods if registry.in_claims(m)]
+    unknown = [m for m in seed_methods if m not in methods]
+    if unknown:
+        raise MolfError(
+            f"--seed-methods: '{unknown[0]}' is not in --methods ({', '.join(methods)})"
+        )
     if out.is_dir() and any(out.iterdir()) and not (out / "grid.json").exists():
         # its report files would replace whatever of the user's has the same name
         raise MolfError(
@@ -177,7 +196,17 @@ def compare(
     check_finished(cells)
     model_name = cells[0].config.model if cells else (model or b.model)
     command = command or _command(
-        budget, model_name, tasks, methods, out, seed, overrides, lr_grid, data
+        budget,
+        model_name,
+        tasks,
+        methods,
+        out,
+        seed,
+        overrides,
+        lr_grid,
+        data,
+        n_seeds,
+        seed_methods,
     )
     t_start = time.perf_counter()
     out.mkdir(parents=True, exist_ok=True)
@@ -190,6 +219,8 @@ def compare(
         budget=budget,
         model=model_name,
         seed=seed,
+        seeds=n_seeds,
+        seed_methods=seed_methods,
         tasks=tasks,
         methods=methods,
         overrides=overrides,
@@ -213,6 +244,50 @@ def compare(
     n_jobs = b.jobs if jobs is None else jobs
     if not report_only:
         invocation.update(jobs=n_jobs, threads=n_threads)
+
+    def run_batch(batch: list[Cell]) -> None:
+        """Run `batch` (skipping finished cells), recording each outcome in grid.json."""
+        pending = set(range(len(batch)))
+
+        def record(i: int, outcome: Outcome) -> None:
+            cell = batch[i]
+            label = f"[{i + 1}/{len(batch)}] {cell.key}"
+            outcomes.append(outcome)
+            entry: dict[str, Any] = {"status": outcome.status}
+            if outcome.status == "done":
+                invocation["cells_run"] += 1
+                entry["seconds"] = round(outcome.seconds, 1)
+                print(
+                    f"{label}: done in {outcome.seconds:.0f} s, "
+                    f"{_headline_text(outcome.summary or {})}",
+                    flush=True,
+                )
+            elif outcome.status == "skipped":
+                print(f"{label}: done before, skipped", flush=True)
+                entry = state["cells"].get(cell.key) or {"status": "done"}
+            else:
+                entry["error"] = outcome.error
+                print(f"{label}: FAILED: {outcome.error}", flush=True)
+            state["cells"][cell.key] = entry
+            write_json_atomic(state_path, state)
+            pending.discard(i)
+            group = [
+                j for j, c in enumerate(batch) if (c.task, c.method) == (cell.task, cell.method)
+            ]
+            if not any(j in pending for j in group):
+                runner.prune_models([batch[j] for j in group], keep_models)
+
+        def starting(i: int) -> None:
+            print(f"[{i + 1}/{len(batch)}] {batch[i].key}: running", flush=True)
+
+        if n_jobs:
+            runner.run_in_subprocesses(batch, n_jobs, n_threads, skip_failed, starting, record)
+        else:
+            for i, cell in enumerate(batch):
+                if not is_done(cell):
+                    starting(i)
+                record(i, runner.run_cell(cell, skip_failed=skip_failed))
+
     try:
         if n_threads:
             torch.set_num_threads(n_threads)
@@ -223,46 +298,17 @@ def compare(
                 f"in {out}",
                 flush=True,
             )
-            pending = set(range(len(cells)))
-
-            def record(i: int, outcome: Outcome) -> None:
-                cell = cells[i]
-                label = f"[{i + 1}/{len(cells)}] {cell.key}"
-                outcomes.append(outcome)
-                entry: dict[str, Any] = {"status": outcome.status}
-                if outcome.status == "done":
-                    invocation["cells_run"] += 1
-                    entry["seconds"] = round(outcome.seconds, 1)
-                    print(
-                        f"{label}: done in {outcome.seconds:.0f} s, "
-                        f"{_headline_text(outcome.summary or {})}",
-                        flush=True,
-                    )
-                elif outcome.status == "skipped":
-                    print(f"{label}: done before, skipped", flush=True)
-                    entry = state["cells"].get(cell.key) or {"status": "done"}
-                else:
-                    entry["error"] = outcome.error
-                    print(f"{label}: FAILED: {outcome.error}", flush=True)
-                state["cells"][cell.key] = entry
-                write_json_atomic(state_path, state)
-                pending.discard(i)
-                group = [
-                    j for j, c in enumerate(cells) if (c.task, c.method) == (cell.task, cell.method)
-                ]
-                if not any(j in pending for j in group):
-                    runner.prune_models([cells[j] for j in group], keep_models)
-
-            def starting(i: int) -> None:
-                print(f"[{i + 1}/{len(cells)}] {cells[i].key}: running", flush=True)
-
-            if n_jobs:
-                runner.run_in_subprocesses(cells, n_jobs, n_threads, skip_failed, starting, record)
-            else:
-                for i, cell in enumerate(cells):
-                    if not is_done(cell):
-                        starting(i)
-                    record(i, runner.run_cell(cell, skip_failed=skip_failed))
+            run_batch(cells)
+            # the chosen candidates again with more seeds, once every choice is final
+            extra = seed_cells(cells, n_seeds, seed_methods)
+            if extra:
+                check_finished(extra)
+                print(
+                    f"molf compare: {len(extra)} cells train the chosen learning rates with "
+                    f"seeds {seed + 1}-{seed + n_seeds - 1}",
+                    flush=True,
+                )
+                run_batch(extra)
     finally:
         torch.set_num_threads(old_threads)
         invocation["wall_seconds"] = round(time.perf_counter() - t_start, 1)
@@ -300,6 +346,14 @@ def compare(
     return result
 
 
+def _seed_method_list(args: argparse.Namespace, methods: list[str]) -> list[str]:
+    """`--seed-methods`, or the methods that take part in a paper claim."""
+    given = getattr(args, "seed_methods", None)
+    if given:
+        return _split_list(given, "seed-methods")
+    return [m for m in methods if registry.in_claims(m)]
+
+
 def run_compare(args: argparse.Namespace) -> int:
     """`molf compare`: exit status 0 when every cell finished, 1 when some failed."""
     tasks = _split_list(args.tasks, "tasks")
@@ -319,7 +373,19 @@ def run_compare(args: argparse.Namespace) -> int:
             data,
         )
         print(format_plan(cells))
-        print(f"{len(cells)} cells")
+        b = BUDGETS[args.budget]
+        n_seeds = b.seeds if getattr(args, "seeds", None) is None else args.seeds
+        seeded = _seed_method_list(args, methods)
+        extra = len({(c.task, c.method) for c in cells if c.method in seeded}) * (n_seeds - 1)
+        print(
+            f"{len(cells)} cells"
+            + (
+                f", then {extra} more: the chosen learning rates of {', '.join(seeded)} with "
+                f"seeds {args.seed + 1}-{args.seed + n_seeds - 1}"
+                if extra
+                else ""
+            )
+        )
         return 0
     result = compare(
         budget=args.budget,
@@ -333,6 +399,10 @@ def run_compare(args: argparse.Namespace) -> int:
         data=data,
         threads=getattr(args, "threads", None),
         jobs=getattr(args, "jobs", None),
+        seeds=getattr(args, "seeds", None),
+        seed_methods=_seed_method_list(args, methods)
+        if getattr(args, "seed_methods", None)
+        else None,
         keep_models=getattr(args, "keep_models", "chosen"),
         skip_failed=getattr(args, "skip_failed", False),
         report_only=getattr(args, "report_only", False),

@@ -10,6 +10,7 @@ describes the protocol for users.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from dataclasses import dataclass, field
@@ -25,6 +26,7 @@ CELL_META = "compare_cell.json"
 FAILED = "FAILED"
 RUNNING = "RUNNING"
 JOB_SPEC = "compare_job.json"
+SEED_PREFIX = "seed-"  # <group>/seed-<k>/<lr label>: the chosen candidate trained with seed k
 # Keys compare sets per cell; users pick them with --tasks/--methods/--model/--seed/--data.
 _RESERVED = ("method", "task", "model", "output_dir", "seed", "data")
 # Config keys that may differ between a finished cell and the grid asking for it.
@@ -44,6 +46,7 @@ class Budget:
     per_task: dict[str, dict[str, Any]]
     threads: int | None = None
     jobs: int = 0
+    seeds: int = 1  # training seeds of each chosen candidate (`--seeds`)
 
     def lr_grid(self, method: str) -> tuple[float, ...]:
         """`method`'s learning-rate candidates under this budget, the default first; a method
@@ -101,6 +104,8 @@ BUDGETS: dict[str, Budget] = {
         # single-threaded parts (generation, AdaLoRA's rank bookkeeping, saving)
         threads=1,
         jobs=2,
+        # the claims' cells are trained three times (docs/compare.md, Seeds)
+        seeds=3,
     ),
     "paper": Budget(
         name="paper",
@@ -141,7 +146,9 @@ class Cell:
 
     @property
     def key(self) -> str:
-        return f"{self.task}/{self.method}/{self.directory.name}"
+        parent = self.directory.parent.name
+        seed = f"{parent}/" if parent.startswith(SEED_PREFIX) else ""
+        return f"{self.task}/{self.method}/{seed}{self.directory.name}"
 
 
 def format_lr(value: float) -> str:
@@ -305,6 +312,48 @@ def plan_grid(
     return cells
 
 
+def seed_cells(cells: list[Cell], seeds: int, seed_methods: list[str] | None = None) -> list[Cell]:
+    """The cells that train each chosen candidate again with other seeds.
+
+    For every (task, method) of `cells` (methods in `seed_methods`, or all) whose learning-rate
+    candidates have all finished, the chosen one (`choose`, on the validation split of the grid's
+    seed) is planned again with training seeds grid seed + 1 .. grid seed + seeds - 1. The split
+    stays the grid seed's (`data_seed`), so every seed answers the same test items and the
+    report can pair them across methods and seeds. Pairs whose choice is not final yet get none.
+    """
+    if seeds <= 1:
+        return []
+    groups: dict[tuple[str, str], list[Cell]] = {}
+    for c in cells:
+        if c.directory.parent.name.startswith(SEED_PREFIX):
+            continue
+        groups.setdefault((c.task, c.method), []).append(c)
+    out = []
+    for (task, method), group in groups.items():
+        if seed_methods is not None and method not in seed_methods:
+            continue
+        records = [read_cell(c.directory, task, method) for c in group]
+        if any(r.status != "done" for r in records):
+            continue
+        chosen = choose(records)
+        if chosen is None:
+            continue
+        base = next(c for c in group if c.directory == chosen.directory)
+        first = base.config.seed
+        for k in range(1, seeds):
+            cfg = dataclasses.replace(
+                base.config,
+                seed=first + k,
+                data_seed=base.config.split_seed,
+                eval_before=False,
+                output_dir=str(
+                    base.directory.parent / f"{SEED_PREFIX}{first + k}" / base.directory.name
+                ),
+            )
+            out.append(Cell(task, method, dict(base.lrs), cfg))
+    return out
+
+
 def config_mismatch(old: dict[str, Any], new: dict[str, Any]) -> str | None:
     """The first key (other than bookkeeping) whose value differs between two configs' dicts."""
     for key in sorted(set(old) & set(new) - _IGNORED_KEYS):
@@ -344,6 +393,7 @@ class CellRecord:
     error: str | None = None
     lrs: dict[str, float] = field(default_factory=dict)
     cpu_seconds: float | None = None
+    seed: int | None = None  # the training seed (from the summary's config)
 
     @property
     def headline(self) -> str | None:
@@ -412,6 +462,8 @@ def read_cell(directory: Path, task: str, method: str) -> CellRecord:
     record.cpu_seconds = float(cpu) if isinstance(cpu, (int, float)) else None
     if summary is not None:
         record.status, record.summary = "done", summary
+        seed = (summary.get("config") or {}).get("seed")
+        record.seed = seed if isinstance(seed, int) else None
     elif (directory / FAILED).exists():
         record.status = "failed"
         text = (directory / FAILED).read_text(errors="replace").strip()
@@ -419,19 +471,25 @@ def read_cell(directory: Path, task: str, method: str) -> CellRecord:
     return record
 
 
-def load_cells(out_dir: str | Path, tasks: list[str], method_names: list[str]) -> list[CellRecord]:
-    """Every candidate directory of the given tasks and methods under `<out_dir>/cells/`."""
+def load_cells(
+    out_dir: str | Path, tasks: list[str], method_names: list[str]
+) -> tuple[list[CellRecord], list[CellRecord]]:
+    """(every learning-rate candidate directory, every other-seed directory) of the given tasks
+    and methods under `<out_dir>/cells/`."""
     root = Path(out_dir) / "cells"
-    found = []
+    found, seeded = [], []
     for task in tasks:
         for method in method_names:
             group = root / task / method
-            if group.is_dir():
-                for d in sorted(
-                    p for p in group.iterdir() if p.is_dir() and p.name.startswith("lr-")
-                ):
+            if not group.is_dir():
+                continue
+            for d in sorted(p for p in group.iterdir() if p.is_dir()):
+                if d.name.startswith("lr-"):
                     found.append(read_cell(d, task, method))
-    return found
+                elif d.name.startswith(SEED_PREFIX):
+                    for lr_dir in sorted(p for p in d.iterdir() if p.name.startswith("lr-")):
+                        seeded.append(read_cell(lr_dir, task, method))
+    return found, seeded
 
 
 def choose(candidates: list[CellRecord]) -> CellRecord | None:
@@ -465,21 +523,41 @@ class Results:
     tasks: list[str]
     methods: list[str]
     cells: list[CellRecord]
+    seeded: list[CellRecord] = field(default_factory=list)
     groups: dict[tuple[str, str], list[CellRecord]] = field(default_factory=dict)
     chosen: dict[tuple[str, str], CellRecord | None] = field(default_factory=dict)
+    # the chosen candidate and its finished runs with other seeds, the chosen one first
+    replicas: dict[tuple[str, str], list[CellRecord]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         for task in self.tasks:
             for method in self.methods:
                 group = [c for c in self.cells if c.task == task and c.method == method]
                 self.groups[(task, method)] = group
-                self.chosen[(task, method)] = choose(group)
+                chosen = choose(group)
+                self.chosen[(task, method)] = chosen
+                self.replicas[(task, method)] = (
+                    []
+                    if chosen is None
+                    else [chosen]
+                    + [
+                        c
+                        for c in self.seeded
+                        if (c.task, c.method, c.label) == (task, method, chosen.label)
+                        and c.status == "done"
+                    ]
+                )
 
     def score(self, task: str, method: str) -> float | None:
-        """Test headline metric of the chosen candidate, in points (percent); a loss-like
-        metric (`lower_is_better`) as it is."""
-        cell = self.chosen.get((task, method))
-        return cell.shown("after") if cell else None
+        """Test headline metric of the chosen candidate, in points (percent), averaged over its
+        seeds; a loss-like metric (`lower_is_better`) as it is."""
+        values = [c.shown("after") for c in self.replicas.get((task, method), [])]
+        values = [v for v in values if v is not None]
+        return sum(values) / len(values) if values else None
+
+    def n_seeds(self, task: str, method: str) -> int:
+        """How many seeds the chosen candidate's score is the mean of."""
+        return len(self.replicas.get((task, method), []))
 
     def lower_is_better(self, task: str) -> bool:
         """Whether the task's headline metric is loss-like (shown as is, the smaller the better)."""
@@ -527,7 +605,8 @@ class Results:
 
 def load_results(out_dir: str | Path, tasks: list[str], method_names: list[str]) -> Results:
     """Read the grid under `out_dir` and pick each pair's learning rate on validation."""
-    return Results(list(tasks), list(method_names), load_cells(out_dir, tasks, method_names))
+    found, seeded = load_cells(out_dir, tasks, method_names)
+    return Results(list(tasks), list(method_names), found, seeded)
 
 
 def mean_of_all(values: list[float | None]) -> float | None:

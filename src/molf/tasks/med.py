@@ -1,17 +1,18 @@
-"""Four-way medical multiple choice (`med`), scored by the letter the model puts most mass on.
+"""Four-way medical multiple choice (`med`), scored by the log-likelihood of each option.
 
-Prompt and completion (the loss is on the completion only)::
+The question is asked cloze style, without the options in the prompt; the completion is the
+text of the gold option (the loss is on the completion only)::
 
     Question: <question>
-    A. <option>
-    B. <option>
-    C. <option>
-    D. <option>
-    Answer:                      -> " B"
+    Answer:                      -> " <gold option text>"
 
-Accuracy is the fraction of records whose gold letter has the highest next-token log-probability
-among the four letter tokens " A", " B", " C", " D" after the prompt (`letter_mass`, the
-probability the four letters get together, shows whether the model answers in format at all).
+`accuracy` (the headline) is the fraction of records whose gold option has the highest mean
+log-probability per token as the completion of the prompt; `accuracy_sum` ranks by the summed
+log-probability instead (it favours short options). Scoring by likelihood instead of by the
+letter a model writes after a lettered list (as this task did before issue #20) lets a 135M
+model show what it knows: by letter, SmolLM2-135M stays at chance (25%) before and after a
+small fine-tune, because it cannot yet bind letters to options; by likelihood, the untrained
+model is above chance and training moves it further (docs/compare.md).
 
 Records hold `question`, `options` (four strings), `answer` (gold index 0-3) and a few
 descriptive fields (`id`, `subject`).
@@ -46,42 +47,30 @@ import re
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from molf.errors import MolfError
 from molf.tasks.base import TaskRequest, item_id, refuse_data, register_task
-from molf.tasks.common import (
-    Example,
-    TaskSplits,
-    continuation_ids,
-    ensure_pad_token,
-    next_token_logprobs,
-    shuffled,
-    split_three,
-)
+from molf.tasks.common import Example, TaskSplits, option_logprobs, shuffled, split_three
 from molf.tasks.rows import load_table, objects, read_rows
 
-__all__ = ["TASK", "MedTask", "LETTERS", "format_prompt", "icd10_records", "load_medmcqa"]
+__all__ = ["TASK", "MedTask", "format_prompt", "icd10_records", "load_medmcqa"]
 
-LETTERS = ("A", "B", "C", "D")
 DEFAULT_HUB_ID = "openlifescienceai/medmcqa"
 ICD10_POOL_SIZE = 6000
 MAX_DESCRIPTION_CHARS = 90
 
 
-def format_prompt(question: str, options: list[str]) -> str:
-    """The MCQ prompt for a question and its four options, ending in 'Answer:'."""
-    lines = [f"Question: {question.strip()}"]
-    lines += [f"{letter}. {str(option).strip()}" for letter, option in zip(LETTERS, options)]
-    lines.append("Answer:")
-    return "\n".join(lines)
+def format_prompt(question: str) -> str:
+    """The cloze prompt for a question: the options are not shown, they are scored."""
+    return f"Question: {' '.join(str(question).split())}\nAnswer:"
 
 
 def to_example(record: dict[str, Any]) -> Example:
-    """The supervised example for a record: its prompt and the gold letter."""
-    return Example(
-        format_prompt(record["question"], record["options"]), " " + LETTERS[record["answer"]]
-    )
+    """The supervised example for a record: its prompt and the gold option's text."""
+    return Example(format_prompt(record["question"]), " " + _option(record, record["answer"]))
+
+
+def _option(record: dict[str, Any], index: int) -> str:
+    return " ".join(str(record["options"][index]).split())
 
 
 def _key(question: str, options: list[str]) -> tuple[str, tuple[str, ...]]:
@@ -419,43 +408,41 @@ class MedTask:
         batch_size: int = 16,
         items: dict[str, float] | None = None,
     ) -> dict[str, float]:
-        """Accuracy of the argmax over the four letter tokens, and the mass they get together."""
+        """Accuracy of the option with the highest mean log-probability per token, and of the
+        highest summed log-probability (`accuracy_sum`)."""
         if not records:
             raise MolfError("med: no records to evaluate")
-        ensure_pad_token(tokenizer)
-        prompts = [format_prompt(r["question"], r["options"]) for r in records]
-        letter_ids = [continuation_ids(tokenizer, prompts[0], " " + L)[0] for L in LETTERS]
-        if len(set(letter_ids)) != 4:
-            raise MolfError(
-                "med: the tokenizer does not give the letters A-D distinct first tokens"
-            )
         was_training = getattr(model, "training", False)
         model.eval()
         try:
-            # a chunk at a time, keeping the four letter columns of each [prompts, vocab] block
-            chunk = max(1, batch_size) * 8
-            letters = torch.cat(
-                [
-                    next_token_logprobs(model, tokenizer, prompts[i : i + chunk], batch_size)[
-                        :, letter_ids
-                    ]
-                    for i in range(0, len(prompts), chunk)
-                ]
+            scored = option_logprobs(
+                model,
+                tokenizer,
+                [format_prompt(r["question"]) for r in records],
+                [[" " + _option(r, k) for k in range(len(r["options"]))] for r in records],
+                batch_size,
             )
         finally:
             model.train(was_training)
-        predicted = letters.argmax(dim=1).tolist()
         gold = [int(r["answer"]) for r in records]
-        correct = sum(int(p == g) for p, g in zip(predicted, gold))
+        by_mean = [_argmax([lp / n for lp, n in options]) for options in scored]
+        by_sum = [_argmax([lp for lp, _ in options]) for options in scored]
+        correct = [float(p == g) for p, g in zip(by_mean, gold)]
         if items is not None:
-            items.update(
-                {item_id(i): float(p == g) for i, (p, g) in enumerate(zip(predicted, gold))}
-            )
-        mass = float(letters.exp().sum(dim=1).mean())
+            items.update({item_id(i): c for i, c in enumerate(correct)})
         return {
-            "accuracy": correct / len(records),
-            "letter_mass": mass if math.isfinite(mass) else 0.0,
+            "accuracy": sum(correct) / len(records),
+            "accuracy_sum": sum(p == g for p, g in zip(by_sum, gold)) / len(records),
         }
+
+
+def _argmax(values: list[float]) -> int:
+    """Index of the largest value; ties to the lower index (NaN never wins)."""
+    best = 0
+    for k, v in enumerate(values):
+        if v > values[best] or (math.isnan(values[best]) and not math.isnan(v)):
+            best = k
+    return best
 
 
 TASK = register_task(MedTask(), embedded="med-icd10", with_data="medmcqa")

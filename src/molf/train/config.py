@@ -33,7 +33,8 @@ class TrainConfig:
     method: str = "molf"
     output_dir: str | None = None
     # data
-    seed: int = 0
+    seed: int = 0  # training randomness (adapter init, dropout, batch order), and the split's
+    data_seed: int | None = None  # the split's seed when it should differ (compare's seeds)
     n_train: int | None = 256
     n_val: int = 32
     n_test: int = 64
@@ -71,6 +72,7 @@ class TrainConfig:
     lora_rank: int = 128
     molf_e_ranks: tuple[int, ...] = (32, 128)
     lora_alpha: float = 32.0  # the reference's, for every expert and the LoRA baselines
+    molf_e_alphas: tuple[float, ...] | None = None  # MoLF-E per expert (default: lora_alpha each)
     lora_dropout: float = 0.05
     use_rslora: bool = True
     target_modules: str | list[str] = "all-linear"
@@ -97,6 +99,11 @@ class TrainConfig:
 
     # -- derived ---------------------------------------------------------------------------------
     @property
+    def split_seed(self) -> int:
+        """The seed the task's splits are drawn with: `data_seed`, else `seed`."""
+        return self.seed if self.data_seed is None else self.data_seed
+
+    @property
     def run_dir(self) -> Path:
         return Path(self.output_dir or f"runs/{self.task}-{self.method}")
 
@@ -104,6 +111,8 @@ class TrainConfig:
         d = dataclasses.asdict(self)
         d["betas"] = list(self.betas)
         d["molf_e_ranks"] = list(self.molf_e_ranks)
+        if self.molf_e_alphas is not None:
+            d["molf_e_alphas"] = list(self.molf_e_alphas)
         return d
 
     def validate(self) -> None:
@@ -173,6 +182,19 @@ class TrainConfig:
             )
         if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
             raise MolfError(f"config key 'betas': two numbers in [0, 1), got {list(self.betas)}")
+        if not self.lora_alpha > 0:
+            raise MolfError(
+                f"config key 'lora_alpha': must be > 0 (the LoRA scale is alpha / sqrt(rank)), "
+                f"got {self.lora_alpha}"
+            )
+        if self.molf_e_alphas is not None and (
+            len(self.molf_e_alphas) != len(self.molf_e_ranks)
+            or not all(math.isfinite(a) and a > 0 for a in self.molf_e_alphas)
+        ):
+            raise MolfError(
+                f"config key 'molf_e_alphas': one alpha > 0 per rank of molf_e_ranks "
+                f"{list(self.molf_e_ranks)}, got {list(self.molf_e_alphas)}"
+            )
         if not self.molf_e_ranks or any(r <= 0 for r in self.molf_e_ranks):
             raise MolfError(
                 f"config key 'molf_e_ranks': ranks must be > 0, got {list(self.molf_e_ranks)}"

@@ -265,7 +265,7 @@ def _prepare_local(cfg: TrainConfig, resume: str, overwrite: bool, ctx: DistCont
     task, splits = build_task(
         cfg.task,
         cfg.data,
-        cfg.seed,
+        cfg.split_seed,
         cfg.n_train,
         cfg.n_val,
         cfg.n_test,
@@ -791,7 +791,8 @@ def _save_run_info(directory: Path, cfg: TrainConfig) -> None:
         "molf_version": molf.__version__,
         "task": cfg.task,
         "data": cfg.data,
-        "seed": cfg.seed,
+        "seed": cfg.split_seed,  # what `molf eval` rebuilds the splits with
+        "training_seed": cfg.seed,
         "n_train": cfg.n_train,
         "n_val": cfg.n_val,
         "n_test": cfg.n_test,

@@ -50,6 +50,9 @@ class Method:
     `implies`: config values the method stands for (MoLF-E at top_k 2 is `molf-e` with
     `top_k: 2`): a config naming the method gets them unless it sets them, and a config that
     sets another value is refused.
+
+    `claim_roles`: the parts the method plays in the report's paper claims (`ROLES`), so that
+    the report asks the registry rather than comparing method names.
     """
 
     name: str
@@ -67,8 +70,12 @@ class Method:
     load_state: Callable[[nn.Module, dict[str, Any]], None] | None = None
     fsdp2_refusal: str | None = None
     implies: Mapping[str, Any] = field(default_factory=dict)
+    claim_roles: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
+        unknown = sorted(set(self.claim_roles) - set(ROLES))
+        if unknown:
+            raise ValueError(f"method {self.name!r}: unknown claim roles {unknown}")
         if (self.n_experts is None) != (self.routing is None):
             raise ValueError(f"method {self.name!r}: give both n_experts and routing, or neither")
         if (self.save_state is None) != (self.load_state is None):
@@ -84,7 +91,36 @@ class Method:
         return ("adapter", "model") if self.save_adapter is not None else ("model",)
 
 
+# What a method can stand for in the report's claims (docs/compare.md, Claims):
+ROLES = {
+    "full": "the full fine-tuning baseline of claim 1",
+    "lora": "the LoRA baseline of claim 1 (and the bar claim 2's baseline must reach)",
+    "mixture": "the method claim 1 is about (MoLF)",
+    "efficient": "the method claim 2 is about (MoLF-E)",
+    "adaptive": "the adaptive-LoRA baseline of claim 2",
+    "same_size": "a plain LoRA with MoLF-E's parameter count",
+    "efficient_variant": "another MoLF-E setting set against the same-size LoRA",
+}
+
+# the roles of the two claims themselves (the others are side comparisons)
+CLAIM_ROLES = frozenset({"full", "lora", "mixture", "efficient", "adaptive"})
+
 REGISTRY: dict[str, Method] = {}
+
+
+def in_claims(name: str) -> bool:
+    """Whether method `name` takes part in one of the two paper claims."""
+    return bool(CLAIM_ROLES & set(get(name).claim_roles))
+
+
+def with_role(role: str, among: list[str] | tuple[str, ...] | None = None) -> str | None:
+    """The first registered method (of `among`, when given) that plays `role`, or None."""
+    if role not in ROLES:
+        raise ValueError(f"unknown claim role {role!r}")
+    for method in REGISTRY.values():
+        if role in method.claim_roles and (among is None or method.name in among):
+            return method.name
+    return None
 
 
 def register(method: Method) -> Method:
@@ -213,10 +249,17 @@ def _molf_model(model: nn.Module, cfg: TrainConfig, total_steps: int) -> nn.Modu
     return molf.wrap(model, config)
 
 
+def molf_e_alphas(cfg: TrainConfig) -> tuple[float, ...]:
+    """MoLF-E's alpha per expert: `molf_e_alphas`, else `lora_alpha` for each rank."""
+    if cfg.molf_e_alphas is not None:
+        return tuple(float(a) for a in cfg.molf_e_alphas)
+    return tuple(float(cfg.lora_alpha) for _ in cfg.molf_e_ranks)
+
+
 def _molf_e_model(model: nn.Module, cfg: TrainConfig, total_steps: int) -> nn.Module:
     config = molf.MoLFConfig(
         lora_ranks=tuple(cfg.molf_e_ranks),
-        lora_alphas=tuple(cfg.lora_alpha for _ in cfg.molf_e_ranks),
+        lora_alphas=molf_e_alphas(cfg),
         lora_dropout=cfg.lora_dropout,
         use_rslora=cfg.use_rslora,
         target_modules=cfg.target_modules,
@@ -323,6 +366,7 @@ register(
         build_optimizer=_adamw("lr_fft", "weight_decay_fft"),
         merge=_unchanged,
         lr_grids={"smoke": (1e-3,), "small": (1e-4, 5e-5), "paper": (1e-4, 5e-5, 2e-5)},
+        claim_roles=("full",),
     )
 )
 register(
@@ -336,6 +380,7 @@ register(
         save_adapter=_save_peft_adapter,
         # smoke: two values, so that the tests exercise the choice on validation
         lr_grids={"smoke": (1e-3, 1e-4), "small": (5e-4, 5e-5), "paper": (5e-4, 5e-5)},
+        claim_roles=("lora",),
     )
 )
 register(
@@ -353,6 +398,7 @@ register(
         load_state=_load_adalora_state,
         fsdp2_refusal="peft's AdaLoRA reads its weights outside the forward pass, where FSDP2 "
         "keeps them sharded",
+        claim_roles=("adaptive",),
     )
 )
 register(
@@ -366,6 +412,7 @@ register(
         lr_grids={"smoke": (1e-3,), "small": (1e-4, 5e-5), "paper": (5e-5,)},
         n_experts=lambda cfg: 2,
         routing="FFT expert vs LoRA expert",
+        claim_roles=("mixture",),
     )
 )
 MOLF_E = register(
@@ -380,6 +427,7 @@ MOLF_E = register(
         lr_grids={"smoke": (1e-3,), "small": (5e-4, 5e-5), "paper": (5e-4, 5e-5)},
         n_experts=lambda cfg: len(cfg.molf_e_ranks),
         routing="between the two ranks",
+        claim_roles=("efficient",),
     )
 )
 register(
@@ -390,6 +438,7 @@ register(
         routing="between the two ranks (both update every step at top_k 2)",
         # the reference's MoLF-E quickstart: every expert updates every step
         implies={"top_k": 2},
+        claim_roles=("efficient_variant",),
     )
 )
 register(
@@ -404,5 +453,6 @@ register(
         # rank r1 + r2 of molf_e_ranks (160 at the default 32 + 128): MoLF-E's parameter count,
         # so the comparison shows what MoLF-E's routing adds over one LoRA of that size
         lr_grids={"smoke": (1e-3,), "small": (5e-4, 5e-5), "paper": (5e-4, 5e-5)},
+        claim_roles=("same_size",),
     )
 )

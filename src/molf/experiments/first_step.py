@@ -1,0 +1,174 @@
+"""What the EPD score compares at the first step, predicted from the gradient and checked against
+the routing the sweep measured (docs/method.md section 8 derives it).
+
+At step 1 Adam's moments are m = (1 - b1) g and v = (1 - b2) g^2, so every element contributes
+m^2 / sqrt(v) = c |g| with c = (1 - b1)^2 / sqrt(1 - b2): EPD_e = lr_e c mean|g| over the
+expert's elements. The FFT expert's gradient is G = dL/dW. The LoRA expert starts at B = 0, so A
+has no gradient yet and B's is s G A^T; with A drawn from U(-1/sqrt(in), 1/sqrt(in)), each entry
+is a random projection of a row of G: E|(G A^T)_oj| ~ sqrt(2/pi) ||G_o,:|| / sqrt(3 in). Of the
+LoRA expert's r (in + out) elements only B's r out have a gradient. Hence the predicted ratio
+
+    EPD_lora / EPD_fft = (lr_lora / lr_fft) * s * out / (in + out) * sqrt(2 / pi) / sqrt(3) * kappa
+
+with kappa = mean_o(||G_o,:|| / sqrt(in)) / mean|G|, a property of the module's gradient alone
+(1.25 for Gaussian entries; larger when the gradient is concentrated in a few rows or entries).
+The LoRA expert wins the module when the ratio exceeds 1. `predicted_ratios` evaluates this from
+one forward and backward pass of the untrained model on the run's first batch.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from molf.experiments.grid import Cell
+from molf.layer import _is_target
+from molf.routing import RoutingLog, module_type
+
+__all__ = ["GAUSS", "derivation_check", "module_kappas", "predicted_ratios"]
+
+# sqrt(2 / pi) / sqrt(3): E|a . x| for x uniform on +-1/sqrt(in) per unit row norm, times sqrt(in)
+GAUSS = math.sqrt(2.0 / math.pi) / math.sqrt(3.0)
+TYPE_ORDER = ("q", "k", "v", "o", "gate", "up", "down")
+
+
+def module_kappas(cfg: Any) -> dict[str, tuple[float, int, int]]:
+    """{module name: (kappa, in_features, out_features)} of every linear layer MoLF would wrap,
+    from the first optimizer step's gradient of the untrained model on the run's first batch."""
+    import molf
+    from molf.tasks import TaskOptions, build_task
+    from molf.train.data import StepOrder, collate, tokenize_examples
+    from molf.train.models import load_model
+
+    _, splits = build_task(
+        cfg.task,
+        cfg.data,
+        cfg.split_seed,
+        cfg.n_train,
+        cfg.n_val,
+        cfg.n_test,
+        TaskOptions.from_config(cfg),
+    )
+    model, tokenizer = load_model(cfg.model)
+    data = tokenize_examples(splits.train, tokenizer, cfg.max_length, cfg.too_long)
+    order = StepOrder(len(data), cfg.batch_size, cfg.grad_accum, cfg.seed)
+    # the linear layers MoLF wraps under the run's target_modules
+    config = molf.MoLFConfig(lora_ranks=(8,), target_modules=cfg.target_modules)
+    targets = {
+        n
+        for n, m in model.named_modules()
+        if isinstance(m, torch.nn.Linear) and _is_target(n, config)
+    }
+    model.train()
+    for micro in order.micro_batches(0):
+        batch = collate(
+            [data.input_ids[i] for i in micro],
+            [data.labels[i] for i in micro],
+            tokenizer.pad_token_id,
+        )
+        model(**batch).loss.backward()
+    out = {}
+    for name, module in model.named_modules():
+        if name in targets and module.weight.grad is not None:
+            g = module.weight.grad.detach().double()
+            mean_abs = float(g.abs().mean())
+            row = float(g.norm(dim=1).mean()) / math.sqrt(g.shape[1])
+            out[name] = (row / mean_abs if mean_abs > 0 else math.nan, g.shape[1], g.shape[0])
+    return out
+
+
+def predicted_ratios(
+    kappas: dict[str, tuple[float, int, int]], scale: float, lr_ratio: float
+) -> dict[str, float]:
+    """The predicted step-1 EPD ratio LoRA / FFT per module (module docstring)."""
+    return {
+        name: lr_ratio * scale * (n_out / (n_in + n_out)) * GAUSS * kappa
+        for name, (kappa, n_in, n_out) in kappas.items()
+    }
+
+
+def _median(values: list[float]) -> float | None:
+    values = sorted(v for v in values if math.isfinite(v))
+    if not values:
+        return None
+    mid = len(values) // 2
+    return values[mid] if len(values) % 2 else (values[mid - 1] + values[mid]) / 2
+
+
+def derivation_check(cells: list[Cell], out: Path) -> list[str]:
+    """Markdown lines: per task, the predicted against the measured step-1 ratio per module type
+    and the predicted against the measured FFT share at step 1, for the MoLF `cells` of the
+    first seed (written to `out/first_step.md` too)."""
+    lines = [
+        "Predicted: the formula of docs/method.md section 8 with kappa measured on the untrained "
+        "model's first batch; measured: the step-1 scores in the cell's routing log. Ratio = "
+        "EPD(LoRA) / EPD(FFT), median over the modules of each type; share = modules routed to "
+        "FFT at step 1.",
+        "",
+    ]
+    found = False
+    for task in dict.fromkeys(c.task for c in cells):
+        molf_cells = [
+            c
+            for c in cells
+            if c.task == task
+            and c.config.seed == cells[0].config.seed
+            and (c.directory / "routing.jsonl").exists()
+        ]
+        if not molf_cells:
+            continue
+        found = True
+        kappas = module_kappas(molf_cells[0].config)
+        header = ["alpha", "lr ratio", "share pred.", "share meas."]
+        header += [f"{t} pred./meas." for t in TYPE_ORDER]
+        lines += [f"### {task}", "", "| " + " | ".join(header) + " |"]
+        lines.append("|" + " --- |" * len(header))
+        ratios_all: list[float] = []
+        for cell in molf_cells:
+            cfg = cell.config
+            scale = cfg.lora_alpha / (math.sqrt(cfg.lora_rank) if cfg.use_rslora else cfg.lora_rank)
+            pred = predicted_ratios(kappas, scale, cfg.lr_lora / cfg.lr_fft)
+            log = RoutingLog.read_jsonl(cell.directory / "routing.jsonl")
+            first = log.records[0]
+            measured = {
+                n: float(first["scores"][i, 1] / first["scores"][i, 0])
+                for i, n in enumerate(log.module_names)
+                if bool(first["active"][i])
+            }
+            common = [n for n in measured if n in pred]
+            ratios_all += [measured[n] / pred[n] for n in common if pred[n] > 0]
+            share_pred = sum(pred[n] <= 1 for n in common) / len(common)
+            share_meas = sum(measured[n] <= 1 for n in common) / len(common)
+            row = [f"{cfg.lora_alpha:g}", f"{cfg.lr_lora / cfg.lr_fft:g}"]
+            row += [f"{100 * share_pred:.0f}%", f"{100 * share_meas:.0f}%"]
+            for t in TYPE_ORDER:
+                names = [n for n in common if module_type(n) == t]
+                p = _median([pred[n] for n in names])
+                m = _median([measured[n] for n in names])
+                row.append("-" if p is None or m is None else f"{p:.2f} / {m:.2f}")
+            lines.append("| " + " | ".join(row) + " |")
+        spread = sorted(ratios_all)
+        if spread:
+            q = [spread[int(f * (len(spread) - 1))] for f in (0.1, 0.5, 0.9)]
+            lines += [
+                "",
+                f"Measured / predicted over every module of these cells: median {q[1]:.2f}, "
+                f"10th-90th percentile {q[0]:.2f}-{q[2]:.2f} ({len(spread)} module-cells).",
+            ]
+        kap = {}
+        for name, (k, _, _) in kappas.items():
+            kap.setdefault(module_type(name), []).append(k)
+        lines += [
+            "",
+            "kappa per module type (median): "
+            + ", ".join(f"{t} {_median(kap[t]):.2f}" for t in TYPE_ORDER if t in kap),
+            "",
+        ]
+    if not found:
+        return []
+    write = out / "first_step.md"
+    write.write_text("\n".join(lines) + "\n")
+    return lines
