@@ -42,7 +42,7 @@ bench: setup
 # cells are skipped) and its report, plots and records copied into docs/results/.
 COMPARE_OUT := runs/compare-small
 results: setup
-	$(BIN)/molf compare --model smollm2-135m --tasks fact-geo,med-icd10,spider-dev \
+	$(BIN)/molf compare --model smollm2-135m --tasks fact-geo,med-icd10,world-sql \
 		--methods fft,lora,lora-160,adalora,molf,molf-e,molf-e-k2 --budget small --output-dir $(COMPARE_OUT)
 	mkdir -p docs/results
 	cp $(COMPARE_OUT)/results.csv $(COMPARE_OUT)/results.md $(COMPARE_OUT)/cells.csv \

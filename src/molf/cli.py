@@ -246,7 +246,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     c.add_argument(
         "--tasks",
-        default="fact-geo,med-icd10,spider-dev",
+        default="fact-geo,med-icd10,world-sql",
         help=f"comma list of task names ({', '.join(task_names())}) or data files: a path is the "
         "sft task on that file (its label: the file name)",
     )
@@ -316,7 +316,7 @@ def build_parser() -> argparse.ArgumentParser:
         "of updates routed to each expert (overall, step 1, per module type), the task scores, "
         "plots, and the first-step check of docs/method.md's derivation.",
     )
-    w.add_argument("--tasks", default="fact-geo,med-icd10", help="comma list of task names")
+    w.add_argument("--tasks", default="fact-geo,world-sql", help="comma list of task names")
     w.add_argument("--alphas", default="8,16,32,64", help="MoLF's lora_alpha values")
     w.add_argument("--lr-ratios", default="1,5", help="lr_lora / lr_fft values (lr_fft 1e-4)")
     w.add_argument("--seeds", default="0,1", help="training seeds (the splits use seed 0)")

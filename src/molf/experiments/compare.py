@@ -1,6 +1,6 @@
 """`molf compare`: run every method on every task under one budget, then write the report.
 
-    molf compare --tasks fact-geo,med-icd10,spider-dev \\
+    molf compare --tasks fact-geo,med-icd10,world-sql \\
         --methods fft,lora,lora-160,adalora,molf,molf-e,molf-e-k2 \\
         --budget small
 
@@ -162,7 +162,7 @@ def compare(
     """
     import torch
 
-    tasks = list(tasks or ["fact-geo", "med-icd10", "spider-dev"])
+    tasks = list(tasks or ["fact-geo", "med-icd10", "world-sql"])
     methods = list(methods or registry.names())
     b = BUDGETS.get(budget)
     if b is None:

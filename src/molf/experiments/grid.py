@@ -95,9 +95,11 @@ BUDGETS: dict[str, Budget] = {
         },
         per_task={
             # test items for paired claims (docs/compare.md): fact's test rewrites are also
-            # trained on (n_train = test + validation), med's evaluation is one forward per item
+            # trained on (n_train = test + validation); med's evaluation is one cached prompt
+            # pass per item and world-sql's a short generation, so their test sets are larger
             "fact": {"n_train": 152, "n_val": 24, "n_test": 128, "epochs": 4.0},
-            "med": {"n_train": 128, "n_val": 32, "n_test": 256, "epochs": 2.0},
+            "med": {"n_train": 256, "n_val": 32, "n_test": 512, "epochs": 2.0},
+            "world-sql": {"n_train": 192, "n_val": 32, "n_test": 384, "epochs": 2.0},
             "sql": {"n_train": 96, "n_val": 16, "n_test": 48, "epochs": 2.0},
         },
         # two cells at a time with one thread each keeps both cores busy through the
