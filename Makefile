@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 PIP := $(BIN)/python -m pip
 STAMP := $(VENV)/.molf-installed
 
-.PHONY: setup test lint format demo bench results clean
+.PHONY: setup test lint format demo bench results sweep clean
 
 setup: $(STAMP)
 
@@ -38,15 +38,27 @@ bench: setup
 	$(BIN)/python benchmarks/optimizer_step.py
 	$(BIN)/python benchmarks/train_step.py
 
-# The published comparison: the small-budget grid (about 4.4 CPU hours, docs/compare.md; resumable, finished
-# cells are skipped) and its report, plots and records copied into docs/results/.
+# The published comparison: the small-budget grid (resumable, finished cells are skipped; its cost
+# per task is in docs/compare.md), three seeds for the methods of the paper's claims, and its
+# report, plots and records (per-item scores included) copied into docs/results/.
 COMPARE_OUT := runs/compare-small
 results: setup
 	$(BIN)/molf compare --model smollm2-135m --tasks fact-geo,med-icd10,world-sql \
 		--methods fft,lora,lora-160,adalora,molf,molf-e,molf-e-k2 --budget small --output-dir $(COMPARE_OUT)
 	mkdir -p docs/results
 	cp $(COMPARE_OUT)/results.csv $(COMPARE_OUT)/results.md $(COMPARE_OUT)/cells.csv \
-		$(COMPARE_OUT)/report.md $(COMPARE_OUT)/grid.json $(COMPARE_OUT)/*.png docs/results/
+		$(COMPARE_OUT)/items.csv $(COMPARE_OUT)/report.md $(COMPARE_OUT)/grid.json \
+		$(COMPARE_OUT)/*.png docs/results/
+
+# What decides MoLF's routing (issue #20): MoLF over LoRA alphas and learning-rate ratios, MoLF-E
+# at equal alpha and equal scale, FFT and LoRA beside them, two seeds, on an FFT-favoured and a
+# LoRA-favoured task; its tables, plots and the first-step check copied into docs/routing-sweep/.
+SWEEP_OUT := runs/routing-sweep
+sweep: setup
+	$(BIN)/molf routing-sweep --tasks fact-geo,world-sql --output-dir $(SWEEP_OUT)
+	mkdir -p docs/routing-sweep
+	cp $(SWEEP_OUT)/sweep.md $(SWEEP_OUT)/sweep.csv $(SWEEP_OUT)/first_step.md \
+		$(SWEEP_OUT)/*.png docs/routing-sweep/
 
 clean:
 	rm -rf $(VENV) build *.egg-info src/*.egg-info .pytest_cache .ruff_cache

@@ -15,6 +15,7 @@ import molf.experiments.runner
 import molf.train.loop
 from molf.cli import main
 from molf.errors import MolfError
+from molf.experiments.claims import claims, standard_error
 from molf.experiments.grid import (
     BUDGETS,
     check_finished,
@@ -25,14 +26,8 @@ from molf.experiments.grid import (
     plan_grid,
     read_cell,
 )
-from molf.experiments.report import (
-    claims,
-    expert_share,
-    layer_step_matrix,
-    standard_error,
-    type_shares,
-    write_report,
-)
+from molf.experiments.report import write_report
+from molf.experiments.routing_stats import expert_share, layer_step_matrix, type_shares
 from molf.experiments.runner import _collect
 from molf.routing import RoutingLog
 from molf.train import methods
@@ -125,18 +120,15 @@ def test_smoke_grid_end_to_end(tmp_path, monkeypatch, capsys):
 
     # the report: command, versions, claims computed from the numbers, plots that exist
     assert "--budget smoke" in report and f"torch {torch.__version__}" in report
-    fft = {t: float(results["fft"][t]) for t in tasks}
-    lora = {t: float(results["lora"][t]) for t in tasks}
     claims_md = report.split("## Paper claims")[1].split("## Routing")[0]
-    molf_table, molf_e_table = claims_md.split("**Claim 1")
-    for t in tasks:
-        gap = float(results["molf"][t]) - max(fft[t], lora[t])
-        row = _table_row(molf_table, t)
-        assert row[5] == f"{gap:+.1f}" and row[6] == "3"  # the gap, then the test-set size
-        diff = float(results["molf-e"][t]) - float(results["adalora"][t])
-        assert _table_row(molf_e_table, t)[3] == f"{diff:+.1f}"
-    assert "**Claim 1 (MoLF within 1.5 points" in report
-    assert "**Claim 2 (MoLF-E ahead of AdaLoRA" in report
+    for t in tasks:  # the floors table: each task's best method and whether it learned
+        row = _table_row(claims_md, t)
+        assert row[3] == f"{max(float(results[m][t]) for m in METHODS):.1f}"
+    learned = [t for t in tasks if _table_row(claims_md, t)[5] == "yes"]
+    if learned:
+        assert "**Claim 1: " in report and "**Claim 2: " in report
+    else:  # three steps of a random tiny model rarely learn anything
+        assert "neither claim is judged" in claims_md
     for name in [
         "routing_molf_steps.png",
         "routing_molf_layers.png",
@@ -302,7 +294,7 @@ def _fake_cell(root, task, method, label, lrs, headline, val, test, log=None, be
         "peak_memory_mb": 1000.0 + 10 * len(method),
         "wall_seconds": 5.0,
         "n_test_records": 64,
-        "config": dict(lrs),
+        "config": dict(lrs) | {"task": task},
     }
     (d / "summary.json").write_text(json.dumps(summary))
     (d / "metrics.jsonl").write_text(
@@ -348,13 +340,18 @@ def test_report_on_synthetic_grid(tmp_path):
     assert res.score("fact-geo", "lora") == pytest.approx(55.0)
     assert res.chosen[("fact-geo", "adalora")].label == "lr-5e-5"
     c = claims(res)
-    assert c["molf_gap"] == pytest.approx({"fact-geo": -1.0, "med-icd10": -3.0})
-    assert c["molf_e_minus_adalora"] == pytest.approx({"fact-geo": 20.0, "med-icd10": 1.0})
-    assert c["claim1"]["verdict"] == "NOT HELD" and c["claim1"]["failed"] == ["med-icd10"]
+    assert c.judged == tasks  # fact: base 10, best 60; med: chance 25, best 50
+    assert {t: d.value for t, d in c.molf_gap.items()} == pytest.approx(
+        {"fact-geo": -1.0, "med-icd10": -3.0}
+    )
+    assert {t: d.value for t, d in c.efficient_vs_adaptive.items()} == pytest.approx(
+        {"fact-geo": 20.0, "med-icd10": 1.0}
+    )
+    assert c.claim1["verdict"] == "NOT HELD" and c.claim1["failed"] == ["med-icd10"]
     # MoLF-E leads AdaLoRA on both tasks, but AdaLoRA trails plain LoRA by 25 and 5 points:
     # no evidence there, so claim 2 is not judged
-    assert c["claim2"]["weak_baseline"] == ["fact-geo", "med-icd10"]
-    assert c["claim2"]["verdict"] == "NOT JUDGED" and not c["claim2"]["failed"]
+    assert c.claim2["weak_baseline"] == ["fact-geo", "med-icd10"]
+    assert c.claim2["verdict"] == "NOT JUDGED" and not c.claim2["failed"]
 
     rows = {r["method"]: r for r in _csv_rows(paths["results_csv"])}
     assert float(rows["lora"]["fact-geo"]) == pytest.approx(55.0)
@@ -364,24 +361,16 @@ def test_report_on_synthetic_grid(tmp_path):
     md = paths["report"].read_text()
     assert _table_row(md, "LoRA")[1:4] == ["55.0", "50.0", "52.5"]
     assert "5e-4 (of 2)" in _table_row(md, "LoRA")
+    assert "**Claim 1: NOT HELD** (failed on med-icd10 (-3.0))." in md
     assert (
-        "**Claim 1 (MoLF within 1.5 points of the better of FFT and LoRA on every task): "
-        "NOT HELD**; worst gap -3.0 points (more than 1.5 points behind on med-icd10 (-3.0))." in md
-    )
-    assert (
-        "**Claim 2 (MoLF-E ahead of AdaLoRA on every task): NOT JUDGED**; mean difference "
-        "+10.5 points (AdaLoRA trails plain LoRA by more than the margin on fact-geo (-25.0), "
-        "med-icd10 (-5.0), so a lead over it is not evidence there)." in md
+        "**Claim 2: NOT JUDGED** (AdaLoRA trails plain LoRA by more than the margin on "
+        "fact-geo, med-icd10, so a lead over it is not evidence there)." in md
     )
     assert "`fact-geo/adalora/lr-5e-4`: failed: RuntimeError: out of patience" in md
-    # sampling error next to the claim: med's best baseline is LoRA at 50.0 over 64 records
-    med_claim = _table_row(md.split("## Paper claims")[1], "med-icd10")
-    # (the synthetic cells keep no per-item scores: the paired columns say n/a)
-    assert med_claim[5:] == ["-3.0", "64", "1.6", "6.2", "n/a", "n/a", "n/a"]
-    med_e = _table_row(md.split("**Claim 1")[1], "med-icd10")  # AdaLoRA 45.0 over 64 records
-    assert med_e[3:] == ["+1.0", f"{100 * (0.45 * 0.55 / 64) ** 0.5:.1f}", "n/a", "n/a", "n/a"]
+    # the synthetic cells keep no per-item scores: the interval columns say n/a
+    med_claim = _table_row(md.split("## Claim 1")[1], "med-icd10")
+    assert med_claim[1:] == ["47.0", "LoRA 50.0", "-3.0", "n/a", "n/a", "n/a"]
     assert standard_error(50.0, 64) == pytest.approx(6.25)
-    assert "larger than the claim's 1.5-point margin" in md
     routing = md.split("### MoLF: FFT")[1].split("###")[0]
     assert _table_row(routing, "fact-geo") == [
         "fact-geo",
@@ -404,7 +393,7 @@ def test_report_on_synthetic_grid(tmp_path):
     for d in (tmp_path / "cells" / "med-icd10" / "fft").iterdir():
         (d / "summary.json").unlink()
     c = claims(load_results(tmp_path, tasks, METHODS))
-    assert c["claim1"]["verdict"] == "NOT JUDGED" and c["claim1"]["missing"] == ["med-icd10"]
+    assert c.claim1["verdict"] == "NOT JUDGED" and c.claim1["missing"] == ["med-icd10"]
 
 
 def test_choose_uses_validation_then_training_loss(tmp_path):

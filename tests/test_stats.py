@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from molf.errors import MolfError
-from molf.experiments.stats import align, paired_difference
+from molf.experiments.stats import align, paired_difference, paired_difference_seeds
 
 
 def test_paired_error_is_the_std_of_differences():
@@ -74,3 +74,25 @@ def test_align_pairs_by_item_and_refuses_different_items():
     assert (ids, a, b) == (["q1", "q2"], [0.0, 1.0], [1.0, 1.0])
     with pytest.raises(MolfError, match="test items differ"):
         align({"q1": 1.0}, {"q2": 1.0})
+
+
+def test_seed_and_item_bootstrap():
+    rng = np.random.default_rng(4)
+    a = [(rng.random(300) < 0.7).astype(float) for _ in range(3)]
+    b = [(rng.random(300) < 0.6).astype(float) for _ in range(3)]
+    r = paired_difference_seeds(a, b)
+    d = np.asarray(a) - np.asarray(b)
+    assert r.seeds == 3 and r.n == 300 and r.mean == pytest.approx(d.mean())
+    assert r.low < r.mean < r.high and r.half_width == pytest.approx((r.high - r.low) / 2)
+    assert paired_difference_seeds(a, b) == r  # repeatable
+    # one seed is the item bootstrap
+    assert paired_difference_seeds(a[:1], b[:1]) == paired_difference(a[0], b[0])
+    # seeds that disagree widen the interval: the same items, one seed shifted by 20 points
+    shifted = [x.copy() for x in a]
+    shifted[2][: int(0.2 * 300)] = 1.0
+    shifted[0][: int(0.2 * 300)] = 0.0
+    assert paired_difference_seeds(shifted, b).half_width > r.half_width
+    with pytest.raises(MolfError, match="seeds against"):
+        paired_difference_seeds(a, b[:2])
+    with pytest.raises(MolfError, match="different numbers of items"):
+        paired_difference_seeds([a[0], a[1][:10]], [b[0], b[1][:10]])

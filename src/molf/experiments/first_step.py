@@ -25,6 +25,7 @@ from typing import Any
 import torch
 
 from molf.experiments.grid import Cell
+from molf.experiments.routing_stats import TYPE_ORDER, first_step_ratios, median
 from molf.layer import _is_target
 from molf.routing import RoutingLog, module_type
 
@@ -32,7 +33,6 @@ __all__ = ["GAUSS", "derivation_check", "module_kappas", "predicted_ratios"]
 
 # sqrt(2 / pi) / sqrt(3): E|a . x| for x uniform on +-1/sqrt(in) per unit row norm, times sqrt(in)
 GAUSS = math.sqrt(2.0 / math.pi) / math.sqrt(3.0)
-TYPE_ORDER = ("q", "k", "v", "o", "gate", "up", "down")
 
 
 def module_kappas(cfg: Any) -> dict[str, tuple[float, int, int]]:
@@ -90,14 +90,6 @@ def predicted_ratios(
     }
 
 
-def _median(values: list[float]) -> float | None:
-    values = sorted(v for v in values if math.isfinite(v))
-    if not values:
-        return None
-    mid = len(values) // 2
-    return values[mid] if len(values) % 2 else (values[mid - 1] + values[mid]) / 2
-
-
 def derivation_check(cells: list[Cell], out: Path) -> list[str]:
     """Markdown lines: per task, the predicted against the measured step-1 ratio per module type
     and the predicted against the measured FFT share at step 1, for the MoLF `cells` of the
@@ -131,13 +123,7 @@ def derivation_check(cells: list[Cell], out: Path) -> list[str]:
             cfg = cell.config
             scale = cfg.lora_alpha / (math.sqrt(cfg.lora_rank) if cfg.use_rslora else cfg.lora_rank)
             pred = predicted_ratios(kappas, scale, cfg.lr_lora / cfg.lr_fft)
-            log = RoutingLog.read_jsonl(cell.directory / "routing.jsonl")
-            first = log.records[0]
-            measured = {
-                n: float(first["scores"][i, 1] / first["scores"][i, 0])
-                for i, n in enumerate(log.module_names)
-                if bool(first["active"][i])
-            }
+            measured = first_step_ratios(RoutingLog.read_jsonl(cell.directory / "routing.jsonl"))
             common = [n for n in measured if n in pred]
             ratios_all += [measured[n] / pred[n] for n in common if pred[n] > 0]
             share_pred = sum(pred[n] <= 1 for n in common) / len(common)
@@ -146,8 +132,8 @@ def derivation_check(cells: list[Cell], out: Path) -> list[str]:
             row += [f"{100 * share_pred:.0f}%", f"{100 * share_meas:.0f}%"]
             for t in TYPE_ORDER:
                 names = [n for n in common if module_type(n) == t]
-                p = _median([pred[n] for n in names])
-                m = _median([measured[n] for n in names])
+                p = median([pred[n] for n in names])
+                m = median([measured[n] for n in names])
                 row.append("-" if p is None or m is None else f"{p:.2f} / {m:.2f}")
             lines.append("| " + " | ".join(row) + " |")
         spread = sorted(ratios_all)
@@ -164,7 +150,7 @@ def derivation_check(cells: list[Cell], out: Path) -> list[str]:
         lines += [
             "",
             "kappa per module type (median): "
-            + ", ".join(f"{t} {_median(kap[t]):.2f}" for t in TYPE_ORDER if t in kap),
+            + ", ".join(f"{t} {median(kap[t]):.2f}" for t in TYPE_ORDER if t in kap),
             "",
         ]
     if not found:

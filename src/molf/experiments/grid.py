@@ -582,6 +582,34 @@ class Results:
             return None
         return mean_of_all(values)
 
+    def _task_name(self, task: str) -> str | None:
+        """The registered task (or source) name a column's cells were trained on."""
+        for c in self.cells + self.seeded:
+            name = ((c.summary or {}).get("config") or {}).get("task")
+            if c.task == task and isinstance(name, str):
+                return name
+        return None
+
+    def family(self, task: str) -> str:
+        """The task family of a column (`fact`, `med`, `world-sql`, ...; the label if unknown)."""
+        from molf.tasks import get_task
+
+        name = self._task_name(task)
+        try:
+            return get_task(name).name if name else task
+        except MolfError:
+            return task
+
+    def chance(self, task: str) -> float | None:
+        """The chance level of a multiple-choice task (None for the others)."""
+        from molf.tasks import get_task
+
+        name = self._task_name(task)
+        try:
+            return getattr(get_task(name), "chance_level", None) if name else None
+        except MolfError:
+            return None
+
     def headline(self, task: str) -> str:
         for c in self.cells:
             if c.task == task and c.headline:

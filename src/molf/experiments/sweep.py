@@ -34,13 +34,12 @@ from molf._files import check_directory_path, write_json_atomic
 from molf.errors import MolfError
 from molf.experiments import runner
 from molf.experiments.grid import BUDGETS, Cell, format_lr, read_cell, read_json
-from molf.routing import RoutingLog, module_type
+from molf.experiments.routing_stats import TYPE_ORDER, read_routing_log, routing_figures
 from molf.train import methods
 from molf.train.config import load_config
 
 __all__ = ["SweepPoint", "plan_sweep", "run_sweep", "sweep_rows", "write_sweep_report"]
 
-TYPE_ORDER = ("q", "k", "v", "o", "gate", "up", "down")
 DEFAULT_ALPHAS = (8.0, 16.0, 32.0, 64.0)
 DEFAULT_RATIOS = (1.0, 5.0)
 # the learning rates of the `small` comparison: FFT's and MoLF's choice, LoRA's and MoLF-E's
@@ -153,53 +152,6 @@ def plan_sweep(
 
 
 # -- reading the cells ----------------------------------------------------------------------------
-def _type_indices(names: list[str]) -> dict[str, list[int]]:
-    by_type: dict[str, list[int]] = {}
-    for i, name in enumerate(names):
-        by_type.setdefault(module_type(name), []).append(i)
-    return by_type
-
-
-def routing_figures(log: RoutingLog) -> dict[str, Any]:
-    """What the sweep reports of one routing log: the first expert's share of module updates
-    overall, at the first step, in the last quarter and per module type, and the first step's
-    median score ratio (second expert / first) overall and per type."""
-    records = log.records
-    if not records:
-        return {}
-
-    def share(recs: list[dict[str, Any]], idx: list[int] | None = None) -> float | None:
-        won = total = 0
-        for r in recs:
-            act = r["active"] if idx is None else r["active"][idx]
-            win = r["winners"][:, 0] if idx is None else r["winners"][idx][:, 0]
-            won += int(win[act].sum())
-            total += int(act.sum())
-        return won / total if total else None
-
-    first = records[0]
-    ratios = (first["scores"][:, 1] / first["scores"][:, 0]).tolist()
-    active = first["active"].tolist()
-    by_type = _type_indices(log.module_names)
-    out: dict[str, Any] = {
-        "share": share(records),
-        "share_step1": share(records[:1]),
-        "share_last_quarter": share(records[-max(1, len(records) // 4) :]),
-        "ratio_step1": _median([x for x, a in zip(ratios, active) if a]),
-        "steps": len(records),
-    }
-    for t in [t for t in TYPE_ORDER if t in by_type]:
-        idx = by_type[t]
-        out[f"share_{t}"] = share(records, idx)
-        out[f"ratio_step1_{t}"] = _median([ratios[i] for i in idx if active[i]])
-    return out
-
-
-def _median(values: list[float]) -> float | None:
-    finite = [v for v in values if math.isfinite(v)]
-    return statistics.median(finite) if finite else None
-
-
 def _role(method: str) -> str:
     """The method's claim role (`molf.train.methods.ROLES`): full, lora, mixture or efficient."""
     roles = methods.get(method).claim_roles
@@ -227,9 +179,9 @@ def sweep_rows(cells: list[Cell], points: list[SweepPoint]) -> list[dict[str, An
             "validation": rec.shown("validation"),
             "metric": rec.headline,
         }
-        log_path = cell.directory / "routing.jsonl"
-        if log_path.exists():
-            row.update(routing_figures(RoutingLog.read_jsonl(log_path)))
+        log = read_routing_log(cell.directory)
+        if log is not None:
+            row.update(routing_figures(log))
         rows.append(row)
     return rows
 
@@ -284,7 +236,7 @@ def write_sweep_report(
     out: Path, rows: list[dict[str, Any]], meta: dict[str, Any], derivation: list[str]
 ) -> dict[str, Path]:
     """sweep.csv (every cell), sweep.md (means over seeds, then every cell) and the plots."""
-    from molf.experiments import sweep_plots
+    from molf.experiments import plots
 
     paths: dict[str, Path] = {}
     keys = sorted({k for r in rows for k in r}, key=lambda k: (k not in _CSV_FIRST, k))
@@ -295,8 +247,8 @@ def write_sweep_report(
             writer.writerow({k: "" if r.get(k) is None else r[k] for k in keys})
     paths["csv"] = out / "sweep.csv"
     means = mean_rows(rows)
-    plots = sweep_plots.plot_all(means, rows, out)
-    paths.update(plots)
+    figures = plots.plot_sweep(means, rows, out)
+    paths.update(figures)
     lines = [
         "# Routing sweep",
         "",
@@ -316,7 +268,7 @@ def write_sweep_report(
         *_table(means, with_seed=False),
         "",
     ]
-    for name, path in plots.items():
+    for name, path in figures.items():
         lines += [f"![{name}]({path.name})", ""]
     if derivation:
         lines += ["## First step: the derivation against the measurement", "", *derivation, ""]

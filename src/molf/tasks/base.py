@@ -119,6 +119,8 @@ class Task(Protocol):
     `headline` is the metric a comparison reports (`lower_is_better(headline)` says which way it
     points). Given an `items` dict, `evaluate` also fills it with each record's score on the
     headline (`item_id(i)` -> score, the headline being their mean) for paired comparisons.
+    A multiple-choice task may also set `chance_level` (the headline a guess scores), which the
+    comparison report takes as the floor a trained model must leave.
     Validation and test records are task-specific dicts that only the task's `evaluate` reads."""
 
     name: str

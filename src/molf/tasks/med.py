@@ -347,6 +347,7 @@ class MedTask:
     name = "med"
     headline = "accuracy"
     sources = ("med-icd10", "medmcqa")
+    chance_level = 0.25  # four options: what guessing scores
 
     def build(self, request: TaskRequest) -> TaskSplits:
         """Training examples and held-out MCQ records; no held-out question appears in train."""
