@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 import molf
-from molf.scores import SCORES, Score
+from molf.optim.scores import SCORES, Score
 from tests.conftest import tiny_causal_lm
 
 

@@ -14,7 +14,7 @@ from molf.optim import kernels as K
 from molf.optim.backends import BACKENDS
 from molf.optim.backends.eager import EagerBackend
 from molf.optim.backends.native import NativeBackend
-from molf.scores import SCORES, Score
+from molf.optim.scores import SCORES, Score
 from tests.conftest import tiny_causal_lm
 from tests.optim_helpers import CASES, case_id, check_against_oracle, step_on_random_grads
 

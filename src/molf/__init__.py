@@ -12,9 +12,9 @@ from molf.errors import MolfError
 from molf.export import export_peft_lora, merge_and_unload
 from molf.layer import MoLFLinear, molf_modules, wrap
 from molf.optim import MoLFAdamW
+from molf.optim.scores import SCORES, Score, get_score, register_score
 from molf.routing import RoutingLog
 from molf.saving import from_pretrained, load_wrapped, save_pretrained
-from molf.scores import SCORES, Score, get_score, register_score
 from molf.trainable import print_trainable_parameters, trainable_parameters
 
 __version__ = "0.1.0"

@@ -137,6 +137,121 @@ def _command(
     return " ".join(parts + [shlex.quote(o) for o in overrides])
 
 
+def _check_options(
+    b: Any,
+    methods: list[str],
+    keep_models: str,
+    threads: int | None,
+    jobs: int | None,
+    seeds: int | None,
+    seed_methods: list[str] | None,
+) -> tuple[int, list[str]]:
+    """Refuse bad options before anything runs; returns (seeds, methods that get them)."""
+    if keep_models not in ("all", "chosen", "none"):
+        raise MolfError(f"--keep-models: must be all, chosen or none, got {keep_models!r}")
+    if threads is not None and threads <= 0:
+        raise MolfError(f"--threads: must be > 0, got {threads}")
+    if jobs is not None and jobs < 0:
+        raise MolfError(f"--jobs: must be >= 0, got {jobs}")
+    n_seeds = b.seeds if seeds is None else seeds
+    if n_seeds < 1:
+        raise MolfError(f"--seeds: must be >= 1, got {n_seeds}")
+    if seed_methods is None:
+        seed_methods = [m for m in methods if registry.in_claims(m)]
+    unknown = [m for m in seed_methods if m not in methods]
+    if unknown:
+        raise MolfError(
+            f"--seed-methods: '{unknown[0]}' is not in --methods ({', '.join(methods)})"
+        )
+    return n_seeds, seed_methods
+
+
+@dataclass
+class _Session:
+    """One invocation of a grid: its record in grid.json, and how it runs cells."""
+
+    state_path: Path
+    state: dict[str, Any]
+    invocation: dict[str, Any]
+    jobs: int
+    threads: int | None
+    keep_models: str
+    skip_failed: bool
+    outcomes: list[Outcome]
+
+    def save(self) -> None:
+        write_json_atomic(self.state_path, self.state)
+
+    def record(self, batch: list[Cell], i: int, outcome: Outcome, pending: set[int]) -> None:
+        """Print and store what happened to cell `i`; prune a pair's models once it is done."""
+        cell = batch[i]
+        label = f"[{i + 1}/{len(batch)}] {cell.key}"
+        self.outcomes.append(outcome)
+        entry: dict[str, Any] = {"status": outcome.status}
+        if outcome.status == "done":
+            self.invocation["cells_run"] += 1
+            entry["seconds"] = round(outcome.seconds, 1)
+            print(
+                f"{label}: done in {outcome.seconds:.0f} s, "
+                f"{_headline_text(outcome.summary or {})}",
+                flush=True,
+            )
+        elif outcome.status == "skipped":
+            print(f"{label}: done before, skipped", flush=True)
+            entry = self.state["cells"].get(cell.key) or {"status": "done"}
+        else:
+            entry["error"] = outcome.error
+            print(f"{label}: FAILED: {outcome.error}", flush=True)
+        self.state["cells"][cell.key] = entry
+        self.save()
+        pending.discard(i)
+        group = [j for j, c in enumerate(batch) if (c.task, c.method) == (cell.task, cell.method)]
+        if not any(j in pending for j in group):
+            runner.prune_models([batch[j] for j in group], self.keep_models)
+
+    def run(self, batch: list[Cell]) -> None:
+        """Run `batch` (finished cells are skipped), in subprocesses or in this process."""
+        pending = set(range(len(batch)))
+
+        def record(i: int, outcome: Outcome) -> None:
+            self.record(batch, i, outcome, pending)
+
+        def starting(i: int) -> None:
+            print(f"[{i + 1}/{len(batch)}] {batch[i].key}: running", flush=True)
+
+        if self.jobs:
+            runner.run_in_subprocesses(
+                batch, self.jobs, self.threads, self.skip_failed, starting, record
+            )
+            return
+        for i, cell in enumerate(batch):
+            if not is_done(cell):
+                starting(i)
+            record(i, runner.run_cell(cell, skip_failed=self.skip_failed))
+
+
+def _open_state(
+    out: Path, command: str, report_only: bool, settings: dict[str, Any]
+) -> tuple[dict[str, Any], dict[str, Any], str]:
+    """grid.json updated with this invocation's settings, the new invocation's record, and the
+    command the report names (the one that made the cells, for --report-only)."""
+    state: dict[str, Any] = read_json(out / "grid.json") or {}
+    if report_only and state.get("command"):
+        command = state["command"]  # the report describes the run that made the cells
+    state.update(command=command, **settings)
+    state.setdefault("cells", {})
+    state.setdefault("invocations", [])
+    invocation: dict[str, Any] = {
+        "started": time.strftime("%Y-%m-%d %H:%M:%S"),
+        "command": command,
+        "cells_run": 0,
+    }
+    if not report_only:  # the report names the versions the cells were trained with
+        invocation["versions"] = package_versions()
+    state["invocations"].append(invocation)
+    return state, invocation, command
+
+
 def compare(
     budget: str = "small",
     tasks: list[str] | None = None,
@@ -158,7 +273,9 @@ def compare(
 ) -> CompareResult:
     """Run (or resume) the grid, then write the report (docs/compare.md).
 
-    `report_only` rebuilds the report from the cells on disk without running anything.
+    The learning-rate candidates run first; once a pair's choice is final, its chosen candidate
+    runs again with `seeds` - 1 more training seeds (`seed_methods`, default: the methods of the
+    paper's claims). `report_only` rebuilds the report from the cells on disk, running nothing.
     """
     import torch
 
@@ -167,25 +284,12 @@ def compare(
     b = BUDGETS.get(budget)
     if b is None:
         raise MolfError(f"--budget: must be one of {', '.join(BUDGETS)}, got {budget!r}")
-    if keep_models not in ("all", "chosen", "none"):
-        raise MolfError(f"--keep-models: must be all, chosen or none, got {keep_models!r}")
-    if threads is not None and threads <= 0:
-        raise MolfError(f"--threads: must be > 0, got {threads}")
-    if jobs is not None and jobs < 0:
-        raise MolfError(f"--jobs: must be >= 0, got {jobs}")
+    n_seeds, seed_methods = _check_options(
+        b, methods, keep_models, threads, jobs, seeds, seed_methods
+    )
     overrides = list(overrides or [])
     out = Path(output_dir or f"runs/compare-{budget}")
     check_directory_path(out, "--output-dir")
-    n_seeds = b.seeds if seeds is None else seeds
-    if n_seeds < 1:
-        raise MolfError(f"--seeds: must be >= 1, got {n_seeds}")
-    if seed_methods is None:
-        seed_methods = [m for m in methods if registry.in_claims(m)]
-    unknown = [m for m in seed_methods if m not in methods]
-    if unknown:
-        raise MolfError(
-            f"--seed-methods: '{unknown[0]}' is not in --methods ({', '.join(methods)})"
-        )
     if out.is_dir() and any(out.iterdir()) and not (out / "grid.json").exists():
         # its report files would replace whatever of the user's has the same name
         raise MolfError(
@@ -210,12 +314,7 @@ def compare(
     )
     t_start = time.perf_counter()
     out.mkdir(parents=True, exist_ok=True)
-    state_path = out / "grid.json"
-    state: dict[str, Any] = read_json(state_path) or {}
-    if report_only and state.get("command"):
-        command = state["command"]  # the report describes the run that made the cells
-    state.update(
-        command=command,
+    settings = dict(
         budget=budget,
         model=model_name,
         seed=seed,
@@ -226,79 +325,26 @@ def compare(
         overrides=overrides,
         lr_grids={m: list(g) for m, g in parse_lr_grid(lr_grid, b).items() if m in methods},
     )
-    state.setdefault("cells", {})
-    state.setdefault("invocations", [])
-    invocation: dict[str, Any] = {
-        "started": time.strftime("%Y-%m-%d %H:%M:%S"),
-        "command": command,
-        "cells_run": 0,
-    }
-    if not report_only:  # the report names the versions the cells were trained with
-        invocation["versions"] = package_versions()
-    state["invocations"].append(invocation)
-    write_json_atomic(state_path, state)
-
-    outcomes: list[Outcome] = []
-    old_threads = torch.get_num_threads()
+    state, invocation, command = _open_state(out, command, report_only, settings)
     n_threads = threads or b.threads
     n_jobs = b.jobs if jobs is None else jobs
-    if not report_only:
-        invocation.update(jobs=n_jobs, threads=n_threads)
-
-    def run_batch(batch: list[Cell]) -> None:
-        """Run `batch` (skipping finished cells), recording each outcome in grid.json."""
-        pending = set(range(len(batch)))
-
-        def record(i: int, outcome: Outcome) -> None:
-            cell = batch[i]
-            label = f"[{i + 1}/{len(batch)}] {cell.key}"
-            outcomes.append(outcome)
-            entry: dict[str, Any] = {"status": outcome.status}
-            if outcome.status == "done":
-                invocation["cells_run"] += 1
-                entry["seconds"] = round(outcome.seconds, 1)
-                print(
-                    f"{label}: done in {outcome.seconds:.0f} s, "
-                    f"{_headline_text(outcome.summary or {})}",
-                    flush=True,
-                )
-            elif outcome.status == "skipped":
-                print(f"{label}: done before, skipped", flush=True)
-                entry = state["cells"].get(cell.key) or {"status": "done"}
-            else:
-                entry["error"] = outcome.error
-                print(f"{label}: FAILED: {outcome.error}", flush=True)
-            state["cells"][cell.key] = entry
-            write_json_atomic(state_path, state)
-            pending.discard(i)
-            group = [
-                j for j, c in enumerate(batch) if (c.task, c.method) == (cell.task, cell.method)
-            ]
-            if not any(j in pending for j in group):
-                runner.prune_models([batch[j] for j in group], keep_models)
-
-        def starting(i: int) -> None:
-            print(f"[{i + 1}/{len(batch)}] {batch[i].key}: running", flush=True)
-
-        if n_jobs:
-            runner.run_in_subprocesses(batch, n_jobs, n_threads, skip_failed, starting, record)
-        else:
-            for i, cell in enumerate(batch):
-                if not is_done(cell):
-                    starting(i)
-                record(i, runner.run_cell(cell, skip_failed=skip_failed))
-
+    session = _Session(
+        out / "grid.json", state, invocation, n_jobs, n_threads, keep_models, skip_failed, []
+    )
+    session.save()
+    old_threads = torch.get_num_threads()
     try:
         if n_threads:
             torch.set_num_threads(n_threads)
         if not report_only:
+            invocation.update(jobs=n_jobs, threads=n_threads)
             how = f"{n_jobs} at a time in subprocesses" if n_jobs else "one at a time"
             print(
                 f"molf compare: {len(cells)} cells ({how}), {budget} budget, {model_name}, "
                 f"in {out}",
                 flush=True,
             )
-            run_batch(cells)
+            session.run(cells)
             # the chosen candidates again with more seeds, once every choice is final
             extra = seed_cells(cells, n_seeds, seed_methods)
             if extra:
@@ -308,11 +354,12 @@ def compare(
                     f"seeds {seed + 1}-{seed + n_seeds - 1}",
                     flush=True,
                 )
-                run_batch(extra)
+                session.run(extra)
     finally:
         torch.set_num_threads(old_threads)
         invocation["wall_seconds"] = round(time.perf_counter() - t_start, 1)
-        write_json_atomic(state_path, state)
+        session.save()
+    outcomes = session.outcomes
     notes = []
     if invocation["cells_run"]:  # how this invocation ran its cells (earlier ones: see above)
         if n_jobs:

@@ -158,25 +158,11 @@ def _invocation(inv: dict[str, Any]) -> str:
     return text
 
 
-def write_report(
-    out_dir: str | Path,
-    tasks: list[str],
-    methods: list[str],
-    meta: dict[str, Any] | None = None,
-) -> dict[str, Path]:
-    """Write results.csv/md, cells.csv, report.md and the PNGs into `out_dir`; return their paths.
-
-    `meta` may carry: command, model, budget, seed, wall_seconds (of this invocation), notes,
-    invocations (grid.json's record of every invocation: when, cells run, wall time, versions,
-    jobs, threads).
-    """
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    meta = dict(meta or {})
-    res = load_results(out, tasks, methods)
-    paths = write_results(res, out)
-    verdicts = claims(res)
-    done = [c for c in res.cells if c.status == "done"]
+def _header_lines(
+    res: Results, tasks: list[str], methods: list[str], meta: dict[str, Any]
+) -> list[str]:
+    """The title and the run's facts: command, versions, wall and CPU time, cells."""
+    done = [c for c in res.cells + res.seeded if c.status == "done"]
     compute = sum(float((c.summary or {}).get("wall_seconds") or 0.0) for c in done)
     cpu = sum(c.cpu_seconds or 0.0 for c in done)
     lines = [f"# MoLF comparison: {meta.get('model', '?')}, budget {meta.get('budget', '?')}", ""]
@@ -210,7 +196,7 @@ def write_report(
     lines += [
         f"- compute in finished cells: {compute:.0f} s wall ({compute / 3600:.2f} h)"
         + (f", {cpu:.0f} s CPU" if any(c.cpu_seconds is not None for c in done) else "")
-        + f", over {len(done)} cells, learning-rate candidates included",
+        + f", over {len(done)} cells, learning-rate candidates and seeds included",
         f"- cells: {len(done)} done, {sum(c.status == 'failed' for c in res.cells)} failed, "
         f"{sum(c.status == 'interrupted' for c in res.cells)} unfinished",
     ]
@@ -218,20 +204,27 @@ def write_report(
         lines.append("- invocations that trained cells: " + "; ".join(map(_invocation, ran)))
     for note in meta.get("notes", []):
         lines.append(f"- {note}")
+    return lines
+
+
+def _results_lines(res: Results) -> list[str]:
+    """The results table and the claims section."""
     header, rows = results_table(res)
-    lines += [
+    lines = [
         "",
         "## Results",
         "",
         "Each task's headline metric (in the column header) on its test split, in points "
-        "(percent), or as a number for a loss-like metric (lower is better). Each method's learning rate was picked per task from its grid on the "
-        "validation split's headline metric (column 'LR'; '(of n)': candidates compared); the "
-        "test split never took part in the choice. Mean: over tasks, when all are present.",
+        "(percent), or as a number for a loss-like metric (lower is better), averaged over the "
+        "chosen learning rate's seeds. Each method's learning rate was picked per task from its "
+        "grid on the validation split's headline metric of the grid's seed (column 'LR'; "
+        "'(of n)': candidates compared; 'k seeds': the runs the score averages); the test split "
+        "never took part in the choice. Mean: over tasks, when all are present.",
         "",
         *md_table(header, rows),
         "",
         *(
-            claim_lines(res, verdicts)
+            claim_lines(res, claims(res))
             if res.point_tasks()
             else [
                 "## Paper claims",
@@ -245,6 +238,14 @@ def write_report(
         "## Routing dynamics",
         "",
     ]
+    return lines
+
+
+def _routing_lines(
+    res: Results, methods: list[str], out: Path, paths: dict[str, Path]
+) -> list[str]:
+    """Routing dynamics of each routed method in the grid (plots added to `paths`)."""
+    lines: list[str] = []
     routed = [m for m in registry.names() if registry.get(m).routed]
     if not any(m in methods for m in routed):
         labels = " and ".join(registry.label(m) for m in routed)
@@ -254,7 +255,12 @@ def write_report(
             section, routing_plots = _routing_section(res, method, out)
             lines += section
             paths.update({f"routing_{k}": v for k, v in routing_plots.items()})
-    lines += ["## Training loss", ""]
+    return lines
+
+
+def _loss_lines(res: Results, methods: list[str], out: Path, paths: dict[str, Path]) -> list[str]:
+    """The training-loss plot of every chosen cell."""
+    lines = ["## Training loss", ""]
     loss_png = plots.plot_loss_curves(res, out / "loss_curves.png")
     if loss_png:
         paths["loss_curves"] = loss_png
@@ -268,7 +274,14 @@ def write_report(
         lines += [f"![training loss]({loss_png.name})", ""]
     else:
         lines += ["No loss curves (no finished cell).", ""]
-    lines += ["## Efficiency", ""]
+    return lines
+
+
+def _efficiency_lines(
+    res: Results, tasks: list[str], methods: list[str], out: Path, paths: dict[str, Path]
+) -> list[str]:
+    """Tokens/s, peak memory, wall and CPU time of every chosen cell."""
+    lines = ["## Efficiency", ""]
     rows = []
     for m in methods:
         for t in tasks:
@@ -305,7 +318,12 @@ def write_report(
     if eff_png:
         paths["efficiency"] = eff_png
         lines += [f"![tokens/s and peak memory]({eff_png.name})", ""]
-    lines += ["## Learning-rate search (every candidate)", ""]
+    return lines
+
+
+def _candidate_lines(res: Results) -> list[str]:
+    """Every learning-rate candidate, its scores, and the cells that failed or never finished."""
+    lines = ["## Learning-rate search (every candidate)", ""]
     rows = []
     for (t, m), group in res.groups.items():
         for c in group:
@@ -334,10 +352,37 @@ def write_report(
             lines.append(f"- `{c.task}/{c.method}/{c.label}`: {c.status}: {why}")
         lines.append("")
     lines += [
-        "Files: [results.csv](results.csv), [results.md](results.md), [cells.csv](cells.csv); "
+        "Files: [results.csv](results.csv), [results.md](results.md), [cells.csv](cells.csv), [items.csv](items.csv); "
         "per cell: `cells/<task>/<method>/lr-<x>/` (summary.json, metrics.jsonl, routing.jsonl).",
         "",
     ]
+    return lines
+
+
+def write_report(
+    out_dir: str | Path,
+    tasks: list[str],
+    methods: list[str],
+    meta: dict[str, Any] | None = None,
+) -> dict[str, Path]:
+    """Write results.csv/md, cells.csv, items.csv, report.md and the PNGs into `out_dir`;
+    return their paths.
+
+    `meta` may carry: command, model, budget, seed, wall_seconds (of this invocation), notes,
+    invocations (grid.json's record of every invocation: when, cells run, wall time, versions,
+    jobs, threads).
+    """
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    meta = dict(meta or {})
+    res = load_results(out, tasks, methods)
+    paths = write_results(res, out)
+    lines = _header_lines(res, tasks, methods, meta)
+    lines += _results_lines(res)
+    lines += _routing_lines(res, methods, out, paths)
+    lines += _loss_lines(res, methods, out, paths)
+    lines += _efficiency_lines(res, tasks, methods, out, paths)
+    lines += _candidate_lines(res)
     paths["report"] = out / "report.md"
     paths["report"].write_text("\n".join(lines))
     return paths

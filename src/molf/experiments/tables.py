@@ -227,7 +227,7 @@ def floor_lines(res: Results, c: Claims) -> list[str]:
         )
     header = ["task", "floor (points)", "best method", "best", "best - floor", "learned"]
     lines = [
-        "## Did each task learn?",
+        "### Did each task learn?",
         "",
         f"A task counts as learned when its best method scores at least {LEARNED_POINTS:g} "
         "points above its floor: the chance level of a multiple-choice task, else the untrained "
@@ -252,7 +252,7 @@ def winner_lines(res: Results, c: Claims) -> list[str]:
     header = ["task", "FFT", "LoRA", *_INTERVAL_HEADER, "winner"]
     found = sorted(set(c.winners.values()))
     return [
-        "## FFT against LoRA",
+        "### FFT against LoRA",
         "",
         "FFT - LoRA per task. Winner: FFT or LoRA where the whole interval lies on its side of "
         f"0; 'LoRA matches' where LoRA is at most {CLAIM_TOLERANCE_POINTS} points behind over the "
@@ -306,7 +306,7 @@ def claim_lines(res: Results, c: Claims) -> list[str]:
         rows.append([t, pts(res.score(t, d.a)), f"{registry.label(d.b)} {pts(res.score(t, d.b))}"])
         rows[-1] += _interval_cells(d)
     lines += [
-        f"## Claim 1: MoLF within {CLAIM_TOLERANCE_POINTS} points of the better of FFT and LoRA",
+        f"### Claim 1: MoLF within {CLAIM_TOLERANCE_POINTS} points of the better of FFT and LoRA",
         "",
         *md_table(["task", "MoLF", "better baseline", *_INTERVAL_HEADER], rows),
         "",
@@ -322,7 +322,7 @@ def claim_lines(res: Results, c: Claims) -> list[str]:
         rows.append([t, pts(res.score(t, d.a)), pts(res.score(t, d.b)), *_interval_cells(d)])
         rows[-1] += [pts(paper, sign=True), c.magnitudes[t]]
     lines += [
-        "## Claim 2: MoLF-E ahead of AdaLoRA",
+        "### Claim 2: MoLF-E ahead of AdaLoRA",
         "",
         *md_table(
             ["task", "MoLF-E", "AdaLoRA", *_INTERVAL_HEADER, "paper's lead", "against it"], rows
@@ -354,7 +354,7 @@ def claim_lines(res: Results, c: Claims) -> list[str]:
             for d in c.same_size
         ]
         lines += [
-            "## What MoLF-E's routing adds over a LoRA of its size",
+            "### What MoLF-E's routing adds over a LoRA of its size",
             "",
             "MoLF-E trains two LoRA experts and routes between them; a plain LoRA of rank "
             "r1 + r2 has the same trainable parameters and updates all of them every step. "

@@ -3,7 +3,7 @@
 One step, for every wrapped module (docs/method.md section 3):
   1. every expert's moments advance with its exact gradient (winners and losers alike);
   2. the module's step count advances (bias correction follows the moments, not the updates);
-  3. every expert is scored on its raw moments (EPD by default, see molf.scores);
+  3. every expert is scored on its raw moments (EPD by default, see molf.optim.scores);
   4. the top-k experts win, ties going to the lower expert index;
   5. only winners are decayed and updated with the bias-corrected Adam step.
 A tensor without a gradient is skipped, as torch's AdamW skips it: no moment update, no step
@@ -32,9 +32,9 @@ from molf.layer import molf_modules
 from molf.optim.backends import StepSettings, choose_backend
 from molf.optim.backends.eager import EagerBackend
 from molf.optim.layout import RoutedLayout
+from molf.optim.scores import get_score
 from molf.optim.sharded import check_model, make_score_reducer
 from molf.routing import RoutingLog
-from molf.scores import get_score
 
 BACKEND_ENV = "MOLF_OPTIMIZER_BACKEND"
 
@@ -109,80 +109,40 @@ class MoLFAdamW(torch.optim.Optimizer):
                 raise MolfError(
                     f"MoLFAdamW: module '{name}' has experts {m.expert_names}, not {expert_names}"
                 )
-        n_experts = len(expert_names)
-        if not isinstance(top_k, int) or not 1 <= top_k <= n_experts:
-            raise MolfError(
-                f"top_k: must be between 1 and the number of experts ({n_experts}), got {top_k}"
-            )
-        if moments_dtype not in ("float32", "param"):
-            raise MolfError(f"moments_dtype: must be 'float32' or 'param', got {moments_dtype!r}")
-        checks = [("lr_fft", lr_fft), ("weight_decay_fft", weight_decay_fft), ("eps", eps)]
-        checks.append(("score_eps", score_eps))
-        checks += [
-            ("lr_lora", v) for v in ([lr_lora] if isinstance(lr_lora, (int, float)) else lr_lora)
-        ]
-        checks += [
-            ("weight_decay_lora", v)
-            for v in (
-                [weight_decay_lora]
-                if isinstance(weight_decay_lora, (int, float))
-                else weight_decay_lora
-            )
-        ]
-        checks += [
-            (f, v)
-            for f, v in (("lr_other", lr_other), ("weight_decay_other", weight_decay_other))
-            if v is not None
-        ]
-        for field, value in checks:
-            if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
-                raise MolfError(f"{field}: must be a finite number >= 0, got {value}")
-        if not all(0.0 <= b < 1.0 for b in betas):
-            raise MolfError(f"betas: each must be in [0, 1), got {betas}")
+        _check_settings(
+            len(expert_names),
+            top_k,
+            moments_dtype,
+            betas,
+            [
+                ("lr_fft", lr_fft),
+                ("weight_decay_fft", weight_decay_fft),
+                ("eps", eps),
+                ("score_eps", score_eps),
+                *[("lr_lora", v) for v in _listed(lr_lora)],
+                *[("weight_decay_lora", v) for v in _listed(weight_decay_lora)],
+                *[
+                    (f, v)
+                    for f, v in (("lr_other", lr_other), ("weight_decay_other", weight_decay_other))
+                    if v is not None
+                ],
+            ],
+        )
         self.score_fn = get_score(score)
         n_lora = len(first.ranks)
         lr_loras = _as_list(lr_lora, n_lora, "lr_lora")
         wd_loras = _as_list(weight_decay_lora, n_lora, "weight_decay_lora")
 
-        # One group per expert slot: every module's expert j lives in group j.
-        slots: list[dict[str, Any]] = []
-        if first.train_base:
-            slots.append({"name": "fft", "lr": lr_fft, "weight_decay": weight_decay_fft})
-        for j in range(n_lora):
-            slots.append(
-                {"name": expert_names[len(slots)], "lr": lr_loras[j], "weight_decay": wd_loras[j]}
-            )
         routed: list[list[list[nn.Parameter]]] = [m.experts() for m in modules.values()]
-        for j, slot in enumerate(slots):
-            slot["params"] = [p for experts in routed for p in experts[j]]
-            slot["routed"] = True
-
-        routed_ids = {id(p) for slot in slots for p in slot["params"]}
-        others = [p for p in model.parameters() if p.requires_grad and id(p) not in routed_ids]
-        base_trained = first.train_base
-        lr_o = lr_other if lr_other is not None else (lr_fft if base_trained else lr_loras[0])
-        wd_o = (
-            weight_decay_other
-            if weight_decay_other is not None
-            else (weight_decay_fft if base_trained else wd_loras[0])
+        groups = _param_groups(
+            model,
+            routed,
+            expert_names,
+            first.train_base,
+            (lr_fft, weight_decay_fft),
+            list(zip(lr_loras, wd_loras)),
+            (lr_other, weight_decay_other),
         )
-        groups = slots + [
-            {
-                "name": "other",
-                "params": [p for p in others if p.dim() >= 2],
-                "lr": lr_o,
-                "weight_decay": wd_o,
-                "routed": False,
-            },
-            {
-                "name": "other_no_decay",
-                "params": [p for p in others if p.dim() < 2],
-                "lr": lr_o,
-                "weight_decay": 0.0,
-                "routed": False,
-            },
-        ]
-        groups = [g for g in groups if g["params"] or g.get("routed")]
         defaults = {"lr": lr_fft, "weight_decay": 0.0, "betas": tuple(betas), "eps": eps}
         super().__init__(groups, defaults)
 
@@ -350,3 +310,72 @@ class MoLFAdamW(torch.optim.Optimizer):
             self._eager = EagerBackend(self.layout)
         self._eager.step(settings)
         return loss
+
+
+def _listed(value: float | Sequence[float]) -> list[float]:
+    return [value] if isinstance(value, (int, float)) else list(value)
+
+
+def _check_settings(
+    n_experts: int,
+    top_k: int,
+    moments_dtype: str,
+    betas: tuple[float, float],
+    rates: list[tuple[str, Any]],
+) -> None:
+    """Refuse an out-of-range setting with one line naming it."""
+    if not isinstance(top_k, int) or not 1 <= top_k <= n_experts:
+        raise MolfError(
+            f"top_k: must be between 1 and the number of experts ({n_experts}), got {top_k}"
+        )
+    if moments_dtype not in ("float32", "param"):
+        raise MolfError(f"moments_dtype: must be 'float32' or 'param', got {moments_dtype!r}")
+    for field, value in rates:
+        if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
+            raise MolfError(f"{field}: must be a finite number >= 0, got {value}")
+    if not all(0.0 <= b < 1.0 for b in betas):
+        raise MolfError(f"betas: each must be in [0, 1), got {betas}")
+
+
+def _param_groups(
+    model: nn.Module,
+    routed: list[list[list[nn.Parameter]]],
+    expert_names: tuple[str, ...],
+    train_base: bool,
+    fft: tuple[float, float],
+    loras: list[tuple[float, float]],
+    other: tuple[float | None, float | None],
+) -> list[dict[str, Any]]:
+    """The flat, fixed parameter groups: one per expert slot (every module's expert j lives in
+    group j), then `other` and `other_no_decay` for the trainable parameters outside the wrapped
+    layers, at `other`'s rates or, unset, the FFT expert's (the first LoRA expert's in MoLF-E)."""
+    slots: list[dict[str, Any]] = []
+    if train_base:
+        slots.append({"name": "fft", "lr": fft[0], "weight_decay": fft[1]})
+    for lr, decay in loras:
+        slots.append({"name": expert_names[len(slots)], "lr": lr, "weight_decay": decay})
+    for j, slot in enumerate(slots):
+        slot["params"] = [p for experts in routed for p in experts[j]]
+        slot["routed"] = True
+    routed_ids = {id(p) for slot in slots for p in slot["params"]}
+    others = [p for p in model.parameters() if p.requires_grad and id(p) not in routed_ids]
+    lr_o, wd_o = fft if train_base else loras[0]
+    lr_o = other[0] if other[0] is not None else lr_o
+    wd_o = other[1] if other[1] is not None else wd_o
+    groups = slots + [
+        {
+            "name": "other",
+            "params": [p for p in others if p.dim() >= 2],
+            "lr": lr_o,
+            "weight_decay": wd_o,
+            "routed": False,
+        },
+        {
+            "name": "other_no_decay",
+            "params": [p for p in others if p.dim() < 2],
+            "lr": lr_o,
+            "weight_decay": 0.0,
+            "routed": False,
+        },
+    ]
+    return [g for g in groups if g["params"] or g.get("routed")]

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 import torch
 
-# The scores that have built-in batched (and compiled) implementations. `molf.scores.Score`
+# The scores that have built-in batched (and compiled) implementations. `molf.optim.scores.Score`
 # validates its `kernel` against this tuple: the one list of kernel names.
 SCORE_KERNELS = ("epd", "pfn")
 

@@ -37,7 +37,14 @@ from typing import Any
 from molf.errors import MolfError
 from molf.tasks.base import TaskRequest, item_id, refuse_data, register_task
 from molf.tasks.common import Example, TaskSplits, generate, shuffled, split_three
-from molf.tasks.sql import EXEC_TIME_LIMIT_S, _cell, _Deadline, _strip_end, exact_match, make_prompt
+from molf.tasks.sql_engine import (
+    EXEC_TIME_LIMIT_S,
+    Deadline,
+    cell_value,
+    exact_match,
+    make_prompt,
+    strip_end,
+)
 
 __all__ = [
     "TASK",
@@ -106,7 +113,7 @@ def _read_only(action: int, *_: Any) -> int:
     return sqlite3.SQLITE_OK if action in allowed else sqlite3.SQLITE_DENY
 
 
-def world_database(time_limit: float = EXEC_TIME_LIMIT_S) -> tuple[sqlite3.Connection, _Deadline]:
+def world_database(time_limit: float = EXEC_TIME_LIMIT_S) -> tuple[sqlite3.Connection, Deadline]:
     """A fresh in-memory SQLite database of the world tables, read-only once returned, with a
     per-statement time limit (start the returned deadline before each query)."""
     countries, cities = world_tables()
@@ -114,15 +121,15 @@ def world_database(time_limit: float = EXEC_TIME_LIMIT_S) -> tuple[sqlite3.Conne
     conn.executescript(SCHEMA)
     conn.executemany("INSERT INTO countries VALUES (?, ?, ?, ?, ?, ?)", countries)
     conn.executemany("INSERT INTO cities VALUES (?, ?, ?, ?, ?, ?)", cities)
-    deadline = _Deadline(time_limit)
+    deadline = Deadline(time_limit)
     conn.set_progress_handler(deadline, 1000)
     conn.set_authorizer(_read_only)
     return conn, deadline
 
 
-def run_query(conn: sqlite3.Connection, deadline: _Deadline, sql: str) -> Counter | None:
+def run_query(conn: sqlite3.Connection, deadline: Deadline, sql: str) -> Counter | None:
     """The multiset of result rows of `sql`, or None when it fails, writes or runs too long."""
-    sql = _strip_end(sql)
+    sql = strip_end(sql)
     if not sql:
         return None
     deadline.start()
@@ -133,7 +140,7 @@ def run_query(conn: sqlite3.Connection, deadline: _Deadline, sql: str) -> Counte
         rows = cur.fetchmany(10_000)
     except (sqlite3.Error, sqlite3.Warning, ValueError, OverflowError, MemoryError):
         return None
-    return Counter(tuple(_cell(v) for v in row) for row in rows)
+    return Counter(tuple(cell_value(v) for v in row) for row in rows)
 
 
 # --------------------------------------------------------------------------- question families

@@ -31,9 +31,9 @@ from typing import ClassVar
 import torch
 
 from molf.optim import functional as F
-from molf.optim.backends import StepSettings, decide, on_device
+from molf.optim.backends.base import StepSettings, decide, on_device
 from molf.optim.layout import RoutedLayout, local
-from molf.scores import Score
+from molf.optim.scores import Score
 
 # Elements per chunk: bounds the scratch memory (two float32 buffers and the mask, about 10 bytes
 # an element: 640 MiB at 2^26) while keeping the calls per step few.

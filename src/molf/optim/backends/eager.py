@@ -15,9 +15,9 @@ from typing import ClassVar
 import torch
 
 from molf.optim import functional as F
-from molf.optim.backends import StepSettings, decide, on_device
+from molf.optim.backends.base import StepSettings, decide, on_device
 from molf.optim.layout import RoutedLayout, local
-from molf.scores import Score
+from molf.optim.scores import Score
 
 
 class EagerBackend:

@@ -17,9 +17,9 @@ from typing import Any, ClassVar
 import torch
 
 from molf.optim import kernels as K
-from molf.optim.backends import StepSettings, decide
+from molf.optim.backends.base import StepSettings, decide
 from molf.optim.layout import RoutedLayout, is_plain
-from molf.scores import Score
+from molf.optim.scores import Score
 
 # The columns of the pointer tables, one row per tensor: the other parameters' tables have the
 # shared ones (prefixed "p"), the routed tensors' also their expert slot and whether they decay.
