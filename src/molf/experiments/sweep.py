@@ -33,7 +33,7 @@ from typing import Any
 from molf._files import check_directory_path, write_json_atomic
 from molf.errors import MolfError
 from molf.experiments import runner
-from molf.experiments.grid import BUDGETS, Cell, format_lr, read_cell, read_json
+from molf.experiments.grid import BUDGETS, Cell, format_lr, is_done, read_cell, read_json
 from molf.experiments.routing_stats import TYPE_ORDER, read_routing_log, routing_figures
 from molf.train import methods
 from molf.train.config import load_config
@@ -368,7 +368,8 @@ def run_sweep(args: argparse.Namespace) -> int:
             runner.run_in_subprocesses(cells, jobs, threads, False, starting, record)
         else:
             for i, cell in enumerate(cells):
-                starting(i)
+                if not is_done(cell):
+                    starting(i)
                 record(i, runner.run_cell(cell))
         state["invocations"][-1]["wall_seconds"] = round(time.perf_counter() - started, 1)
         write_json_atomic(out / "sweep.json", state)
