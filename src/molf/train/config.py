@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
+import re
 import types
 import typing
 from dataclasses import dataclass
@@ -15,6 +16,7 @@ from typing import Any
 import yaml
 
 from molf.errors import MolfError
+from molf.tasks.rows import FILE_SUFFIXES
 from molf.train import methods
 
 CONFIG_DIR = Path(__file__).parent / "configs"
@@ -36,8 +38,9 @@ class TrainConfig:
     seed: int = 0  # training randomness (adapter init, dropout, batch order), and the split's
     data_seed: int | None = None  # the split's seed when it should differ (compare's seeds)
     n_train: int | None = 256
-    n_val: int = 32
-    n_test: int = 64
+    # null: the task's default (32 and 64), or for `sft` about a tenth of the rows each
+    n_val: int | None = None
+    n_test: int | None = None
     max_length: int = 256
     too_long: str = "truncate"
     packing: bool = False  # concatenate examples up to max_length (molf.train.data.pack)
@@ -49,6 +52,9 @@ class TrainConfig:
     text_field: str | None = None
     generation_metric: str = "none"  # none | exact_match | contains
     max_new_tokens: int | None = None
+    train_split: str | None = None  # a data set's split names, when not train/validation/test
+    val_split: str | None = None
+    test_split: str | None = None
     # schedule
     epochs: float = 2.0
     max_steps: int | None = None
@@ -105,7 +111,13 @@ class TrainConfig:
 
     @property
     def run_dir(self) -> Path:
-        return Path(self.output_dir or f"runs/{self.task}-{self.method}")
+        """`output_dir`, else runs/<task>-<method>; for `sft` on a data file, runs/sft-<its
+        name>-<method>, so that runs on two files do not share a directory."""
+        if self.output_dir:
+            return Path(self.output_dir)
+        if self.task == "sft" and self.data:
+            return Path(f"runs/sft-{data_label(self.data)}-{self.method}")
+        return Path(f"runs/{self.task}-{self.method}")
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
@@ -137,14 +149,12 @@ class TrainConfig:
             "lora_rank",
             "eval_batch_size",
             "log_every",
-            "n_test",
             "top_k",
         ]
         for key in positive:
             if getattr(self, key) <= 0:
                 raise MolfError(f"config key '{key}': must be > 0, got {getattr(self, key)}")
         for key in (
-            "n_val",
             "save_every",
             "max_bad_steps",
             "keep_checkpoints",
@@ -153,10 +163,12 @@ class TrainConfig:
         ):
             if getattr(self, key) < 0:
                 raise MolfError(f"config key '{key}': must be >= 0, got {getattr(self, key)}")
-        if self.n_train is not None and self.n_train <= 0:
-            raise MolfError(f"config key 'n_train': must be > 0 or null, got {self.n_train}")
-        if self.max_steps is not None and self.max_steps <= 0:
-            raise MolfError(f"config key 'max_steps': must be > 0 or null, got {self.max_steps}")
+        for key in ("n_train", "n_test", "max_steps"):
+            value = getattr(self, key)
+            if value is not None and value <= 0:
+                raise MolfError(f"config key '{key}': must be > 0 or null, got {value}")
+        if self.n_val is not None and self.n_val < 0:
+            raise MolfError(f"config key 'n_val': must be >= 0 or null, got {self.n_val}")
         if not self.epochs > 0:
             raise MolfError(f"config key 'epochs': must be > 0, got {self.epochs}")
         for key in (
@@ -223,6 +235,14 @@ class TrainConfig:
             )
 
 
+def data_label(data: str) -> str:
+    """A data file's name without its extension (a directory's or hub id's last part), in
+    characters safe for a directory name: 'my data.jsonl' -> 'my-data'."""
+    name = Path(data.rstrip("/\\")).name
+    stem = Path(name).stem if Path(name).suffix.lower() in FILE_SUFFIXES else name
+    return re.sub(r"[^A-Za-z0-9._-]+", "-", stem).strip("-.") or "data"
+
+
 _FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
 _HINTS = typing.get_type_hints(TrainConfig)
 
@@ -278,6 +298,17 @@ def _coerce(key: str, value: Any) -> Any:
     raise MolfError(
         f"config key '{key}': expected {expected}, got {type(value).__name__} {value!r}"
     )
+
+
+def typed_value(key: str, raw: str) -> Any:
+    """The value of `key=raw` from the command line, typed as TrainConfig's field `key` (an
+    unknown key gets the closest one suggested)."""
+    _check_key(key)
+    try:
+        value = yaml.safe_load(raw) if raw != "" else None
+    except yaml.YAMLError:
+        value = raw
+    return _coerce(key, value)
 
 
 def _check_key(key: str) -> None:
