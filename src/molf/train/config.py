@@ -85,6 +85,7 @@ class TrainConfig:
     # numerics and memory
     dtype: str = "float32"
     gradient_checkpointing: bool = False
+    threads: int | None = None  # torch's CPU threads (torch.set_num_threads); null: torch's default
     # evaluation
     eval_batch_size: int = 16
     eval_before: bool = True
@@ -163,14 +164,14 @@ class TrainConfig:
         ):
             if getattr(self, key) < 0:
                 raise MolfError(f"config key '{key}': must be >= 0, got {getattr(self, key)}")
-        for key in ("n_train", "n_test", "max_steps"):
+        for key in ("n_train", "n_test", "max_steps", "threads"):
             value = getattr(self, key)
             if value is not None and value <= 0:
                 raise MolfError(f"config key '{key}': must be > 0 or null, got {value}")
         if self.n_val is not None and self.n_val < 0:
             raise MolfError(f"config key 'n_val': must be >= 0 or null, got {self.n_val}")
-        if not self.epochs > 0:
-            raise MolfError(f"config key 'epochs': must be > 0, got {self.epochs}")
+        if not (self.epochs > 0 and math.isfinite(self.epochs)):
+            raise MolfError(f"config key 'epochs': must be a finite number > 0, got {self.epochs}")
         for key in (
             "lr_fft",
             "lr_lora",
@@ -184,6 +185,11 @@ class TrainConfig:
             value = getattr(self, key)
             if not math.isfinite(value) or value < 0:
                 raise MolfError(f"config key '{key}': must be a finite number >= 0, got {value}")
+        if not self.score_eps > 0:
+            raise MolfError(
+                f"config key 'score_eps': must be > 0 (it keeps the score finite where a moment "
+                f"is 0), got {self.score_eps}"
+            )
         if not 0 <= self.warmup_ratio < 1:
             raise MolfError(
                 f"config key 'warmup_ratio': must be in [0, 1), got {self.warmup_ratio}"
@@ -222,6 +228,12 @@ class TrainConfig:
                 "(distributed=none)"
             )
         method = methods.get(self.method)
+        if all(getattr(self, key) == 0 for key in method.lr_keys):
+            keys = " and ".join(method.lr_keys)
+            raise MolfError(
+                f"config key '{method.lr_keys[0]}': {self.method} trains with {keys}, and a "
+                "learning rate of 0 trains nothing; give one > 0"
+            )
         for key, value in method.implies.items():
             if getattr(self, key) != value:
                 raise MolfError(
@@ -232,6 +244,60 @@ class TrainConfig:
         if n_experts is not None and self.top_k > n_experts:
             raise MolfError(
                 f"config key 'top_k': at most {n_experts} experts for {self.method}, got {self.top_k}"
+            )
+        self._validate_names()
+
+    def _validate_names(self) -> None:
+        """The keys that name things: the model, the routing score, the target modules, the
+        task with its options and data, and the metric `keep_best` compares by."""
+        from molf.scores import get_score
+        from molf.tasks import TaskOptions, get_task, resolve_source
+
+        if not self.model.strip():
+            raise MolfError("config key 'model': empty; give a model name, path or hub id")
+        try:
+            get_score(self.score)
+        except MolfError as e:
+            raise MolfError(f"config key 'score': {str(e).removeprefix('score: ')}") from None
+        targets = [self.target_modules] if isinstance(self.target_modules, str) else []
+        if isinstance(self.target_modules, list):
+            targets = self.target_modules
+            if not targets or not all(t.strip() for t in targets):
+                raise MolfError(
+                    f"config key 'target_modules': module names must be non-empty, got {targets}"
+                )
+        elif self.target_modules != "all-linear":
+            try:
+                re.compile(self.target_modules)
+            except re.error as e:
+                raise MolfError(
+                    f"config key 'target_modules': {self.target_modules!r} is neither "
+                    f"'all-linear' nor a valid regular expression ({e})"
+                ) from None
+        for key in (
+            "data",
+            "val_data",
+            "output_dir",
+            "prompt_field",
+            "completion_field",
+            "messages_field",
+            "text_field",
+            "train_split",
+            "val_split",
+            "test_split",
+            "best_metric",
+        ):
+            value = getattr(self, key)
+            if value is not None and not value.strip():
+                raise MolfError(f"config key '{key}': empty; leave it unset (null) instead")
+        options = TaskOptions.from_config(self)
+        task = get_task(self.task, options)
+        resolve_source(self.task, self.data)
+        known = getattr(task, "metrics", None)
+        if self.best_metric is not None and known is not None and self.best_metric not in known:
+            raise MolfError(
+                f"config key 'best_metric': task '{self.task}' reports {', '.join(known)}, "
+                f"not '{self.best_metric}'"
             )
 
 

@@ -911,6 +911,8 @@ def run(cfg: TrainConfig, resume: str = "none", overwrite: bool = False) -> dict
 
     With `distributed: ddp | fsdp2` every rank calls this; rank 0 returns the summary, the
     others return {} as soon as the final model is gathered."""
+    if cfg.threads is not None:
+        torch.set_num_threads(cfg.threads)
     ctx = distributed.init(cfg.distributed)
     try:
         return _run(cfg, resume, overwrite, ctx)
