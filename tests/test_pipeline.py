@@ -238,3 +238,38 @@ def test_finished_run_is_not_overwritten(tmp_path, capsys):
     assert (out / "summary.json").read_text() == before
     code, _ = _train(tmp_path, "molf", "fact-geo", "--overwrite")
     assert code == 0
+
+
+def test_the_known_bitsandbytes_notice_is_silenced_and_nothing_else(capsys, caplog):
+    """bitsandbytes logs at import, on CPUs with AVX-512 BF16, that it could not fetch a kernel
+    from the hub: every molf command would start with that line. Only that line is dropped."""
+    import logging
+    import subprocess
+    import sys
+
+    from tests.runs import child_env
+
+    assert main(["train", "--print-config"]) == 0
+    logger = logging.getLogger("bitsandbytes.backends.cpu.ops")
+    with caplog.at_level(logging.WARNING):
+        logger.warning(
+            "Failed to load CPU gemm_4bit_forward from kernels-community: %s. Please make sure",
+            "Kernel repository 'x' could not verify publisher trust status.",
+        )
+        logger.warning("Failed to load CPU gemm_4bit_forward from kernels-community: other")
+        logger.warning("something else")
+    assert [r.getMessage() for r in caplog.records] == [
+        "Failed to load CPU gemm_4bit_forward from kernels-community: other",
+        "something else",
+    ]
+    # the real thing: bitsandbytes tries the kernel (and logs its notice) on AVX-512 BF16 CPUs;
+    # with HF_HUB_OFFLINE set it logs other lines, about offline mode, which are left alone
+    env = {k: v for k, v in child_env().items() if k != "HF_HUB_OFFLINE"}
+    code = (
+        "from molf.cli import main; main(['train', '--print-config']); import peft; "
+        "from bitsandbytes.functional import has_avx512bf16; print('tried', bool(has_avx512bf16()))"
+    )
+    quiet = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    if "tried True" not in quiet.stdout:
+        pytest.skip("bitsandbytes does not try the kernel on this CPU")
+    assert quiet.returncode == 0 and "gemm_4bit_forward" not in quiet.stderr

@@ -361,6 +361,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the `molf` console script."""
+    from molf._quiet import quiet_known_noise
+
+    quiet_known_noise()  # before anything imports bitsandbytes, which logs it at import
     warnings.filterwarnings("ignore", category=FutureWarning)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     try:

@@ -11,6 +11,9 @@ from molf.errors import MolfError
 
 
 def main() -> int:
+    from molf._quiet import quiet_known_noise
+
+    quiet_known_noise()
     warnings.filterwarnings("ignore", category=FutureWarning)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     from molf.cli import format_summary

@@ -415,6 +415,9 @@ def from_pretrained(
     return model.eval()
 
 
+_format_notice_given = False  # the notice below is given once per process
+
+
 class _WrappedSavePretrained:
     """`save_pretrained` of a wrapped transformers model: molf's format (see the module
     docstring), or the class's own once the model has been merged back into a plain one. A
@@ -422,7 +425,6 @@ class _WrappedSavePretrained:
 
     def __init__(self, model: nn.Module) -> None:
         self.model = model
-        self.warned = False
 
     def __call__(
         self,
@@ -450,7 +452,10 @@ class _WrappedSavePretrained:
             )
         if not is_main_process:
             return
-        if not self.warned:  # once per model: the Trainer saves every checkpoint through here
+        global _format_notice_given
+        # Once per process, not per model or per save: a Trainer saves every checkpoint through
+        # here, and `model_init` or a resumed run brings a new wrapped model each time.
+        if not _format_notice_given:
             warnings.warn(
                 "save_pretrained: the model is wrapped by molf, so it is saved in molf's format "
                 "(experts unmerged; reload with molf.from_pretrained; a Trainer resumes from it "
@@ -458,7 +463,7 @@ class _WrappedSavePretrained:
                 "transformers checkpoint, molf.merge_and_unload(model) first.",
                 stacklevel=2,
             )
-            self.warned = True
+            _format_notice_given = True
         save_pretrained(model, save_directory, state_dict=state_dict)
 
 
