@@ -130,6 +130,7 @@ def _error_line(capsys):
         (["train", "warmup_ratio=1.5"], "warmup_ratio"),
         (["train", "top_k=3"], "top_k"),
         (["train", "no-such-config.yaml"], "no-such-config.yaml"),
+        (["train", "mlof"], "config 'mlof': no such file, and not a bundled config (did you mean"),
         (
             ["train", "--task", "counterfact", "--data", "/nonexistent/cf.json"],
             "/nonexistent/cf.json",

@@ -675,7 +675,14 @@ def test_small_files_train_and_evaluate_with_default_splits(tmp_path, capsys, mo
     fast = ["--model", "tiny-llama", "max_steps=1", "batch_size=4", "grad_accum=1"]
     fast += ["lora_rank=4", "max_length=48", "progress=false", "eval_before=false"]
     assert main(["train", "lora", "--task", "sft", "--data", "small.jsonl", *fast]) == 0
-    err = capsys.readouterr().err
+    out, err = capsys.readouterr()
+    # the end-of-run summary names every file a user looks at next
+    for line in (
+        "  adapter: runs/sft-small-lora/final/adapter",
+        "  metrics:     runs/sft-small-lora/metrics.jsonl",
+        "  summary:     runs/sft-small-lora/summary.json",
+    ):
+        assert line in out.splitlines()
     assert "data: small.jsonl: 32 train, 4 validation (n_val unset: a tenth of 40 rows" in err
     summary = json.loads(Path("runs/sft-small-lora/summary.json").read_text())
     assert summary["n_test_records"] == 4 and summary["n_train_examples"] == 32

@@ -12,6 +12,7 @@ import json
 import os
 import sys
 import warnings
+from pathlib import Path
 from typing import Any
 
 from molf.errors import MolfError
@@ -127,6 +128,12 @@ def format_summary(summary: dict[str, Any]) -> str:
         lines.append("  routing: " + ", ".join(f"{e} {v:.1%}" for e, v in overall.items()))
     for name, path in summary["artefacts"].items():
         lines.append(f"  {name}: {path}")
+    if summary.get("run_dir"):
+        run_dir = Path(summary["run_dir"])
+        files = [("routing log", "routing.jsonl")] if summary.get("routing") else []
+        files += [("metrics", "metrics.jsonl"), ("summary", "summary.json")]
+        for label, name in files:
+            lines.append(f"  {label + ':':<12} {run_dir / name}")
     return "\n".join(lines)
 
 

@@ -400,7 +400,9 @@ def resolve_config_path(name: str) -> Path:
     if bundled.exists():
         return bundled
     names = ", ".join(bundled_configs())
-    raise MolfError(f"config '{name}': no such file, and not a bundled config ({names})")
+    close = difflib.get_close_matches(name, bundled_configs(), n=1)
+    hint = f" (did you mean '{close[0]}'?)" if close else ""
+    raise MolfError(f"config '{name}': no such file, and not a bundled config{hint} ({names})")
 
 
 def load_config(

@@ -57,7 +57,10 @@ class Interrupted(Exception):
     """Raised after a signal-triggered checkpoint; `code` is the exit status (130 or 143)."""
 
     def __init__(self, code: int, checkpoint: Path | None) -> None:
-        super().__init__(f"interrupted (exit {code}); checkpoint at {checkpoint}")
+        super().__init__(
+            f"interrupted (exit {code}); checkpoint at {checkpoint}; run the same command with "
+            "--resume auto to continue from it"
+        )
         self.code = code
         self.checkpoint = checkpoint
 
@@ -1025,6 +1028,7 @@ def _run(cfg: TrainConfig, resume: str, overwrite: bool, ctx: DistContext) -> di
         "wall_seconds": time.perf_counter() - t_start,
         "routing": routing_summary,
         "artefacts": {k: str(v) for k, v in paths.items()},
+        "run_dir": str(run_dir),
         "config": cfg.to_dict(),
     }
     if ctx.enabled:
