@@ -273,3 +273,42 @@ def test_trainable_parameters_of_molf_e_match_peft_lora_of_the_summed_rank(capsy
         f"trainable params: {s['trainable']:,d} || all params: {s['all']:,d} || "
         f"trainable%: {s['trainable_percent']:.4f}"
     )
+
+
+def test_a_molf_save_is_a_base_model_for_molf_train(tmp_path, capsys):
+    """`molf train --model DIR` (and `molf eval`) on a molf.save_pretrained directory: it loads as
+    the plain model it computes (experts merged), and the method wraps it afresh."""
+    from molf.cli import main
+    from molf.train.models import load_model
+
+    base, tok = load_model("tiny-llama")
+    model = molf.wrap(base, molf.MoLFConfig(lora_ranks=(4,)))
+    with torch.no_grad():
+        for m in molf.molf_modules(model).values():
+            m.lora_B[0].normal_(0, 0.05)
+    ids = tok(["The capital of France is"], return_tensors="pt")["input_ids"]
+    model.eval()
+    with torch.no_grad():
+        expected = model(ids).logits
+    molf.save_pretrained(model, tmp_path / "no-tokenizer")
+    with pytest.raises(molf.MolfError, match="no tokenizer files"):
+        load_model(tmp_path / "no-tokenizer")
+    molf.save_pretrained(model, tmp_path / "saved", tokenizer=tok)
+
+    plain, _ = load_model(tmp_path / "saved")
+    assert not molf.molf_modules(plain)
+    with torch.no_grad():
+        torch.testing.assert_close(plain(ids).logits, expected, rtol=1e-5, atol=1e-5)
+    data = tmp_path / "qa.jsonl"
+    data.write_text(
+        "".join(
+            json.dumps({"prompt": f"{i} plus one is", "completion": f" {i + 1}"}) + "\n"
+            for i in range(12)
+        )
+    )
+    argv = ["train", "molf", "--model", str(tmp_path / "saved"), "--task", "sft"]
+    argv += ["--data", str(data), "--output-dir", str(tmp_path / "run"), "max_steps=1"]
+    argv += ["batch_size=2", "grad_accum=1", "lora_rank=4", "progress=false"]
+    assert main(argv) == 0, capsys.readouterr().err
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["before"]["loss"] != summary["after"]["loss"]
