@@ -5,6 +5,7 @@ qlora_memory."""
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -21,11 +22,12 @@ def _env() -> dict[str, str]:
 
 
 def test_gpu_check_dry_run_on_cpu_runs_every_part_into_one_results_file(tmp_path):
-    out = tmp_path / "results.txt"
+    out = tmp_path / "results"
     cmd = ["bash", str(SCRIPT), "--device", "cpu", "--quick", "--out", str(out)]
     proc = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    text = out.read_text()
+    assert [p.name for p in out.iterdir()] == ["gpu_check.txt"]  # everything in the one folder
+    text = (out / "gpu_check.txt").read_text()
     for part in ["optimizer-device", "train-1b", "train-smollm2", "optimizer-eager"]:
         assert f"-- {part}: ok" in text, part
     assert "skipped the NCCL distributed tests: they need 2 GPUs" in text
@@ -33,20 +35,75 @@ def test_gpu_check_dry_run_on_cpu_runs_every_part_into_one_results_file(tmp_path
     # what each part is there for reached the file
     assert "MoLFAdamW, FFT wins everywhere (device)" in text and "syncs/step" in text
     assert "1b architecture" in text and "target <= 1.05x" in text
+    assert "-- optimizer-device: targets not counted in --quick (tiny sizes)" in text
 
 
 def test_gpu_check_refuses_unknown_arguments_and_a_machine_without_a_gpu(tmp_path):
-    proc = subprocess.run(
-        ["bash", str(SCRIPT), "--fast"], env=_env(), capture_output=True, text=True
-    )
-    assert proc.returncode == 2 and "unknown argument --fast" in proc.stderr
+    for args, message in [
+        (["--fast"], "unknown argument --fast"),
+        (["--device", "cpu"], "--out DIR is required"),
+        (["--out", str(tmp_path / "x"), "--limit", "ten"], "--limit must be a whole number"),
+    ]:
+        proc = subprocess.run(
+            ["bash", str(SCRIPT), *args], env=_env(), capture_output=True, text=True
+        )
+        assert proc.returncode == 2 and message in proc.stderr, args
     if torch.cuda.is_available():
         pytest.skip("this machine has a GPU")
-    out = tmp_path / "r.txt"
+    out = tmp_path / "r"
     proc = subprocess.run(
         ["bash", str(SCRIPT), "--out", str(out)], env=_env(), capture_output=True, text=True
     )
-    assert proc.returncode == 2 and "no CUDA device" in out.read_text()
+    assert proc.returncode == 2 and "no CUDA device" in (out / "gpu_check.txt").read_text()
+
+
+def _fake_python(tmp_path: Path, benchmarks: str) -> Path:
+    """A stand-in interpreter for gpu_check.sh: the benchmark scripts run `benchmarks` (shell),
+    everything else (the torch version query) the real Python."""
+    fake = tmp_path / "python3"
+    fake.write_text(
+        "#!/usr/bin/env bash\n"
+        'case "$*" in\n'
+        f"  *benchmarks/*) {benchmarks} ;;\n"
+        f'  *) exec {sys.executable} "$@" ;;\n'
+        "esac\n"
+    )
+    fake.chmod(0o755)
+    return fake
+
+
+def test_gpu_check_reports_a_missed_target_in_the_file_and_the_exit_status(tmp_path):
+    verdicts = (
+        'echo "  MoLF worst case (FFT wins): 1.412x, target <= 1.3x: MISSED"; '
+        'echo "  MoLF LoRA wins everywhere: 0.950x, target <= 1.0x: met"'
+    )
+    env = dict(_env(), PYTHON=str(_fake_python(tmp_path, verdicts)))
+    out = tmp_path / "results"
+    cmd = ["bash", str(SCRIPT), "--device", "cpu", "--out", str(out)]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 3, proc.stdout[-3000:]
+    text = (out / "gpu_check.txt").read_text()
+    assert "-- optimizer-device: targets 1 met, 1 MISSED" in text
+    assert "performance targets: 5 met, 5 MISSED" in text  # five benchmark parts, one each
+    assert "  optimizer-device: MoLF worst case (FFT wins): 1.412x, target <= 1.3x: MISSED" in text
+    assert "all parts passed" not in text and "exit status 3" in text
+
+
+def test_gpu_check_keeps_to_its_time_limit(tmp_path):
+    """The whole check ends within --limit: a part runs under the time left, later ones are not
+    started, and the summary says so."""
+    env = dict(_env(), PYTHON=str(_fake_python(tmp_path, "sleep 120")))
+    out = tmp_path / "results"
+    cmd = ["bash", str(SCRIPT), "--device", "cpu", "--out", str(out), "--limit", "30"]
+    start = time.monotonic()
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
+    took = time.monotonic() - start
+    assert took < 30, took
+    assert proc.returncode == 1, proc.stdout[-3000:]
+    text = (out / "gpu_check.txt").read_text()
+    assert "-- optimizer-device: FAILED: stopped at its" in text
+    assert "-- train-1b: NOT RUN" in text and "-- compile-cost: NOT RUN" in text
+    assert "NOT RUN (time limit): train-1b train-smollm2 optimizer-eager compile-cost" in text
 
 
 def test_optimizer_ops_benchmark_counts_calls_and_reads():

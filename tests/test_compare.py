@@ -396,6 +396,21 @@ def test_report_on_synthetic_grid(tmp_path):
     assert c.claim1["verdict"] == "NOT JUDGED" and c.claim1["missing"] == ["med-icd10"]
 
 
+def test_the_routing_by_type_plot_shows_shares_of_zero(tmp_path, monkeypatch):
+    """MoLF-E at top_k 1 can send 100% of updates to one expert: the plot of the other one's
+    share must still show its 0% bars, not an empty frame."""
+    from molf.experiments import plots
+
+    figures = []
+    save = plots.save
+    monkeypatch.setattr(plots, "save", lambda fig, path: (figures.append(fig), save(fig, path))[1])
+    shares = {"fact-geo": {"q": 0.0, "k": 0.0}, "med-icd10": {"q": 0.0, "k": 0.25}}
+    path = plots.plot_type_shares(shares, "share routed to lora_r128", tmp_path / "types.png")
+    assert path.is_file()
+    ax = figures[0].axes[0]
+    assert [t.get_text() for t in ax.texts] == ["0%", "0%", "0%", "25%"]
+
+
 def test_choose_uses_validation_then_training_loss(tmp_path):
     a = _fake_cell(tmp_path, "t", "lora", "lr-1e-3", {}, "acc", 0.5, 0.9)
     b = _fake_cell(tmp_path, "t", "lora", "lr-1e-4", {}, "acc", 0.5, 0.1)

@@ -71,6 +71,47 @@ def test_target_selection_by_names_regex_and_exclusion():
     assert "lm_head" in molf.molf_modules(model)
 
 
+class _NeoXLike(nn.Module):
+    """A causal LM whose output layer is not called lm_head (GPT-NeoX's `embed_out`)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed_in = nn.Embedding(16, 8)
+        self.layers = nn.ModuleList([nn.Linear(8, 8), nn.Linear(8, 8)])
+        self.embed_out = nn.Linear(8, 16, bias=False)
+
+    def get_output_embeddings(self) -> nn.Module:
+        return self.embed_out
+
+
+def test_all_linear_leaves_the_output_layer_alone_whatever_its_name(recwarn):
+    from transformers import BertConfig, BertLMHeadModel
+
+    neox = molf.wrap(_NeoXLike(), molf.MoLFConfig(lora_ranks=(2,)))
+    assert sorted(molf.molf_modules(neox)) == ["layers.0", "layers.1"]
+    bert = BertLMHeadModel(
+        BertConfig(
+            vocab_size=32,
+            hidden_size=16,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            intermediate_size=32,
+            is_decoder=True,
+        )
+    )
+    molf.wrap(bert, molf.MoLFConfig(lora_ranks=(2,)))
+    wrapped = molf.molf_modules(bert)
+    assert "cls.predictions.decoder" not in wrapped  # its get_output_embeddings()
+    assert "cls.predictions.transform.dense" in wrapped and len(wrapped) == 7
+    assert not [w for w in recwarn if "left" in str(w.message)]  # not listed as unwrapped
+    # clearing the exclusions, or naming the layer, still wraps it
+    assert "embed_out" in molf.molf_modules(
+        molf.wrap(_NeoXLike(), molf.MoLFConfig(lora_ranks=(2,), exclude_modules=()))
+    )
+    named = molf.MoLFConfig(lora_ranks=(2,), target_modules=["embed_out"])
+    assert list(molf.molf_modules(molf.wrap(_NeoXLike(), named))) == ["embed_out"]
+
+
 def test_no_match_is_a_clear_error():
     with pytest.raises(ValueError, match="target_modules"):
         molf.wrap(tiny_causal_lm("llama"), molf.MoLFConfig(target_modules=["nope"]))

@@ -130,6 +130,7 @@ def _error_line(capsys):
         (["train", "warmup_ratio=1.5"], "warmup_ratio"),
         (["train", "top_k=3"], "top_k"),
         (["train", "no-such-config.yaml"], "no-such-config.yaml"),
+        (["train", "mlof"], "config 'mlof': no such file, and not a bundled config (did you mean"),
         (
             ["train", "--task", "counterfact", "--data", "/nonexistent/cf.json"],
             "/nonexistent/cf.json",
@@ -143,6 +144,56 @@ def test_bad_input_is_one_line_exit_2(tmp_path, capsys, monkeypatch, argv, needl
     assert main(argv) == 2
     assert needle in _error_line(capsys)
     assert not (tmp_path / "run" / "summary.json").exists()
+
+
+@pytest.mark.parametrize(
+    "overrides,needle",
+    [
+        (["n_test=0"], "config key 'n_test': must be > 0 or null"),
+        (["n_val=-1"], "config key 'n_val': must be >= 0 or null"),
+        (["threads=0"], "config key 'threads': must be > 0 or null"),
+        (["epochs=.inf"], "config key 'epochs': must be a finite number > 0"),
+        (["score_eps=0"], "config key 'score_eps': must be > 0"),
+        (["lr_fft=0", "lr_lora=0"], "config key 'lr_fft': molf trains with lr_fft and lr_lora"),
+        (["--method", "lora", "lr_lora=0"], "config key 'lr_lora': lora trains with lr_lora"),
+        (["score=nope"], "config key 'score': unknown score 'nope' (registered: epd, pfn)"),
+        (["target_modules=[oops"], "config key 'target_modules': '[oops' is neither"),
+        (["target_modules=['']"], "config key 'target_modules': module names must be non-empty"),
+        (["--model", " "], "config key 'model': empty"),
+        (["generation_metric=bleu"], "config key 'generation_metric': must be one of"),
+        (["--task", "fact-geo", "prompt_field=q"], "task 'fact' does not read 'prompt_field'"),
+        (["--task", "sft"], "task 'sft' needs a data path"),
+        (["--data", "d.jsonl", "--task", "sft", "prompt_field=' '"], "'prompt_field': empty"),
+        (
+            ["--data", "d.jsonl", "--task", "sft", "eval_every=1", "best_metric=accuracy"],
+            "config key 'best_metric': task 'sft' reports loss, perplexity, not 'accuracy'",
+        ),
+    ],
+)
+def test_every_config_value_is_checked_before_any_model_loads(
+    capsys, monkeypatch, overrides, needle
+):
+    import molf.train.models
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("a model was loaded")
+
+    monkeypatch.setattr(molf.train.models, "load_model", no_model)
+    assert main(["train", *overrides]) == 2
+    assert needle in _error_line(capsys)
+
+
+def test_threads_set_torch_s_thread_count(tmp_path, capsys, monkeypatch):
+    calls = []
+    monkeypatch.setattr(torch, "set_num_threads", calls.append)
+    code, out = _train(tmp_path, "lora", "fact-geo", "threads=3")
+    assert code == 0 and calls == [3]
+    model = str(out / "final" / "model")
+    assert main(["eval", "--task", "fact-geo", "--model", model, "--threads", "2"]) == 0
+    assert calls == [3, 2]
+    capsys.readouterr()
+    assert main(["eval", "--task", "fact-geo", "--model", model, "--threads", "0"]) == 2
+    assert "--threads: must be > 0" in _error_line(capsys)
 
 
 def test_bad_method_is_rejected_by_the_parser(capsys):
@@ -188,3 +239,38 @@ def test_finished_run_is_not_overwritten(tmp_path, capsys):
     assert (out / "summary.json").read_text() == before
     code, _ = _train(tmp_path, "molf", "fact-geo", "--overwrite")
     assert code == 0
+
+
+def test_the_known_bitsandbytes_notice_is_silenced_and_nothing_else(capsys, caplog):
+    """bitsandbytes logs at import, on CPUs with AVX-512 BF16, that it could not fetch a kernel
+    from the hub: every molf command would start with that line. Only that line is dropped."""
+    import logging
+    import subprocess
+    import sys
+
+    from tests.runs import child_env
+
+    assert main(["train", "--print-config"]) == 0
+    logger = logging.getLogger("bitsandbytes.backends.cpu.ops")
+    with caplog.at_level(logging.WARNING):
+        logger.warning(
+            "Failed to load CPU gemm_4bit_forward from kernels-community: %s. Please make sure",
+            "Kernel repository 'x' could not verify publisher trust status.",
+        )
+        logger.warning("Failed to load CPU gemm_4bit_forward from kernels-community: other")
+        logger.warning("something else")
+    assert [r.getMessage() for r in caplog.records] == [
+        "Failed to load CPU gemm_4bit_forward from kernels-community: other",
+        "something else",
+    ]
+    # the real thing: bitsandbytes tries the kernel (and logs its notice) on AVX-512 BF16 CPUs;
+    # with HF_HUB_OFFLINE set it logs other lines, about offline mode, which are left alone
+    env = {k: v for k, v in child_env().items() if k != "HF_HUB_OFFLINE"}
+    code = (
+        "from molf.cli import main; main(['train', '--print-config']); import peft; "
+        "from bitsandbytes.functional import has_avx512bf16; print('tried', bool(has_avx512bf16()))"
+    )
+    quiet = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    if "tried True" not in quiet.stdout:
+        pytest.skip("bitsandbytes does not try the kernel on this CPU")
+    assert quiet.returncode == 0 and "gemm_4bit_forward" not in quiet.stderr

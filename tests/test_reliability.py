@@ -98,6 +98,7 @@ def test_signal_writes_a_checkpoint_and_exits(tmp_path, straight_run, sig, code)
     _, err = proc.communicate(timeout=240)
     assert proc.returncode == code, err
     assert ckpt.latest_good_checkpoint(out) is not None
+    assert "run the same command with --resume auto to continue" in err
     assert not (out / "summary.json").exists()
     done = train(RUN, out, "--resume", "auto")
     _finished(done)

@@ -7,6 +7,7 @@ import json
 import pickle
 import subprocess
 import sys
+import warnings
 
 import pytest
 import torch
@@ -15,11 +16,18 @@ from torch import nn
 from transformers import AutoModelForCausalLM, LlamaForCausalLM
 
 import molf
+from molf import saving
 from molf.saving import CONFIG_NAME, WEIGHTS_NAME
 from tests.conftest import VOCAB, tiny_causal_lm
 
 MOLF = molf.MoLFConfig(lora_ranks=(8,))
 MOLF_E = molf.MoLFConfig(lora_ranks=(4, 8), train_base=False)
+
+
+@pytest.fixture(autouse=True)
+def fresh_format_notice(monkeypatch):
+    """Each test starts as a fresh process would: the format notice not yet given."""
+    monkeypatch.setattr(saving, "_format_notice_given", False)
 
 
 def batch(seed: int) -> torch.Tensor:
@@ -120,6 +128,20 @@ def test_model_save_pretrained_writes_molf_format_that_plain_transformers_refuse
         model.save_pretrained(tmp_path / "hub", push_to_hub=True)
 
 
+def test_the_format_notice_is_given_once_per_process(tmp_path):
+    """Every Trainer checkpoint goes through save_pretrained, and model_init or a resumed run
+    brings new wrapped models: the notice comes once, however many models and saves."""
+    models = [trained("llama", MOLF, steps=1), trained("llama", MOLF_E, steps=1)]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for i in range(3):
+            for j, model in enumerate(models):
+                model.save_pretrained(tmp_path / f"checkpoint-{i}-{j}")
+    notices = [w for w in caught if "molf's format" in str(w.message)]
+    assert len(notices) == 1
+    assert all((tmp_path / f"checkpoint-{i}-1" / CONFIG_NAME).is_file() for i in range(3))
+
+
 def test_merged_model_saves_as_plain_transformers(tmp_path):
     model = trained("llama", MOLF, steps=1)
     before = logits(model)
@@ -135,7 +157,8 @@ def test_copies_and_pickles_of_a_wrapped_model_save_themselves(tmp_path):
     for clone in (copy.deepcopy(model), pickle.loads(pickle.dumps(model))):
         with torch.no_grad():
             next(iter(molf.molf_modules(clone).values())).lora_B[0].add_(1.0)
-        with pytest.warns(UserWarning):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the format notice: given once per process
             clone.save_pretrained(tmp_path / "clone")
         assert torch.equal(logits(molf.from_pretrained(tmp_path / "clone")), logits(clone))
         assert not torch.equal(logits(clone), logits(model))
@@ -250,3 +273,42 @@ def test_trainable_parameters_of_molf_e_match_peft_lora_of_the_summed_rank(capsy
         f"trainable params: {s['trainable']:,d} || all params: {s['all']:,d} || "
         f"trainable%: {s['trainable_percent']:.4f}"
     )
+
+
+def test_a_molf_save_is_a_base_model_for_molf_train(tmp_path, capsys):
+    """`molf train --model DIR` (and `molf eval`) on a molf.save_pretrained directory: it loads as
+    the plain model it computes (experts merged), and the method wraps it afresh."""
+    from molf.cli import main
+    from molf.train.models import load_model
+
+    base, tok = load_model("tiny-llama")
+    model = molf.wrap(base, molf.MoLFConfig(lora_ranks=(4,)))
+    with torch.no_grad():
+        for m in molf.molf_modules(model).values():
+            m.lora_B[0].normal_(0, 0.05)
+    ids = tok(["The capital of France is"], return_tensors="pt")["input_ids"]
+    model.eval()
+    with torch.no_grad():
+        expected = model(ids).logits
+    molf.save_pretrained(model, tmp_path / "no-tokenizer")
+    with pytest.raises(molf.MolfError, match="no tokenizer files"):
+        load_model(tmp_path / "no-tokenizer")
+    molf.save_pretrained(model, tmp_path / "saved", tokenizer=tok)
+
+    plain, _ = load_model(tmp_path / "saved")
+    assert not molf.molf_modules(plain)
+    with torch.no_grad():
+        torch.testing.assert_close(plain(ids).logits, expected, rtol=1e-5, atol=1e-5)
+    data = tmp_path / "qa.jsonl"
+    data.write_text(
+        "".join(
+            json.dumps({"prompt": f"{i} plus one is", "completion": f" {i + 1}"}) + "\n"
+            for i in range(12)
+        )
+    )
+    argv = ["train", "molf", "--model", str(tmp_path / "saved"), "--task", "sft"]
+    argv += ["--data", str(data), "--output-dir", str(tmp_path / "run"), "max_steps=1"]
+    argv += ["batch_size=2", "grad_accum=1", "lora_rank=4", "progress=false"]
+    assert main(argv) == 0, capsys.readouterr().err
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["before"]["loss"] != summary["after"]["loss"]

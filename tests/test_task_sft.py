@@ -108,8 +108,9 @@ def test_every_file_form_gives_the_same_splits(tmp_path, kind, rows):
     reference = build(write_rows(tmp_path / "r.jsonl", rows(9), "jsonl"))[1]
     name = {"saved": "r", "json": "r.json", "csv": "r.csv", "parquet": "r.parquet"}[kind]
     other = build(write_rows(tmp_path / name, rows(9), kind))[1]
+    # 'r.jsonl line 5' is 'r.csv row 5': the JSON lines file has no blank line before its end
     assert other.train == [
-        Example(e.prompt, e.completion, e.messages, e.origin.replace("r.jsonl", name))
+        Example(e.prompt, e.completion, e.messages, e.origin.replace("r.jsonl line", f"{name} row"))
         for e in reference.train
     ]
     assert [r["messages"] or r["completion"] for r in other.test] == [
@@ -172,7 +173,8 @@ def test_split_column_and_aliases(tmp_path):
     assert (len(s.train), len(s.validation), len(s.test)) == (6, 3, 3)
     assert s.info["validation_from"] == "split" and s.info["test_from"] == "split"
     rows[5]["split"] = "holdout"
-    with pytest.raises(MolfError, match="s.csv row 5: split 'holdout' is not train, validation"):
+    # row 6 after the header: the sixth row, rows[5]
+    with pytest.raises(MolfError, match="s.csv row 6: split 'holdout' is not train, validation"):
         build(write_rows(tmp_path / "s.csv", rows, "csv"))
 
 
@@ -203,6 +205,118 @@ def test_seeded_held_out_rows(tmp_path):
     assert len(set(texts)) == 30  # every row in exactly one split
 
 
+def test_unset_sizes_scale_with_the_file(tmp_path):
+    """n_val / n_test unset (None): a tenth of the rows each, at least 1 while a training row is
+    left, at most 32 / 64; the note says where the rows went."""
+    sizes = {}
+    for n in (2, 3, 10, 40, 700):
+        path = write_rows(tmp_path / f"n{n}.jsonl", pc_rows(n), "jsonl")
+        _, s = build(path, n_val=None, n_test=None, n_train=256)
+        sizes[n] = (len(s.train), len(s.validation), len(s.test))
+    assert sizes == {
+        2: (1, 0, 1),
+        3: (1, 1, 1),
+        10: (8, 1, 1),
+        40: (32, 4, 4),
+        700: (256, 32, 64),  # 604 left to train on, n_train=256 of them
+    }
+    _, s = build(tmp_path / "n40.jsonl", n_val=None, n_test=None)
+    note = s.info["note"]
+    assert note.startswith("n40.jsonl: 32 train, 4 validation (n_val unset: a tenth of 40 rows")
+    assert "4 test (n_test unset: a tenth of 40 rows, at most 64, seeded)" in note
+    # a set size is taken as given, the other still scales; the test rows do not depend on n_val
+    _, only_test = build(tmp_path / "n40.jsonl", n_val=None, n_test=8)
+    _, both = build(tmp_path / "n40.jsonl", n_val=5, n_test=8)
+    assert (len(only_test.train), len(only_test.validation), len(only_test.test)) == (28, 4, 8)
+    assert both.test == only_test.test and "8 test (n_test=8, seeded)" in both.info["note"]
+
+
+def test_sizes_that_leave_nothing_to_train_name_the_numbers_and_keys(tmp_path):
+    path = write_rows(tmp_path / "small.jsonl", pc_rows(40), "jsonl")
+    with pytest.raises(MolfError) as err:
+        build(path, n_val=32, n_test=64)
+    assert str(err.value) == (
+        "small.jsonl: 40 training rows, 40 held out for test and 0 for validation (n_test=64, "
+        "n_val=32): none is left to train on; lower the config keys n_test and n_val, or leave "
+        "them unset to hold out about 10% each (4 and 4 here)"
+    )
+    one = write_rows(tmp_path / "one.jsonl", pc_rows(1), "jsonl")
+    with pytest.raises(MolfError, match="one.jsonl: 1 training row: too few to hold out a test"):
+        build(one, n_val=None, n_test=None)
+
+
+def test_unset_sizes_cap_the_data_s_own_splits(tmp_path):
+    rows = pc_rows(200)
+    for i, r in enumerate(rows):
+        r["split"] = "test" if i < 100 else "dev" if i < 150 else "train"
+    _, s = build(write_rows(tmp_path / "s.jsonl", rows, "jsonl"), n_val=None, n_test=None)
+    assert (len(s.train), len(s.validation), len(s.test)) == (50, 32, 64)
+    assert "32 validation (the data's validation rows)" in s.info["note"]
+
+
+def test_evaluation_only_scores_every_row_or_the_named_test_rows(tmp_path):
+    path = write_rows(tmp_path / "e.jsonl", pc_rows(5), "jsonl")
+    _, s = build_task("sft", str(path), 0, None, None, None, TaskOptions(), evaluation_only=True)
+    assert s.train == [] and [r["completion"] for r in s.test] == [f" {2 + i}" for i in range(5)]
+    assert s.info["note"] == "e.jsonl: all 5 rows are test records"
+    rows = pc_rows(5)
+    rows[3]["split"] = "test"
+    path = write_rows(tmp_path / "t.jsonl", rows, "jsonl")
+    _, s = build_task("sft", str(path), 0, None, None, None, TaskOptions(), evaluation_only=True)
+    assert [r["completion"] for r in s.test] == [" 5"]
+    # with a size, the split molf train makes, without needing a training row
+    _, s = build_task("sft", str(path), 0, None, None, 4, TaskOptions(), evaluation_only=True)
+    assert len(s.test) == 1 and s.info["test_from"] == "split"
+
+
+def test_split_options_choose_a_data_set_s_splits(tmp_path):
+    import datasets
+
+    dd = tmp_path / "chats"
+    datasets.DatasetDict(
+        {
+            "train_sft": datasets.Dataset.from_list(pc_rows(8)),
+            "test_sft": datasets.Dataset.from_list(pc_rows(11)[8:]),
+            "train_gen": datasets.Dataset.from_list(text_rows(4)),
+        }
+    ).save_to_disk(str(dd))
+    _, s = build(dd, n_val=None, n_test=None, train_split="train_sft", test_split="test_sft")
+    assert (len(s.train), len(s.validation), len(s.test)) == (7, 1, 3)
+    assert s.info["left_out_splits"] == ["train_gen"]
+    assert s.info["note"].endswith("; splits left out: train_gen")
+    assert all(r["id"].startswith("chats[test_sft] row ") for r in s.test)
+    with pytest.raises(MolfError, match=r"chats: no split 'test' for test_split= \(splits: "):
+        build(dd, train_split="train_sft", test_split="test")
+    with pytest.raises(MolfError, match="named for both train_split= and test_split="):
+        build(dd, train_split="train_sft", test_split="train_sft")
+    # a --val-data file is validation data whatever the split options say
+    val = write_rows(tmp_path / "val.jsonl", pc_rows(2), "jsonl")
+    _, s = build(dd, n_val=None, n_test=None, train_split="train_sft", val_data=str(val))
+    assert len(s.validation) == 2 and s.info["validation_from"] == "val_data"
+
+
+def test_messages_name_the_file_s_own_line_or_row(tmp_path):
+    """1-based, as an editor shows it: a JSON lines file's line (blank lines counted), a CSV
+    file's row after the header, every other form's row."""
+    good = json.dumps({"prompt": "q", "completion": "a"})
+    (tmp_path / "b.jsonl").write_text(f"{good}\n\n{good}\n" + json.dumps({"prompt": "q"}) + "\n")
+    with pytest.raises(MolfError, match="b.jsonl line 4: no 'completion' value"):
+        build(tmp_path / "b.jsonl")
+    bad = {"prompt": "q", "completion": ""}
+    (tmp_path / "c.jsonl").write_text(f"{good}\n\n{good}\n" + json.dumps(bad) + "\n")
+    with pytest.raises(MolfError, match="c.jsonl line 4: 'completion' is empty"):
+        build(tmp_path / "c.jsonl")
+    rows = pc_rows(4)
+    rows[2]["completion"] = " "
+    for kind, name, where in [
+        ("csv", "c.csv", "row 3"),
+        ("parquet", "c.parquet", "row 3"),
+        ("json", "c.json", "row 3"),
+    ]:
+        with pytest.raises(MolfError, match=f"{name} {where}: 'completion' is empty"):
+            build(write_rows(tmp_path / name, rows, kind))
+
+
 # --------------------------------------------------------------------------- bad input
 
 
@@ -219,11 +333,11 @@ def test_seeded_held_out_rows(tmp_path):
         ),
         (
             [{"messages": chat(0)}, {"prompt": "q", "completion": "a"}],
-            r"rows of mixed formats \(row 0 is chat, row 1 is prompt/completion\)",
+            r"rows of mixed formats \(line 1 is chat, line 2 is prompt/completion\)",
         ),
         (
             [{"text": "a"}, {"messages": chat(1)}],
-            r"rows of mixed formats \(row 0 is text, row 1 is chat\)",
+            r"rows of mixed formats \(line 1 is text, line 2 is chat\)",
         ),
         (
             [{"messages": chat(0), "text": "x"}],
@@ -231,7 +345,7 @@ def test_seeded_held_out_rows(tmp_path):
         ),
         (
             [{"messages": chat(0)}, {"messages": [SYSTEM, {"role": "user", "content": "hi"}]}],
-            r"d.jsonl row 1: the conversation has no assistant turn \(roles: system, user\)",
+            r"d.jsonl line 2: the conversation has no assistant turn \(roles: system, user\)",
         ),
         (
             [
@@ -242,17 +356,17 @@ def test_seeded_held_out_rows(tmp_path):
                     ]
                 }
             ],
-            "d.jsonl row 0: the conversation starts with an assistant turn",
+            "d.jsonl line 1: the conversation starts with an assistant turn",
         ),
         (
             [{"messages": [{"from": "human", "value": "hi"}]}],
-            r"d.jsonl row 0: message 0 has no 'role' \(keys found: from, value\)",
+            r"d.jsonl line 1: message 0 has no 'role' \(keys found: from, value\)",
         ),
-        ([{"messages": "not json"}], "d.jsonl row 0: messages are text but not a JSON list"),
-        ([{"prompt": "q", "completion": 3}], "d.jsonl row 0: 'completion' must be text, got int"),
-        ([{"prompt": "q", "completion": "  "}], "d.jsonl row 0: 'completion' is empty"),
-        ([{"prompt": None, "completion": "a"}], "d.jsonl row 0: no 'prompt' value"),
-        ([[1, 2]], "d.jsonl row 0: expected an object, got list"),
+        ([{"messages": "not json"}], "d.jsonl line 1: messages are text but not a JSON list"),
+        ([{"prompt": "q", "completion": 3}], "d.jsonl line 1: 'completion' must be text, got int"),
+        ([{"prompt": "q", "completion": "  "}], "d.jsonl line 1: 'completion' is empty"),
+        ([{"prompt": None, "completion": "a"}], "d.jsonl line 1: no 'prompt' value"),
+        ([[1, 2]], "d.jsonl line 1: expected an object, got list"),
     ],
 )
 def test_bad_rows_are_one_line(tmp_path, rows, message):
@@ -286,7 +400,11 @@ def test_other_bad_requests(tmp_path):
     datasets.DatasetDict({"train_sft": datasets.Dataset.from_list(pc_rows(3))}).save_to_disk(
         str(dd)
     )
-    with pytest.raises(MolfError, match=r"dd: split 'train_sft' is not train, validation or test"):
+    with pytest.raises(
+        MolfError,
+        match=r"dd: split 'train_sft' is not train, validation or test \(splits: train_sft\); "
+        "choose them with train_split=",
+    ):
         build(dd)
 
 
@@ -542,3 +660,45 @@ def test_train_on_own_chat_data_with_packing(tmp_path, capsys):
     assert summary["n_train_examples"] == 24 and summary["truncated_examples"] > 0
     assert f"{summary['truncated_examples']} of 24 training examples exceed max_length=48" in err
     assert "packed 24 training examples into" in err
+
+
+def test_small_files_train_and_evaluate_with_default_splits(tmp_path, capsys, monkeypatch):
+    """A 40-row file with no split settings: 32/4/4, said on the console; each file gets its own
+    default output directory; `molf eval` reproduces the run's test split, and scores other data
+    whole."""
+    from molf.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    rows = CAPITALS.read_text().splitlines()
+    Path("small.jsonl").write_text("\n".join(rows[:40]) + "\n")
+    Path("other.jsonl").write_text("\n".join(rows[40:60]) + "\n")
+    fast = ["--model", "tiny-llama", "max_steps=1", "batch_size=4", "grad_accum=1"]
+    fast += ["lora_rank=4", "max_length=48", "progress=false", "eval_before=false"]
+    assert main(["train", "lora", "--task", "sft", "--data", "small.jsonl", *fast]) == 0
+    out, err = capsys.readouterr()
+    # the end-of-run summary names every file a user looks at next
+    for line in (
+        "  adapter: runs/sft-small-lora/final/adapter",
+        "  metrics:     runs/sft-small-lora/metrics.jsonl",
+        "  summary:     runs/sft-small-lora/summary.json",
+    ):
+        assert line in out.splitlines()
+    assert "data: small.jsonl: 32 train, 4 validation (n_val unset: a tenth of 40 rows" in err
+    summary = json.loads(Path("runs/sft-small-lora/summary.json").read_text())
+    assert summary["n_test_records"] == 4 and summary["n_train_examples"] == 32
+    assert main(["train", "lora", "--task", "sft", "--data", "other.jsonl", *fast]) == 0
+    assert Path("runs/sft-other-lora/summary.json").is_file()
+    capsys.readouterr()
+
+    adapter = "runs/sft-small-lora/final/adapter"
+    assert main(["eval", "--task", "sft", "--model", adapter, "--json"]) == 0
+    again = json.loads(capsys.readouterr().out)
+    assert again["n_records"] == 4
+    assert again["metrics"]["loss"] == pytest.approx(summary["after"]["loss"], rel=1e-5)
+    assert main(["eval", "--task", "sft", "--model", adapter, "--data", "other.jsonl"]) == 0
+    assert "(20 held-out records)" in capsys.readouterr().out
+    argv = ["eval", "--task", "sft", "--model", "tiny-llama", "--data", "small.jsonl"]
+    assert main([*argv, "--n-test", "4", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["n_records"] == 4
+    assert main([*argv, "foo=1"]) == 2
+    assert "'foo=1': expected a task option as key=value" in capsys.readouterr().err

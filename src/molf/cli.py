@@ -12,6 +12,7 @@ import json
 import os
 import sys
 import warnings
+from pathlib import Path
 from typing import Any
 
 from molf.errors import MolfError
@@ -127,12 +128,19 @@ def format_summary(summary: dict[str, Any]) -> str:
         lines.append("  routing: " + ", ".join(f"{e} {v:.1%}" for e, v in overall.items()))
     for name, path in summary["artefacts"].items():
         lines.append(f"  {name}: {path}")
+    if summary.get("run_dir"):
+        run_dir = Path(summary["run_dir"])
+        files = [("routing log", "routing.jsonl")] if summary.get("routing") else []
+        files += [("metrics", "metrics.jsonl"), ("summary", "summary.json")]
+        for label, name in files:
+            lines.append(f"  {label + ':':<12} {run_dir / name}")
     return "\n".join(lines)
 
 
 def _eval(args: argparse.Namespace) -> int:
-    from molf.train.evaluate import evaluate_path
+    from molf.train.evaluate import evaluate_path, parse_task_options
 
+    options = parse_task_options(args.overrides or [])
     result = evaluate_path(
         args.model,
         args.task,
@@ -141,6 +149,9 @@ def _eval(args: argparse.Namespace) -> int:
         n_test=args.n_test,
         batch_size=args.batch_size,
         trust_remote_code=args.trust_remote_code,
+        n_val=args.n_val,
+        options=options,
+        threads=args.threads,
     )
     if args.json:
         print(json.dumps(result, indent=1))
@@ -222,14 +233,36 @@ def build_parser() -> argparse.ArgumentParser:
     )
     e.add_argument("--task", required=True)
     e.add_argument("--model", required=True)
-    e.add_argument("--data")
+    e.add_argument(
+        "--data",
+        help="default: the data the model was trained on (its molf_run.json); other sft data is "
+        "scored whole unless --n-test / --n-val or test_split= say otherwise",
+    )
     e.add_argument(
         "--seed", type=int, default=None, help="default: the seed the model was trained with"
     )
-    e.add_argument("--n-test", type=int, default=None)
+    e.add_argument(
+        "--n-test",
+        type=int,
+        default=None,
+        help="test records (default: the run's; other sft data: every row)",
+    )
+    e.add_argument(
+        "--n-val",
+        type=int,
+        default=None,
+        help="validation rows: with --n-test, score the test split molf train makes with "
+        "these sizes on other data",
+    )
     e.add_argument("--batch-size", type=int, default=16)
+    e.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     e.add_argument("--trust-remote-code", action="store_true")
     e.add_argument("--json", action="store_true", help="print the metrics as JSON")
+    e.add_argument(
+        "overrides",
+        nargs="*",
+        help="task options, e.g. generation_metric=exact_match test_split=test_sft",
+    )
     e.set_defaults(func=_eval)
 
     c = sub.add_parser(
@@ -335,6 +368,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the `molf` console script."""
+    from molf._quiet import quiet_known_noise
+
+    quiet_known_noise()  # before anything imports bitsandbytes, which logs it at import
     warnings.filterwarnings("ignore", category=FutureWarning)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     try:

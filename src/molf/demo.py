@@ -11,6 +11,9 @@ from molf.errors import MolfError
 
 
 def main() -> int:
+    from molf._quiet import quiet_known_noise
+
+    quiet_known_noise()
     warnings.filterwarnings("ignore", category=FutureWarning)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     from molf.cli import format_summary
@@ -30,9 +33,6 @@ def main() -> int:
         print(f"molf: error: {e}", file=sys.stderr)
         return 2
     print(format_summary(summary))
-    print(f"  routing log: {cfg.run_dir / 'routing.jsonl'}")
-    print(f"  metrics:     {cfg.run_dir / 'metrics.jsonl'}")
-    print(f"  summary:     {cfg.run_dir / 'summary.json'}")
     return 0
 
 

@@ -226,6 +226,24 @@ def _is_target(name: str, config: MoLFConfig) -> bool:
     return _name_matches(name, tuple(target))
 
 
+def _output_head(model: nn.Module, config: MoLFConfig) -> str | None:
+    """The dotted name of the model's output layer when "all-linear" must leave it alone: the
+    default exclusion `lm_head` means the output layer whatever the model calls it (GPT-NeoX's
+    `embed_out`), found as transformers does, by `get_output_embeddings()`. None otherwise."""
+    if config.target_modules != "all-linear" or "lm_head" not in config.exclude_modules:
+        return None
+    get = getattr(model, "get_output_embeddings", None)
+    if not callable(get):
+        return None
+    try:
+        head = get()
+    except (AttributeError, NotImplementedError):  # a model class without an output layer
+        return None
+    if head is None:
+        return None
+    return next((n for n, m in model.named_modules() if m is head and n), None)
+
+
 def _own_weights(module: nn.Module) -> list[tuple[str, nn.Parameter]]:
     """Parameters of 2+ dims held by `module` itself (not its children): weight-like tensors."""
     return [(n, p) for n, p in module.named_parameters(recurse=False) if p.dim() >= 2]
@@ -255,7 +273,10 @@ def wrap(model: nn.Module, config: MoLFConfig | None = None) -> nn.Module:
     config = config or MoLFConfig()
     if molf_modules(model):
         raise MolfError("wrap: the model is already wrapped by molf")
-    matched = [(n, m) for n, m in model.named_modules() if n and _is_target(n, config)]
+    head = _output_head(model, config)
+    matched = [
+        (n, m) for n, m in model.named_modules() if n and n != head and _is_target(n, config)
+    ]
     targets = [(n, m) for n, m in matched if base_layer_kind(m) is not None]
     named = config.target_modules != "all-linear"
     if named:
@@ -303,7 +324,7 @@ def wrap(model: nn.Module, config: MoLFConfig | None = None) -> nn.Module:
     model.molf_config = config
     _warn_shared(model, config)
     if not named:
-        _warn_unwrapped(model, config)
+        _warn_unwrapped(model, config, head)
     from molf.saving import guard_save_pretrained  # molf.saving imports this module
 
     guard_save_pretrained(model)
@@ -343,16 +364,18 @@ def _warn_shared(model: nn.Module, config: MoLFConfig) -> None:
         )
 
 
-def _warn_unwrapped(model: nn.Module, config: MoLFConfig) -> None:
+def _warn_unwrapped(model: nn.Module, config: MoLFConfig, head: str | None) -> None:
     """Under "all-linear": name the weight tensors of 2+ dims left unwrapped, other than
-    embeddings, norms and excluded modules (lm_head): fused MoE experts, routers, convolutions,
-    linear subclasses molf does not know. The same name in every layer is listed once."""
+    embeddings, norms and excluded modules (lm_head, the output layer `head`): fused MoE experts,
+    routers, convolutions, linear subclasses molf does not know. The same name in every layer is
+    listed once."""
     skip: set[int] = set()
     for name, m in model.named_modules():
         if (
             isinstance(m, (MoLFLinear, nn.Embedding))
             or "norm" in type(m).__name__.lower()
             or (name and _name_matches(name, tuple(config.exclude_modules)))
+            or (name and name == head)
         ):
             skip |= {id(p) for p in m.parameters()}
     groups: dict[str, list[str]] = {}

@@ -45,7 +45,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from molf.config import MoLFConfig
-from molf.errors import MolfError
+from molf.errors import MolfError, one_line
 from molf.layer import molf_modules, wrap
 
 WEIGHTS_NAME = "molf_model.safetensors"
@@ -109,6 +109,24 @@ def _for_file(tensors: dict[str, torch.Tensor], skip: dict[str, str]) -> dict[st
         storages.add(storage)
         out[name] = t
     return out
+
+
+def _is_expert(name: str) -> bool:
+    return re.search(r"\.lora_[AB]\.\d+$", name) is not None
+
+
+def _model_dtype(model: nn.Module) -> torch.dtype:
+    """The float dtype the model computes in: its wrapped layers' weight dtype, or, on a
+    quantized base (packed integer weights), that of its first float tensor outside the wrapped
+    layers (the experts there are float32 whatever the model's dtype, as in peft)."""
+    weight = next(iter(molf_modules(model).values())).weight
+    if weight.dtype.is_floating_point:
+        return weight.dtype
+    wrapped = tuple(f"{n}." for n in molf_modules(model))
+    for name, p in model.named_parameters():
+        if p.dtype.is_floating_point and not name.startswith(wrapped):
+            return p.dtype
+    return torch.float32
 
 
 def _few(names: list[str], limit: int = 5) -> str:
@@ -182,7 +200,7 @@ def save_pretrained(
             for n, t in live.items()
             if isinstance(t, nn.Parameter) and not t.requires_grad and n not in aliases
         ],
-        "dtype": str(next(iter(molf_modules(model).values())).weight.dtype).removeprefix("torch."),
+        "dtype": str(_model_dtype(model)).removeprefix("torch."),
         "architecture": None,
     }
     hf_config = getattr(model, "config", None)
@@ -258,8 +276,15 @@ def _molf_config(info: dict[str, Any], path: Path) -> MoLFConfig:
     return MoLFConfig(**saved)
 
 
-def _load_file(path: Path, targets: dict[str, torch.Tensor], skip: dict[str, str]) -> None:
-    """Copy every tensor of `path` into `targets` (the live objects), strictly."""
+def _load_file(
+    path: Path,
+    targets: dict[str, torch.Tensor],
+    skip: dict[str, str],
+    derived: frozenset[str] = frozenset(),
+) -> None:
+    """Copy every tensor of `path` into `targets` (the live objects), strictly. `derived` names
+    entries a module computes for its state dict rather than holds (a 4-bit layer's quantization
+    statistics): those must equal the saved ones, since copying into them would change nothing."""
     expected = [n for n in targets if n not in skip]
     with safe_open(str(path), framework="pt") as f:
         keys = set(f.keys())
@@ -277,7 +302,10 @@ def _load_file(path: Path, targets: dict[str, torch.Tensor], skip: dict[str, str
                     f"{path}: {name} has shape {tuple(saved.shape)}, the model expects "
                     f"{tuple(target.shape)}"
                 )
-            if saved.dtype == target.dtype:
+            if name in derived:
+                if not torch.equal(saved, target.to(saved.device)):
+                    raise MolfError(f"{path}: {name} differs from the rebuilt model's")
+            elif saved.dtype == target.dtype:
                 target.copy_(saved)
             else:  # keep the saved dtype; `.data` keeps the Parameter object (and its ties)
                 target.data = saved.to(target.device)
@@ -302,7 +330,9 @@ def _load_tensors(
             f"{directory}: the saved model tied {info['tied'] or 'no weights'}, the rebuilt one "
             f"ties {aliases or 'none'}"
         )
-    _load_file(directory / WEIGHTS_NAME, live, aliases)
+    held = {n for n, _ in model.named_parameters(remove_duplicate=False)}
+    held |= {n for n, _ in model.named_buffers(remove_duplicate=False)}
+    _load_file(directory / WEIGHTS_NAME, live, aliases, frozenset(set(live) - held))
     _load_file(directory / BUFFERS_NAME, buffers, aliases)
     if not restore_frozen:
         return
@@ -391,6 +421,8 @@ def from_pretrained(
             f"{directory}: transformers {transformers.__version__} has no model class {arch}"
         )
     dtype = getattr(torch, str(info.get("dtype")), None)
+    if isinstance(dtype, torch.dtype) and not dtype.is_floating_point:
+        dtype = _saved_float_dtype(directory)  # saved before quantized bases recorded theirs
     if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
         raise MolfError(
             f"{directory / CONFIG_NAME}: dtype {info.get('dtype')!r} is not a float dtype"
@@ -398,21 +430,66 @@ def from_pretrained(
     if not (directory / "config.json").is_file():
         raise MolfError(f"{directory}: no config.json (the {arch} configuration)")
     config = cls.config_class.from_pretrained(directory)
-    from transformers.initialization import no_init_weights
+    if getattr(config, "quantization_config", None) is not None:
+        model = _quantized_base(cls, config, directory, dtype, device)
+    else:
+        from transformers.initialization import no_init_weights
 
-    # Every parameter and persistent buffer is overwritten by the strict load below, so the
-    # random initialisation would be wasted work; buffers computed in __init__ are still built.
-    # no_init_weights also skips the tying that init_weights does: tie explicitly, as
-    # transformers' from_pretrained does (the load checks the ties against the saved ones).
-    with _default_dtype(dtype), no_init_weights():
-        model = cls(config)
-    model.tie_weights()
+        # Every parameter and persistent buffer is overwritten by the strict load below, so the
+        # random initialisation would be wasted work; buffers computed in __init__ are still
+        # built. no_init_weights also skips the tying that init_weights does: tie explicitly,
+        # as transformers' from_pretrained does (the load checks the ties against the saved
+        # ones).
+        with _default_dtype(dtype), no_init_weights():
+            model = cls(config)
+        model.tie_weights()
     load_wrapped(model, directory)
     if (directory / "generation_config.json").is_file():
         model.generation_config = transformers.GenerationConfig.from_pretrained(directory)
-    if device is not None:
+    if device is not None and getattr(config, "quantization_config", None) is None:
         model.to(device)
     return model.eval()
+
+
+def _saved_float_dtype(directory: Path) -> torch.dtype:
+    """The dtype of the first float tensor of a save outside its wrapped layers (embeddings,
+    norms): the model's dtype when its base layers hold packed integers."""
+    with safe_open(str(directory / WEIGHTS_NAME), framework="pt") as f:
+        for name in f.keys():
+            if ".base_layer." in name or _is_expert(name):
+                continue
+            dtype = f.get_slice(name).get_dtype()
+            found = getattr(
+                torch, {"F32": "float32", "BF16": "bfloat16", "F16": "float16"}.get(dtype, ""), None
+            )
+            if isinstance(found, torch.dtype):
+                return found
+    return torch.float32
+
+
+def _quantized_base(
+    cls: type, config: Any, directory: Path, dtype: torch.dtype, device: Any
+) -> nn.Module:
+    """The unwrapped model of a save on a bitsandbytes-quantized base, built by transformers from
+    the saved base tensors (packed weights and their quantization statistics), so that its
+    quantized layers are what they were; `load_wrapped` then wraps it and loads the experts."""
+    from safetensors.torch import load_file
+
+    base = {
+        name.replace(".base_layer.", "."): t
+        for name, t in load_file(str(directory / WEIGHTS_NAME)).items()
+        if not _is_expert(name)
+    }
+    target = "cpu" if device is None else str(device)
+    try:
+        return cls.from_pretrained(
+            None, config=config, state_dict=base, dtype=dtype, device_map={"": target}
+        )
+    except (ImportError, OSError, ValueError, RuntimeError) as e:
+        raise MolfError(f"{directory}: cannot rebuild its quantized base ({one_line(e)})") from None
+
+
+_format_notice_given = False  # the notice below is given once per process
 
 
 class _WrappedSavePretrained:
@@ -422,7 +499,6 @@ class _WrappedSavePretrained:
 
     def __init__(self, model: nn.Module) -> None:
         self.model = model
-        self.warned = False
 
     def __call__(
         self,
@@ -450,7 +526,10 @@ class _WrappedSavePretrained:
             )
         if not is_main_process:
             return
-        if not self.warned:  # once per model: the Trainer saves every checkpoint through here
+        global _format_notice_given
+        # Once per process, not per model or per save: a Trainer saves every checkpoint through
+        # here, and `model_init` or a resumed run brings a new wrapped model each time.
+        if not _format_notice_given:
             warnings.warn(
                 "save_pretrained: the model is wrapped by molf, so it is saved in molf's format "
                 "(experts unmerged; reload with molf.from_pretrained; a Trainer resumes from it "
@@ -458,7 +537,7 @@ class _WrappedSavePretrained:
                 "transformers checkpoint, molf.merge_and_unload(model) first.",
                 stacklevel=2,
             )
-            self.warned = True
+            _format_notice_given = True
         save_pretrained(model, save_directory, state_dict=state_dict)
 
 

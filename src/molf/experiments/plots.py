@@ -99,7 +99,13 @@ def plot_type_shares(shares: dict[str, dict[str, float | None]], title: str, pat
     width = 0.8 / max(1, len(shares))
     for j, (task, s) in enumerate(shares.items()):
         xs = [i + (j - (len(shares) - 1) / 2) * width for i in range(len(types))]
-        ax.bar(xs, [s.get(t) or 0.0 for t in types], width=width, label=task)
+        values = [s.get(t) for t in types]
+        bars = ax.bar(xs, [v or 0.0 for v in values], width=width, label=task)
+        # every share written on its bar: where this expert won nothing the bars have no
+        # height, and the plot must still say 0% rather than look empty
+        labels = ["" if v is None else f"{v:.0%}" for v in values]
+        ax.bar_label(bars, labels=labels, fontsize=7, padding=1)
+    ax.axhline(0.0, color="black", linewidth=0.8)
     ax.set_xticks(range(len(types)))
     ax.set_xticklabels(types)
     ax.set_ylim(0, 1.2)  # headroom for the legend

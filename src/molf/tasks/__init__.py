@@ -16,6 +16,8 @@ import pkgutil
 from molf._files import looks_like_path
 from molf.errors import MolfError
 from molf.tasks.base import (
+    DEFAULT_N_TEST,
+    DEFAULT_N_VAL,
     Task,
     TaskEntry,
     TaskOptions,
@@ -88,15 +90,26 @@ def build_task(
     data_path: str | None = None,
     seed: int = 0,
     n_train: int | None = None,
-    n_val: int = 64,
-    n_test: int = 128,
+    n_val: int | None = 64,
+    n_test: int | None = 128,
     options: TaskOptions | None = None,
+    *,
+    evaluation_only: bool = False,
 ) -> tuple[Task, TaskSplits]:
-    """The task and its splits; raises MolfError (one line) on bad names, files or records."""
-    task = get_task(name, options)
-    request = TaskRequest(resolve_source(name, data_path), data_path, seed, n_train, n_val, n_test)
+    """The task and its splits; raises MolfError (one line) on bad names, files or records.
+
+    `n_val` / `n_test` None: the task's own sizes where it sizes its splits from its data
+    (`sft`), else DEFAULT_N_VAL / DEFAULT_N_TEST. `evaluation_only` (`molf eval`): no training
+    examples are needed."""
+    entry = _entry(name)
+    task = entry.make(options or TaskOptions())
+    if not entry.sizes_splits:
+        n_val = DEFAULT_N_VAL if n_val is None else n_val
+        n_test = DEFAULT_N_TEST if n_test is None else n_test
+    source = resolve_source(name, data_path)
+    request = TaskRequest(source, data_path, seed, n_train, n_val, n_test, evaluation_only)
     splits = task.build(request)
-    if not splits.train:
+    if not splits.train and not evaluation_only:
         raise MolfError(f"task '{name}': no training examples left after filtering")
     if not splits.test:
         raise MolfError(f"task '{name}': no test records left after filtering")

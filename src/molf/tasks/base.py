@@ -26,6 +26,8 @@ from molf.errors import MolfError
 from molf.tasks.common import TaskSplits
 
 __all__ = [
+    "DEFAULT_N_TEST",
+    "DEFAULT_N_VAL",
     "GENERATION_METRICS",
     "Task",
     "TaskEntry",
@@ -38,6 +40,9 @@ __all__ = [
 ]
 
 GENERATION_METRICS = ("none", "exact_match", "contains")
+# Split sizes of a task that does not size its own splits, when a run leaves them unset (null).
+DEFAULT_N_VAL = 32
+DEFAULT_N_TEST = 64
 # Metrics where a smaller value is the better model (every other metric is a score to raise).
 _LOWER_IS_BETTER = frozenset({"loss", "perplexity"})
 
@@ -53,14 +58,19 @@ class TaskRequest:
     """Which data a task builds splits from, and how large the splits are.
 
     `source` is one of the task's source names (e.g. `fact-geo` or `counterfact`); `data` a path
-    or hub id where the source takes one. `n_train=None` keeps every training example left."""
+    or hub id where the source takes one. `n_train=None` keeps every training example left.
+    `n_val` / `n_test` None (unset) reach only a task registered with `sizes_splits` (the
+    others get DEFAULT_N_VAL / DEFAULT_N_TEST from `build_task`): it sizes them from its data.
+    `evaluation_only`: no training split is wanted (`molf eval`); such a task may then make every
+    row a test record when no size is given."""
 
     source: str
     data: str | None = None
     seed: int = 0
     n_train: int | None = None
-    n_val: int = 64
-    n_test: int = 128
+    n_val: int | None = 64
+    n_test: int | None = 128
+    evaluation_only: bool = False
 
 
 def refuse_data(request: TaskRequest, instead: str) -> None:
@@ -84,6 +94,9 @@ class TaskOptions:
     text_field: str | None = None
     generation_metric: str = "none"
     max_new_tokens: int | None = None
+    train_split: str | None = None
+    val_split: str | None = None
+    test_split: str | None = None
 
     def __post_init__(self) -> None:
         if self.generation_metric not in GENERATION_METRICS:
@@ -152,13 +165,15 @@ class TaskEntry:
 
     `embedded` is the source a bare task name means without data (None: data is required),
     `with_data` the one it means with a data path; `options` the `TaskOptions` the task reads;
-    `configure` makes a task for given options (None: the task reads none and is shared)."""
+    `configure` makes a task for given options (None: the task reads none and is shared);
+    `sizes_splits`: the task takes unset (None) split sizes and sizes the splits from its data."""
 
     task: Task
     embedded: str | None = None
     with_data: str | None = None
     options: frozenset[str] = frozenset()
     configure: Callable[[TaskOptions], Task] | None = None
+    sizes_splits: bool = False
 
     @property
     def name(self) -> str:
@@ -184,6 +199,7 @@ def register_task(
     with_data: str | None = None,
     options: tuple[str, ...] = (),
     configure: Callable[[TaskOptions], Task] | None = None,
+    sizes_splits: bool = False,
 ) -> Task:
     """Make `task` findable by its name and its sources; returns it (for `TASK = register_task(...)`).
 
@@ -200,7 +216,9 @@ def register_task(
     for name in (task.name, *task.sources):
         if taken.get(name, task.name) != task.name:
             raise ValueError(f"task '{task.name}': name '{name}' is taken by '{taken[name]}'")
-    _REGISTRY[task.name] = TaskEntry(task, embedded, with_data, frozenset(options), configure)
+    _REGISTRY[task.name] = TaskEntry(
+        task, embedded, with_data, frozenset(options), configure, sizes_splits
+    )
     return task
 
 

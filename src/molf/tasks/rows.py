@@ -12,6 +12,10 @@ them and bad files fail with the same one-line errors:
   - anything else that does not look like a path (`molf._files.looks_like_path`): a Hugging Face
     hub id, loaded with `datasets.load_dataset`.
 
+A `Table` also knows where each row is, 1-based, for messages that name it: `line 4` of a JSON
+lines file (blank lines counted, as an editor counts them), `row 3` of a CSV file (the third row
+after the header) and of every other form.
+
 JSON, JSON lines and CSV are parsed here rather than by `datasets`: its loaders infer one Arrow
 type per column (a file whose rows disagree fails with an Arrow cast error instead of naming the
 row), report no line numbers, and write an Arrow copy of every file into the cache. The
@@ -23,7 +27,7 @@ from __future__ import annotations
 import csv
 import json
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -60,6 +64,13 @@ class Table:
     splits: dict[str, list[Any]]
     name: str  # the file or directory name, or the hub id
     local: bool  # a file or directory rather than a hub id
+    # split -> where each of its rows is ('line 4'); a split without an entry counts rows
+    places: dict[str, list[str]] = field(default_factory=dict)
+
+    def place(self, split: str, index: int) -> str:
+        """Where row `index` (0-based) of `split` is, 1-based: 'line 4' (JSON lines) or 'row 3'."""
+        places = self.places.get(split)
+        return places[index] if places is not None else f"row {index + 1}"
 
     def only(self) -> list[Any]:
         """The rows of a table with one split; a MolfError naming the splits otherwise."""
@@ -86,15 +97,17 @@ def read_json(path: str | Path) -> Any:
         raise MolfError(f"{path.name}: invalid JSON (line {e.lineno}: {e.msg})") from None
 
 
-def _json_lines(text: str, name: str) -> list[Any]:
-    rows = []
+def _json_lines(text: str, name: str) -> tuple[list[Any], list[str]]:
+    """The rows of JSON lines text and the line each came from."""
+    rows, places = [], []
     for n, line in enumerate(text.splitlines(), start=1):
         if line.strip():
             try:
                 rows.append(json.loads(line))
             except json.JSONDecodeError as e:
                 raise MolfError(f"{name} line {n}: invalid JSON ({e.msg})") from None
-    return rows
+            places.append(f"line {n}")
+    return rows, places
 
 
 def _is_json_lines(text: str) -> bool:
@@ -109,7 +122,7 @@ def _is_json_lines(text: str) -> bool:
     return True
 
 
-def _json_rows(path: Path) -> list[Any]:
+def _json_rows(path: Path) -> tuple[list[Any], list[str] | None]:
     text = _read_text(path)
     try:
         data = json.loads(text)
@@ -121,22 +134,22 @@ def _json_rows(path: Path) -> list[Any]:
         raise MolfError(
             f"{path.name}: expected a JSON list of rows (or JSON lines), got {type(data).__name__}"
         )
-    return data
+    return data, None
 
 
-def _csv_rows(path: Path) -> list[Any]:
+def _csv_rows(path: Path) -> tuple[list[Any], None]:
     text = _read_text(path)
     try:
-        return list(csv.DictReader(text.splitlines()))
+        return list(csv.DictReader(text.splitlines())), None
     except csv.Error as e:
         raise MolfError(f"{path.name}: cannot read CSV ({one_line(e)})") from None
 
 
-def _parquet_rows(path: Path) -> list[Any]:
+def _parquet_rows(path: Path) -> tuple[list[Any], None]:
     import pyarrow.parquet as pq
 
     try:
-        return pq.read_table(path).to_pylist()
+        return pq.read_table(path).to_pylist(), None
     except Exception as e:  # pyarrow raises its own hierarchy (ArrowInvalid, OSError, ...)
         raise MolfError(f"{path.name}: cannot read parquet ({one_line(e)})") from None
 
@@ -181,7 +194,10 @@ def _read_local(path: Path) -> Table:
             f"{path.name}: unsupported file type (use {', '.join(FILE_SUFFIXES)} "
             "or a save_to_disk directory)"
         )
-    return Table({"train": readers[suffix](path)}, path.name, local=True)
+    rows, places = readers[suffix](path)
+    return Table(
+        {"train": rows}, path.name, local=True, places={} if places is None else {"train": places}
+    )
 
 
 def load_table(spec: str, what: str) -> Table:

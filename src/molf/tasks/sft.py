@@ -16,11 +16,22 @@ problem: no usable columns (the columns found are listed), an empty file, rows o
 formats, a conversation without an assistant turn, a role order the chat template rejects.
 
 Splits. Rows go to the split their table split or `split` column names (`train`; `validation`,
-`val`, `valid`, `dev`, `eval`; `test`); `val_data` rows are validation rows. Without validation
-rows, `n_val` rows are cut from the training rows (seeded); without test rows, the test split is
-the validation rows when those came from the user, and otherwise `n_test` rows cut from the
-training rows (seeded, before validation, as in the other tasks). `n_val` and `n_test` also cap
-user-given splits (a seeded sample), and `n_train` the training rows (`null`: all).
+`val`, `valid`, `dev`, `eval`; `test`); `val_data` rows are validation rows. A data set whose
+splits have other names (a hub id's `train_sft`, say) names its splits with `train_split=`,
+`val_split=` and `test_split=`; splits that neither these nor the usual names select are then
+left out (and said so). Without validation rows, `n_val` rows are cut from the training rows
+(seeded); without test rows, the test split is the validation rows when those came from the
+user, and otherwise `n_test` rows cut from the training rows (seeded, before validation, as in
+the other tasks). `n_val` and `n_test` also cap user-given splits (a seeded sample), and
+`n_train` the training rows (`null`: all).
+
+Unset (null) `n_val` and `n_test` scale with the data: of n training rows, test and validation
+each take n // 10 rows, at least 1 and at most 64 (test) and 32 (validation), as long as one row
+is left to train on; unset, they cap user-given splits at 64 and 32. Set sizes are taken as
+given, and sizes that leave nothing to train on are an error naming the numbers and the keys.
+The split is described in `TaskSplits.info["note"]`, which `molf train` prints. With
+`evaluation_only` (`molf eval`) and no size given, every row is a test record (only the
+`test` rows, if the data names some).
 
 Evaluation (`evaluate`, usable mid-training): `loss`, the mean cross-entropy over the tokens the
 loss trains on, tokenized and truncated at `max_length` exactly as in training, and `perplexity`
@@ -82,6 +93,17 @@ SPLIT_NAMES = {
     "test": "test",
 }
 _MAPPING_HINT = "messages_field=, prompt_field= and completion_field=, or text_field="
+# Unset n_val / n_test: a tenth of the rows each, within these bounds (they also cap the
+# validation and test rows a file's splits give).
+HELD_OUT_CAP = {"validation": 32, "test": 64}
+_SPLIT_OPTIONS = {"train": "train_split", "validation": "val_split", "test": "test_split"}
+
+
+def held_out_size(n_rows: int, role: str, available: int) -> int:
+    """How many of `n_rows` rows an unset `n_val` (role 'validation') or `n_test` ('test')
+    holds out: n_rows // 10, at least 1 and at most HELD_OUT_CAP[role], and at most
+    `available` - 1, so that a row is left to train on."""
+    return max(0, min(HELD_OUT_CAP[role], max(1, n_rows // 10), available - 1))
 
 
 @dataclass(frozen=True)
@@ -109,9 +131,16 @@ def _layout_of(fmt: str, options: TaskOptions) -> Layout:
     return Layout(fmt, {field: getattr(options, opt) or col for field, opt, col in FORMATS[fmt]})
 
 
-def detect_layout(rows: Sequence[dict[str, Any]], name: str, options: TaskOptions) -> Layout:
+def detect_layout(
+    rows: Sequence[dict[str, Any]],
+    name: str,
+    options: TaskOptions,
+    places: Sequence[str] | None = None,
+) -> Layout:
     """The format of `rows`: fixed by the options that rename columns, else recognised from the
-    columns, row by row where several formats' columns are present."""
+    columns, row by row where several formats' columns are present. `places` says where each row
+    is in messages ('line 4'; default 'row i', 1-based)."""
+    places = places if places is not None else [f"row {i + 1}" for i in range(len(rows))]
     found = _columns(rows)
     listed = ", ".join(found) or "none"
     chosen = [fmt for fmt, fields in FORMATS.items() if any(getattr(options, f[1]) for f in fields)]
@@ -145,12 +174,12 @@ def detect_layout(rows: Sequence[dict[str, Any]], name: str, options: TaskOption
     for i, kind in enumerate(kinds):
         if not kind:
             keys = ", ".join(f"'{_KEY_FIELD[f]}'" for f in candidates)
-            raise MolfError(f"{name} row {i}: no value in any of {keys}")
+            raise MolfError(f"{name} {places[i]}: no value in any of {keys}")
         if kind != kinds[0]:
             first = " + ".join(_LABEL[f] for f in kinds[0])
             this = " + ".join(_LABEL[f] for f in kind)
             raise MolfError(
-                f"{name}: rows of mixed formats (row 0 is {first}, row {i} is {this}); "
+                f"{name}: rows of mixed formats ({places[0]} is {first}, {places[i]} is {this}); "
                 f"use one format per file, or pick one with {_MAPPING_HINT}"
             )
     if len(kinds[0]) > 1:
@@ -198,38 +227,73 @@ def _split_of(row: dict[str, Any], default: str, where: str) -> str:
     return split
 
 
-def read_records(
-    table: Table, options: TaskOptions, layout: Layout | None = None
-) -> tuple[dict[str, list[dict[str, Any]]], Layout]:
-    """A table's records by split ('train', 'validation', 'test'), and its layout."""
-    rows_by_split: dict[str, list[Any]] = {}
-    for split_name, rows in table.splits.items():
-        target = SPLIT_NAMES.get(split_name.lower())
-        if target is None:
-            names = ", ".join(sorted(table.splits))
+def _split_roles(table: Table, options: TaskOptions | None) -> dict[str, str]:
+    """{table split: 'train' | 'validation' | 'test'} for the splits the data set uses: those
+    `train_split=` / `val_split=` / `test_split=` name, and those with a usual name (`train`,
+    `validation`, `dev`, ...) for a role no option names. An unusual name is an error unless an
+    option is set (its split is then left out); `options` None maps by the usual names only."""
+    names = ", ".join(sorted(table.splits))
+    chosen: dict[str, str] = {}
+    for role, option in _SPLIT_OPTIONS.items():
+        split = getattr(options, option) if options is not None else None
+        if split is None:
+            continue
+        if split not in table.splits:
+            raise MolfError(f"{table.name}: no split '{split}' for {option}= (splits: {names})")
+        if split in chosen:
             raise MolfError(
-                f"{table.name}: split '{split_name}' is not train, validation or test "
-                f"(splits: {names})"
+                f"{table.name}: split '{split}' is named for both {_SPLIT_OPTIONS[chosen[split]]}= "
+                f"and {option}="
             )
-        rows_by_split[split_name] = rows
-    all_rows = [row for rows in rows_by_split.values() for row in rows]
-    if not all_rows:
+        chosen[split] = role
+    roles = {}
+    for split in table.splits:
+        usual = SPLIT_NAMES.get(split.lower())
+        if split in chosen:
+            roles[split] = chosen[split]
+        elif usual is not None and usual not in chosen.values():
+            roles[split] = usual
+        elif not chosen:
+            raise MolfError(
+                f"{table.name}: split '{split}' is not train, validation or test (splits: "
+                f"{names}); choose them with train_split=, val_split= and test_split="
+            )
+    return roles
+
+
+def read_records(
+    table: Table,
+    options: TaskOptions,
+    layout: Layout | None = None,
+    *,
+    choose_splits: bool = True,
+) -> tuple[dict[str, list[dict[str, Any]]], Layout]:
+    """A table's records by split ('train', 'validation', 'test'), and its layout.
+
+    `choose_splits`: apply the `train_split=` / `val_split=` / `test_split=` options (not to a
+    `val_data` table, all of whose rows are validation rows)."""
+    roles = _split_roles(table, options if choose_splits else None)
+    multi = len(table.splits) > 1
+    located = []  # (row, its split's role, its name in messages: 'd.jsonl line 4', 'x[test] row 2')
+    for split_name, role in roles.items():
+        prefix = f"{table.name}[{split_name}]" if multi else table.name
+        for i, row in enumerate(table.splits[split_name]):
+            located.append((row, role, f"{prefix} {table.place(split_name, i)}"))
+    if not located:
         raise MolfError(f"{table.name}: no rows (empty file)")
-    for i, row in enumerate(all_rows):
+    for row, _, where in located:
         if not isinstance(row, dict):
-            raise MolfError(f"{table.name} row {i}: expected an object, got {type(row).__name__}")
-    found = detect_layout(all_rows, table.name, options)
+            raise MolfError(f"{where}: expected an object, got {type(row).__name__}")
+    rows = [row for row, _, _ in located]
+    places = [where.removeprefix(table.name).lstrip() for _, _, where in located]
+    found = detect_layout(rows, table.name, options, places)
     if layout is not None and found.format != layout.format:
         raise MolfError(
             f"{table.name}: is {found.describe()} but the training data is {layout.describe()}"
         )
     out: dict[str, list[dict[str, Any]]] = {"train": [], "validation": [], "test": []}
-    multi = len(rows_by_split) > 1
-    for split_name, rows in rows_by_split.items():
-        for i, row in enumerate(rows):
-            where = f"{table.name}{f'[{split_name}]' if multi else ''} row {i}"
-            split = _split_of(row, SPLIT_NAMES[split_name.lower()], where)
-            out[split].append(_record(row, found, where))
+    for row, role, where in located:
+        out[_split_of(row, role, where)].append(_record(row, found, where))
     return out, found
 
 
@@ -247,6 +311,8 @@ class SftTask:
         self.options = options or TaskOptions()
         metric = self.options.generation_metric
         self.headline = "loss" if metric == "none" else metric
+        # what `evaluate` reports, for checking `best_metric` before any model loads
+        self.metrics = ("loss", "perplexity") + (() if metric == "none" else (metric,))
 
     def build(self, request: TaskRequest) -> TaskSplits:
         """Training examples and validation/test records (see the module docstring)."""
@@ -262,32 +328,56 @@ class SftTask:
             )
         val_from = "split" if records["validation"] else None
         if opts.val_data:
-            extra, _ = read_records(load_table(opts.val_data, "val_data"), opts, layout)
+            extra, _ = read_records(
+                load_table(opts.val_data, "val_data"), opts, layout, choose_splits=False
+            )
             records["validation"] += [r for split in extra.values() for r in split]
             val_from = "val_data"
-        pool = shuffled(records["train"], seed)
-        test_from = "split" if records["test"] else None
-        test = shuffled(records["test"], seed)[: request.n_test]
-        if not test and val_from is None:
-            test, pool = pool[: request.n_test], pool[request.n_test :]
-            test_from = "seeded"
-        if val_from is None:
-            validation, pool = pool[: request.n_val], pool[request.n_val :]
-        else:
-            validation = shuffled(records["validation"], seed)[: request.n_val]
-        if not test:  # the user's validation rows are the only held-out data
-            test = shuffled(records["validation"], seed)[: request.n_test]
-            test_from = "validation"
-        train = pool if request.n_train is None else pool[: request.n_train]
-        info = {
+        info: dict[str, Any] = {
             "source": "sft",
             "data": table.name,
             "format": layout.format,
             "columns": layout.columns,
             "train_rows": len(records["train"]),
-            "validation_from": val_from or "seeded",
-            "test_from": test_from,
         }
+        if request.evaluation_only and request.n_val is None and request.n_test is None:
+            # nothing to train: every row is scored, or the rows the data calls test rows
+            test = records["test"] or records["train"] + records["validation"]
+            rows = "test rows" if records["test"] else "rows"
+            info |= {"validation_from": None, "test_from": "all"}
+            info["note"] = f"{table.name}: all {len(test)} {rows} are test records"
+            return TaskSplits(train=[], validation=[], test=test, info=info)
+        pool = shuffled(records["train"], seed)
+        n_rows = len(pool)
+        n_test = request.n_test
+        if n_test is None:  # unset: a tenth of the rows, or the user's test rows up to the cap
+            from_user = bool(records["test"]) or val_from is not None
+            n_test = HELD_OUT_CAP["test"] if from_user else held_out_size(n_rows, "test", n_rows)
+        test_from = "split" if records["test"] else None
+        test = shuffled(records["test"], seed)[:n_test]
+        if not test and val_from is None:
+            test, pool = pool[:n_test], pool[n_test:]
+            test_from = "seeded"
+        n_val = request.n_val
+        if n_val is None:
+            n_val = HELD_OUT_CAP["validation"]
+            if val_from is None:
+                n_val = held_out_size(n_rows, "validation", len(pool))
+        if val_from is None:
+            validation, pool = pool[:n_val], pool[n_val:]
+        else:
+            validation = shuffled(records["validation"], seed)[:n_val]
+        if not test:  # the user's validation rows are the only held-out data
+            test = shuffled(records["validation"], seed)[:n_test]
+            test_from = "validation"
+        train = pool if request.n_train is None else pool[: request.n_train]
+        if not test or (not train and not request.evaluation_only):
+            raise MolfError(_too_few(table.name, n_rows, request, len(test), len(validation)))
+        left_out = sorted(set(table.splits) - set(_split_roles(table, opts)))
+        info |= {"validation_from": val_from or "seeded", "test_from": test_from}
+        info |= {"left_out_splits": left_out}
+        sizes = {"train": len(train), "validation": len(validation), "test": len(test)}
+        info["note"] = _describe(table.name, request, n_rows, len(pool), sizes, info)
         return TaskSplits(
             train=[_example(r) for r in train], validation=validation, test=test, info=info
         )
@@ -377,6 +467,60 @@ class SftTask:
         return sum(hits) / len(hits)
 
 
+def _too_few(name: str, n_rows: int, request: TaskRequest, n_test: int, n_val: int) -> str:
+    """The error for splits that leave no test record or no training row, with the numbers and
+    the config keys that change them."""
+    rows = f"{n_rows} training row{'s' if n_rows != 1 else ''}"
+    if request.n_val is None and request.n_test is None:
+        return (
+            f"{name}: {rows}: too few to hold out a test record and keep one to train on; give "
+            "at least 2 rows, or test rows of their own (a 'split' column, test_split=, "
+            "--val-data)"
+        )
+    sizes = ", ".join(
+        f"{key}={getattr(request, key)}" for key in ("n_test", "n_val") if getattr(request, key)
+    )
+    auto_test = held_out_size(n_rows, "test", n_rows)
+    auto_val = held_out_size(n_rows, "validation", n_rows - auto_test)
+    return (
+        f"{name}: {rows}, {n_test} held out for test and {n_val} for validation ({sizes}): "
+        f"none is left to train on; lower the config keys n_test and n_val, or leave them unset "
+        f"to hold out about 10% each ({auto_test} and {auto_val} here)"
+    )
+
+
+def _describe(
+    name: str,
+    request: TaskRequest,
+    n_rows: int,
+    n_pool: int,
+    sizes: dict[str, int],
+    info: dict[str, Any],
+) -> str:
+    """One line saying how many rows went where and why: what `molf train` prints."""
+    given = {"split": "the data's {role} rows", "val_data": "--val-data"}
+    given["validation"] = "the validation rows"
+
+    def how(role: str, key: str, source: str) -> str:
+        size = getattr(request, key)
+        if source != "seeded":
+            return given[source].format(role=role)
+        if size is not None:
+            return f"{key}={size}, seeded"
+        return f"{key} unset: a tenth of {n_rows} rows, at most {HELD_OUT_CAP[role]}, seeded"
+
+    capped = request.n_train is not None and n_pool > request.n_train
+    parts = [
+        f"{sizes['train']} train" + (f" (n_train={request.n_train})" if capped else ""),
+        f"{sizes['validation']} validation ({how('validation', 'n_val', info['validation_from'])})",
+        f"{sizes['test']} test ({how('test', 'n_test', info['test_from'])})",
+    ]
+    line = f"{name}: {', '.join(parts)}"
+    if info["left_out_splits"]:
+        line += f"; splits left out: {', '.join(info['left_out_splits'])}"
+    return line
+
+
 def _stop_ids(model: Any, tokenizer: Any) -> list[int]:
     """The tokens that end a generation: the model's own (a chat model may list an end-of-turn
     token there) and the tokenizer's EOS, which training appends to completions."""
@@ -404,5 +548,10 @@ _OPTIONS = (
     "text_field",
     "generation_metric",
     "max_new_tokens",
+    "train_split",
+    "val_split",
+    "test_split",
 )
-TASK = register_task(SftTask(), with_data="sft", options=_OPTIONS, configure=SftTask)
+TASK = register_task(
+    SftTask(), with_data="sft", options=_OPTIONS, configure=SftTask, sizes_splits=True
+)

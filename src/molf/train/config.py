@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
+import re
 import types
 import typing
 from dataclasses import dataclass
@@ -15,6 +16,7 @@ from typing import Any
 import yaml
 
 from molf.errors import MolfError
+from molf.tasks.rows import FILE_SUFFIXES
 from molf.train import methods
 
 CONFIG_DIR = Path(__file__).parent / "configs"
@@ -36,8 +38,9 @@ class TrainConfig:
     seed: int = 0  # training randomness (adapter init, dropout, batch order), and the split's
     data_seed: int | None = None  # the split's seed when it should differ (compare's seeds)
     n_train: int | None = 256
-    n_val: int = 32
-    n_test: int = 64
+    # null: the task's default (32 and 64), or for `sft` about a tenth of the rows each
+    n_val: int | None = None
+    n_test: int | None = None
     max_length: int = 256
     too_long: str = "truncate"
     packing: bool = False  # concatenate examples up to max_length (molf.train.data.pack)
@@ -49,6 +52,9 @@ class TrainConfig:
     text_field: str | None = None
     generation_metric: str = "none"  # none | exact_match | contains
     max_new_tokens: int | None = None
+    train_split: str | None = None  # a data set's split names, when not train/validation/test
+    val_split: str | None = None
+    test_split: str | None = None
     # schedule
     epochs: float = 2.0
     max_steps: int | None = None
@@ -79,6 +85,7 @@ class TrainConfig:
     # numerics and memory
     dtype: str = "float32"
     gradient_checkpointing: bool = False
+    threads: int | None = None  # torch's CPU threads (torch.set_num_threads); null: torch's default
     # evaluation
     eval_batch_size: int = 16
     eval_before: bool = True
@@ -105,7 +112,13 @@ class TrainConfig:
 
     @property
     def run_dir(self) -> Path:
-        return Path(self.output_dir or f"runs/{self.task}-{self.method}")
+        """`output_dir`, else runs/<task>-<method>; for `sft` on a data file, runs/sft-<its
+        name>-<method>, so that runs on two files do not share a directory."""
+        if self.output_dir:
+            return Path(self.output_dir)
+        if self.task == "sft" and self.data:
+            return Path(f"runs/sft-{data_label(self.data)}-{self.method}")
+        return Path(f"runs/{self.task}-{self.method}")
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
@@ -137,14 +150,12 @@ class TrainConfig:
             "lora_rank",
             "eval_batch_size",
             "log_every",
-            "n_test",
             "top_k",
         ]
         for key in positive:
             if getattr(self, key) <= 0:
                 raise MolfError(f"config key '{key}': must be > 0, got {getattr(self, key)}")
         for key in (
-            "n_val",
             "save_every",
             "max_bad_steps",
             "keep_checkpoints",
@@ -153,12 +164,14 @@ class TrainConfig:
         ):
             if getattr(self, key) < 0:
                 raise MolfError(f"config key '{key}': must be >= 0, got {getattr(self, key)}")
-        if self.n_train is not None and self.n_train <= 0:
-            raise MolfError(f"config key 'n_train': must be > 0 or null, got {self.n_train}")
-        if self.max_steps is not None and self.max_steps <= 0:
-            raise MolfError(f"config key 'max_steps': must be > 0 or null, got {self.max_steps}")
-        if not self.epochs > 0:
-            raise MolfError(f"config key 'epochs': must be > 0, got {self.epochs}")
+        for key in ("n_train", "n_test", "max_steps", "threads"):
+            value = getattr(self, key)
+            if value is not None and value <= 0:
+                raise MolfError(f"config key '{key}': must be > 0 or null, got {value}")
+        if self.n_val is not None and self.n_val < 0:
+            raise MolfError(f"config key 'n_val': must be >= 0 or null, got {self.n_val}")
+        if not (self.epochs > 0 and math.isfinite(self.epochs)):
+            raise MolfError(f"config key 'epochs': must be a finite number > 0, got {self.epochs}")
         for key in (
             "lr_fft",
             "lr_lora",
@@ -172,6 +185,11 @@ class TrainConfig:
             value = getattr(self, key)
             if not math.isfinite(value) or value < 0:
                 raise MolfError(f"config key '{key}': must be a finite number >= 0, got {value}")
+        if not self.score_eps > 0:
+            raise MolfError(
+                f"config key 'score_eps': must be > 0 (it keeps the score finite where a moment "
+                f"is 0), got {self.score_eps}"
+            )
         if not 0 <= self.warmup_ratio < 1:
             raise MolfError(
                 f"config key 'warmup_ratio': must be in [0, 1), got {self.warmup_ratio}"
@@ -210,6 +228,12 @@ class TrainConfig:
                 "(distributed=none)"
             )
         method = methods.get(self.method)
+        if all(getattr(self, key) == 0 for key in method.lr_keys):
+            keys = " and ".join(method.lr_keys)
+            raise MolfError(
+                f"config key '{method.lr_keys[0]}': {self.method} trains with {keys}, and a "
+                "learning rate of 0 trains nothing; give one > 0"
+            )
         for key, value in method.implies.items():
             if getattr(self, key) != value:
                 raise MolfError(
@@ -221,6 +245,68 @@ class TrainConfig:
             raise MolfError(
                 f"config key 'top_k': at most {n_experts} experts for {self.method}, got {self.top_k}"
             )
+        self._validate_names()
+
+    def _validate_names(self) -> None:
+        """The keys that name things: the model, the routing score, the target modules, the
+        task with its options and data, and the metric `keep_best` compares by."""
+        from molf.scores import get_score
+        from molf.tasks import TaskOptions, get_task, resolve_source
+
+        if not self.model.strip():
+            raise MolfError("config key 'model': empty; give a model name, path or hub id")
+        try:
+            get_score(self.score)
+        except MolfError as e:
+            raise MolfError(f"config key 'score': {str(e).removeprefix('score: ')}") from None
+        targets = [self.target_modules] if isinstance(self.target_modules, str) else []
+        if isinstance(self.target_modules, list):
+            targets = self.target_modules
+            if not targets or not all(t.strip() for t in targets):
+                raise MolfError(
+                    f"config key 'target_modules': module names must be non-empty, got {targets}"
+                )
+        elif self.target_modules != "all-linear":
+            try:
+                re.compile(self.target_modules)
+            except re.error as e:
+                raise MolfError(
+                    f"config key 'target_modules': {self.target_modules!r} is neither "
+                    f"'all-linear' nor a valid regular expression ({e})"
+                ) from None
+        for key in (
+            "data",
+            "val_data",
+            "output_dir",
+            "prompt_field",
+            "completion_field",
+            "messages_field",
+            "text_field",
+            "train_split",
+            "val_split",
+            "test_split",
+            "best_metric",
+        ):
+            value = getattr(self, key)
+            if value is not None and not value.strip():
+                raise MolfError(f"config key '{key}': empty; leave it unset (null) instead")
+        options = TaskOptions.from_config(self)
+        task = get_task(self.task, options)
+        resolve_source(self.task, self.data)
+        known = getattr(task, "metrics", None)
+        if self.best_metric is not None and known is not None and self.best_metric not in known:
+            raise MolfError(
+                f"config key 'best_metric': task '{self.task}' reports {', '.join(known)}, "
+                f"not '{self.best_metric}'"
+            )
+
+
+def data_label(data: str) -> str:
+    """A data file's name without its extension (a directory's or hub id's last part), in
+    characters safe for a directory name: 'my data.jsonl' -> 'my-data'."""
+    name = Path(data.rstrip("/\\")).name
+    stem = Path(name).stem if Path(name).suffix.lower() in FILE_SUFFIXES else name
+    return re.sub(r"[^A-Za-z0-9._-]+", "-", stem).strip("-.") or "data"
 
 
 _FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
@@ -280,6 +366,17 @@ def _coerce(key: str, value: Any) -> Any:
     )
 
 
+def typed_value(key: str, raw: str) -> Any:
+    """The value of `key=raw` from the command line, typed as TrainConfig's field `key` (an
+    unknown key gets the closest one suggested)."""
+    _check_key(key)
+    try:
+        value = yaml.safe_load(raw) if raw != "" else None
+    except yaml.YAMLError:
+        value = raw
+    return _coerce(key, value)
+
+
 def _check_key(key: str) -> None:
     if key not in _FIELDS:
         close = difflib.get_close_matches(key, list(_FIELDS), n=1)
@@ -303,7 +400,9 @@ def resolve_config_path(name: str) -> Path:
     if bundled.exists():
         return bundled
     names = ", ".join(bundled_configs())
-    raise MolfError(f"config '{name}': no such file, and not a bundled config ({names})")
+    close = difflib.get_close_matches(name, bundled_configs(), n=1)
+    hint = f" (did you mean '{close[0]}'?)" if close else ""
+    raise MolfError(f"config '{name}': no such file, and not a bundled config{hint} ({names})")
 
 
 def load_config(

@@ -2,12 +2,32 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 from typing import Any
 
 from molf.errors import MolfError
 from molf.tasks import TaskOptions, build_task
+
+TASK_OPTIONS = frozenset(f.name for f in dataclasses.fields(TaskOptions))
+
+
+def parse_task_options(items: list[str]) -> dict[str, Any]:
+    """`key=value` task options from the command line (`generation_metric=exact_match`), typed
+    as the `molf train` keys of the same names."""
+    from molf.train.config import typed_value
+
+    options = {}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        key = key.strip()
+        if not sep or key not in TASK_OPTIONS:
+            raise MolfError(
+                f"'{item}': expected a task option as key=value ({', '.join(sorted(TASK_OPTIONS))})"
+            )
+        options[key] = typed_value(key, raw)
+    return options
 
 
 def evaluate_path(
@@ -18,46 +38,70 @@ def evaluate_path(
     n_test: int | None = None,
     batch_size: int = 16,
     trust_remote_code: bool = False,
+    *,
+    n_val: int | None = None,
+    options: dict[str, Any] | None = None,
+    threads: int | None = None,
 ) -> dict[str, Any]:
     """Load `model` (embedded name, path or hub id) and score it on `task`'s test split.
 
-    A directory written by `molf train` carries `molf_run.json`: its seed and split sizes are
-    the defaults, so the test split is the one the run held out; for the run's own task, its
-    task options too (an sft run's fields, validation file and generation metric).
+    A directory written by `molf train` carries `molf_run.json`: for the run's own task and data
+    its seed, split sizes and task options are the defaults, so the test split is the one the run
+    held out. Other data is scored whole: for `sft` every row is a test record (only its test
+    rows, if it names some), unless `n_test` / `n_val` ask for the split `molf train` would make
+    with those sizes. `options` are task options (`generation_metric`, `test_split`, ...) over
+    the run's; `threads` sets torch's CPU threads.
     """
-    from molf.train.loop import evaluate
+    import torch
+
+    from molf.train.loop import evaluate, pick_device
     from molf.train.models import load_model
 
+    for flag, value in (("--batch-size", batch_size), ("--threads", threads)):
+        if value is not None and value <= 0:
+            raise MolfError(f"{flag}: must be > 0, got {value}")
+    if n_test is not None and n_test <= 0:
+        raise MolfError(f"--n-test: must be > 0, got {n_test}")
+    if n_val is not None and n_val < 0:
+        raise MolfError(f"--n-val: must be >= 0, got {n_val}")
+    unknown = sorted(set(options or {}) - TASK_OPTIONS)
+    if unknown:
+        raise MolfError(f"'{unknown[0]}': not a task option ({', '.join(sorted(TASK_OPTIONS))})")
     info: dict[str, Any] = {}
     run_info = Path(model) / "molf_run.json"
     if run_info.is_file():
         info = json.loads(run_info.read_text())
-    if batch_size <= 0:
-        raise MolfError(f"--batch-size: must be > 0, got {batch_size}")
+    same_task = task == info.get("task")
+    same_run = same_task and (data is None or data == info.get("data"))
     seed = seed if seed is not None else info.get("seed", 0)
-    n_test = n_test if n_test is not None else info.get("n_test", 64)
-    if n_test <= 0:
-        raise MolfError(f"--n-test: must be > 0, got {n_test}")
     data = data if data is not None else info.get("data")
-    options = None
-    if info.get("task_options") is not None and task == info.get("task"):
-        try:
-            options = TaskOptions(**info["task_options"])
-        except TypeError as e:
-            raise MolfError(f"{run_info}: unreadable task_options ({e})") from None
-        if data is not None and data != info.get("data"):
-            # another file: its fields are the user's to name, not the run's
-            options = TaskOptions(
-                max_length=options.max_length,
-                generation_metric=options.generation_metric,
-                max_new_tokens=options.max_new_tokens,
-            )
+    saved: dict[str, Any] = {}
+    if info.get("task_options") is not None and same_task:
+        saved = dict(info["task_options"])
+        if not same_run:
+            # another file: its fields and splits are the user's to name, not the run's
+            keep = ("max_length", "generation_metric", "max_new_tokens")
+            saved = {k: v for k, v in saved.items() if k in keep}
+    try:
+        task_options = TaskOptions(**(saved | (options or {})))
+    except TypeError as e:
+        raise MolfError(f"{run_info}: unreadable task_options ({e})") from None
+    if same_run:
+        n_val = n_val if n_val is not None else info.get("n_val")
+        n_test = n_test if n_test is not None else info.get("n_test")
     task_obj, splits = build_task(
-        task, data, seed, info.get("n_train", 256), info.get("n_val", 32), n_test, options
+        task,
+        data,
+        seed,
+        info.get("n_train", 256),
+        n_val,
+        n_test,
+        task_options,
+        evaluation_only=not same_run,
     )
+    if threads is not None:
+        torch.set_num_threads(threads)
     lm, tokenizer = load_model(model, trust_remote_code=trust_remote_code)
-    from molf.train.loop import pick_device
-
     lm.to(pick_device())
     metrics = evaluate(task_obj, lm, tokenizer, splits.test, batch_size)
     return {

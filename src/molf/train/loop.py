@@ -57,7 +57,10 @@ class Interrupted(Exception):
     """Raised after a signal-triggered checkpoint; `code` is the exit status (130 or 143)."""
 
     def __init__(self, code: int, checkpoint: Path | None) -> None:
-        super().__init__(f"interrupted (exit {code}); checkpoint at {checkpoint}")
+        super().__init__(
+            f"interrupted (exit {code}); checkpoint at {checkpoint}; run the same command with "
+            "--resume auto to continue from it"
+        )
         self.code = code
         self.checkpoint = checkpoint
 
@@ -286,6 +289,8 @@ def _prepare_local(cfg: TrainConfig, resume: str, overwrite: bool, ctx: DistCont
         check_packable(model.config, cfg.max_length)
         data = pack(data, cfg.max_length)
     if ctx.is_main:
+        # after everything that can refuse the run: a refusal stays one line
+        print(f"data: {_split_note(splits)}", file=sys.stderr)
         _print_data_notes(data, len(splits.train), cfg.max_length)
     order = StepOrder(len(data), cfg.batch_size, cfg.grad_accum, cfg.seed)
     total = cfg.max_steps or order.steps_for(cfg.epochs)
@@ -568,6 +573,17 @@ def _print_data_notes(data: Tokenized, n_examples: int, max_length: int) -> None
             f"{max_length} tokens",
             file=sys.stderr,
         )
+
+
+def _split_note(splits: TaskSplits) -> str:
+    """How many examples and records each split got, in the task's words when it has some."""
+    note = splits.info.get("note")
+    if note:
+        return note
+    return (
+        f"{len(splits.train)} training examples, {len(splits.validation)} validation and "
+        f"{len(splits.test)} test records"
+    )
 
 
 def _micro_batch(s: Setup, idx: list[int], pad: int) -> dict[str, torch.Tensor]:
@@ -898,6 +914,8 @@ def run(cfg: TrainConfig, resume: str = "none", overwrite: bool = False) -> dict
 
     With `distributed: ddp | fsdp2` every rank calls this; rank 0 returns the summary, the
     others return {} as soon as the final model is gathered."""
+    if cfg.threads is not None:
+        torch.set_num_threads(cfg.threads)
     ctx = distributed.init(cfg.distributed)
     try:
         return _run(cfg, resume, overwrite, ctx)
@@ -1010,6 +1028,7 @@ def _run(cfg: TrainConfig, resume: str, overwrite: bool, ctx: DistContext) -> di
         "wall_seconds": time.perf_counter() - t_start,
         "routing": routing_summary,
         "artefacts": {k: str(v) for k, v in paths.items()},
+        "run_dir": str(run_dir),
         "config": cfg.to_dict(),
     }
     if ctx.enabled:

@@ -9,8 +9,12 @@
 * tiny random-init models (`tiny-llama`, `tiny-qwen2`, `tiny-gemma3`) of the real transformers
   architectures, with the SmolLM2 tokenizer, for tests and smoke runs. Their weights come from a
   fixed seed, so every load gives the same model.
-* local directories: a Hugging Face checkpoint (also a merged model saved by molf), or a PEFT
-  adapter directory (`adapter_config.json`), whose base model is loaded by name first.
+* local directories: a Hugging Face checkpoint (also a merged model saved by molf), a PEFT
+  adapter directory (`adapter_config.json`), whose base model is loaded by name first, or a
+  wrapped model written by `molf.save_pretrained` (`molf_config.json`), rebuilt by
+  `molf.from_pretrained` and merged: it loads as the plain model it computes, so `molf train
+  --model DIR` continues from its weights with the method's fresh experts and optimizer (the
+  saved optimizer state and routing history are not in such a directory).
 * anything else is tried as a Hugging Face hub id; with no network that fails fast with a
   MolfError instead of retrying for most of a minute.
 
@@ -326,6 +330,8 @@ def _load_directory(
     path = path.resolve()
     if (path / "adapter_config.json").is_file():
         return _load_adapter(path, dtype, trust_remote_code, cache_dir, merge_adapter)
+    if (path / "molf_config.json").is_file():
+        return _load_molf_save(path, dtype, trust_remote_code)
     if not (path / "config.json").is_file():
         raise MolfError(
             f"model '{path}': the directory has neither config.json (a model checkpoint) "
@@ -339,6 +345,27 @@ def _load_directory(
         raise MolfError(f"model '{path}': cannot load the checkpoint: {one_line(exc)}") from exc
     model.eval()
     return model, _load_tokenizer_dir(path, trust_remote_code)
+
+
+def _load_molf_save(
+    path: Path, dtype: torch.dtype, trust_remote_code: bool
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """A `molf.save_pretrained` directory as the plain model it computes: rebuilt strictly, its
+    experts merged into the base weights (a quantized base cannot take them: refused)."""
+    import molf
+
+    tokenizer = _load_tokenizer_dir(path, trust_remote_code)
+    wrapped = molf.from_pretrained(path)
+    try:
+        model = molf.merge_and_unload(wrapped)
+    except MolfError as exc:
+        raise MolfError(
+            f"model '{path}': a molf save whose experts cannot be merged into its base "
+            f"({one_line(exc)}); load it with molf.from_pretrained to keep training it"
+        ) from None
+    model.to(dtype)
+    model.eval()
+    return model, tokenizer
 
 
 def _load_adapter(
