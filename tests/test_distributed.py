@@ -277,7 +277,7 @@ def world_of_one(tmp_path):
 
 
 def test_a_rank_failing_to_write_its_shards_leaves_no_checkpoint(world_of_one, tmp_path):
-    from molf.train.distributed import DistContext, atomic_directory
+    from molf.train.distributed import DistContext, collective_signed_directory
 
     def fill_all(tmp):
         (tmp / "half.safetensors").write_bytes(b"x" * 10)
@@ -285,7 +285,9 @@ def test_a_rank_failing_to_write_its_shards_leaves_no_checkpoint(world_of_one, t
 
     root = tmp_path / "checkpoints"
     with pytest.raises(OSError, match="rank 0: No space left on device"):
-        atomic_directory(DistContext("ddp"), root / "step-0000001", fill_all, lambda tmp: None)
+        collective_signed_directory(
+            DistContext("ddp"), root / "step-0000001", fill_all, lambda tmp: None
+        )
     assert list(root.iterdir()) == []
 
 

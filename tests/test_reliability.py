@@ -130,14 +130,14 @@ def test_atomic_directory_leaves_nothing_on_failure(tmp_path):
         raise OSError(errno.ENOSPC, "No space left on device")
 
     with pytest.raises(OSError):
-        ckpt.atomic_directory(tmp_path / "step-0000001", fill)
+        ckpt.signed_directory(tmp_path / "step-0000001", fill)
     assert list(tmp_path.iterdir()) == []
 
 
 # -- in-process: non-finite gradients, disk space -------------------------------------------------
 def _setup(tmp_path, *extra):
     from molf.train.config import load_config
-    from molf.train.loop import prepare
+    from molf.train.prepare import prepare
 
     overrides = [x for x in RUN if "=" in x] + list(extra)
     cfg = load_config(
@@ -153,7 +153,8 @@ def _setup(tmp_path, *extra):
 
 
 def test_non_finite_step_is_skipped_and_leaves_everything_untouched(tmp_path):
-    from molf.train.loop import MetricLogger, train_loop
+    from molf.train.loop import train_loop
+    from molf.train.progress import MetricLogger
 
     s = _setup(tmp_path, "max_steps=3")
     logger = MetricLogger(s.cfg, None)
@@ -194,7 +195,8 @@ def test_non_finite_step_is_skipped_and_leaves_everything_untouched(tmp_path):
 
 
 def test_consecutive_non_finite_steps_stop_with_a_checkpoint(tmp_path):
-    from molf.train.loop import MetricLogger, train_loop
+    from molf.train.loop import train_loop
+    from molf.train.progress import MetricLogger
 
     s = _setup(tmp_path, "max_steps=6", "max_bad_steps=2")
     first = next(p for p in s.model.parameters() if p.requires_grad)
@@ -209,13 +211,13 @@ def test_consecutive_non_finite_steps_stop_with_a_checkpoint(tmp_path):
 def test_no_space_is_refused_before_compute(tmp_path, capsys, monkeypatch):
     import shutil
 
-    from molf.train import loop as train_mod
+    from molf.train import prepare as prepare_mod
 
     monkeypatch.setattr(
         shutil, "disk_usage", lambda p: shutil._ntuple_diskusage(10**9, 10**9 - 1000, 1000)
     )
     called = []
-    monkeypatch.setattr(train_mod, "apply_method", lambda *a, **k: called.append(1))
+    monkeypatch.setattr(prepare_mod, "apply_method", lambda *a, **k: called.append(1))
     code = main(["train", *RUN, "--output-dir", str(tmp_path / "run")])
     assert code == 2
     assert "not enough disk space" in capsys.readouterr().err
@@ -224,12 +226,10 @@ def test_no_space_is_refused_before_compute(tmp_path, capsys, monkeypatch):
 
 
 def test_disk_full_while_checkpointing_is_one_clear_error(tmp_path, capsys, monkeypatch):
-    from molf.train import loop as train_mod
-
     def full(*a, **k):
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(train_mod, "save_file", full)
+    monkeypatch.setattr(ckpt, "save_file", full)
     code = main(["train", *RUN, "save_every=2", "--output-dir", str(tmp_path / "run")])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1

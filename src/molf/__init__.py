@@ -7,15 +7,58 @@ plain = molf.merge_and_unload(model)
 molf.save_pretrained(model, "out")   # unmerged; molf.from_pretrained("out") rebuilds it
 """
 
-from molf.config import MoLFConfig
-from molf.errors import MolfError
-from molf.export import export_peft_lora, merge_and_unload
-from molf.layer import MoLFLinear, molf_modules, wrap
-from molf.optim import MoLFAdamW
-from molf.optim.scores import SCORES, Score, get_score, register_score
-from molf.routing import RoutingLog
-from molf.saving import from_pretrained, load_wrapped, save_pretrained
-from molf.trainable import print_trainable_parameters, trainable_parameters
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+# The public names and the core modules that define them. `import molf` itself stays light (the
+# `molf` command's `--help` answers without torch); the first access to any of these names
+# imports the whole core at once, so that every module's registrations (the save guard of
+# `molf.saving`, the scores) are in place whichever name is used first.
+_PUBLIC = {
+    "MoLFConfig": "molf.config",
+    "MolfError": "molf.errors",
+    "export_peft_lora": "molf.export",
+    "merge_and_unload": "molf.export",
+    "MoLFLinear": "molf.layer",
+    "molf_modules": "molf.layer",
+    "wrap": "molf.layer",
+    "MoLFAdamW": "molf.optim",
+    "SCORES": "molf.optim.scores",
+    "Score": "molf.optim.scores",
+    "get_score": "molf.optim.scores",
+    "register_score": "molf.optim.scores",
+    "RoutingLog": "molf.routing",
+    "from_pretrained": "molf.saving",
+    "load_wrapped": "molf.saving",
+    "save_pretrained": "molf.saving",
+    "print_trainable_parameters": "molf.trainable",
+    "trainable_parameters": "molf.trainable",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _PUBLIC:
+        raise AttributeError(f"module 'molf' has no attribute {name!r}")
+    for module in dict.fromkeys(_PUBLIC.values()):
+        loaded = importlib.import_module(module)
+        for public, where in _PUBLIC.items():
+            if where == module:
+                globals()[public] = getattr(loaded, public)
+    return globals()[name]
+
+
+if TYPE_CHECKING:
+    from molf.config import MoLFConfig
+    from molf.errors import MolfError
+    from molf.export import export_peft_lora, merge_and_unload
+    from molf.layer import MoLFLinear, molf_modules, wrap
+    from molf.optim import MoLFAdamW
+    from molf.optim.scores import SCORES, Score, get_score, register_score
+    from molf.routing import RoutingLog
+    from molf.saving import from_pretrained, load_wrapped, save_pretrained
+    from molf.trainable import print_trainable_parameters, trainable_parameters
 
 __version__ = "0.1.0"
 

@@ -174,29 +174,44 @@ def _sweep(args: argparse.Namespace) -> int:
     return run_sweep(args)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    from molf.experiments.grid import BUDGETS
-    from molf.tasks import task_names
-    from molf.train import methods
-    from molf.train.config import bundled_configs
+# The subcommands and their one-line help: all `molf --help` shows, without importing the
+# training stack (the full parser lists methods, tasks and budgets from their registries).
+HELP = {
+    "train": "fine-tune a model with one method (fft, lora, molf, molf-e, ...; see train --help)",
+    "eval": "evaluate a base model, a saved model or a PEFT adapter on a task",
+    "compare": "run a grid of methods x tasks and write a results report",
+    "routing-sweep": "what decides MoLF's routing: train MoLF over LoRA alphas and "
+    "learning-rate ratios",
+}
 
-    method_names = methods.names()
+
+def _top_parser() -> tuple[argparse.ArgumentParser, Any]:
     parser = argparse.ArgumentParser(
         prog="molf", description="MoLF: Mixture of LoRA and Full fine-tuning"
     )
-    sub = parser.add_subparsers(dest="command", required=True)
+    return parser, parser.add_subparsers(dest="command", required=True)
 
-    t = sub.add_parser("train", help=f"fine-tune a model with {', '.join(method_names)}")
+
+def light_parser() -> argparse.ArgumentParser:
+    """The top level alone: what `molf` and `molf --help` need, in well under a second."""
+    parser, sub = _top_parser()
+    for name, text in HELP.items():
+        sub.add_parser(name, help=text)
+    return parser
+
+
+def _add_train(sub: Any, method_names: tuple[str, ...], tasks: str, configs: str) -> None:
+    t = sub.add_parser("train", help=HELP["train"])
     t.add_argument(
         "config",
         nargs="?",
-        help=f"YAML file or bundled config name ({', '.join(bundled_configs())})",
+        help=f"YAML file or bundled config name ({configs})",
     )
     t.add_argument(
         "overrides", nargs="*", help="key=value overrides, e.g. lr_fft=1e-4 max_steps=50"
     )
     t.add_argument("--method", choices=method_names)
-    t.add_argument("--task", help=f"one of {', '.join(task_names())}")
+    t.add_argument("--task", help=f"one of {tasks}")
     t.add_argument(
         "--data",
         help="data file, directory or hub id: your own data with --task sft, or the upstream "
@@ -228,9 +243,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     t.set_defaults(func=_train)
 
-    e = sub.add_parser(
-        "eval", help="evaluate a base model, a saved model or a PEFT adapter on a task"
-    )
+
+def _add_eval(sub: Any) -> None:
+    e = sub.add_parser("eval", help=HELP["eval"])
     e.add_argument("--task", required=True)
     e.add_argument("--model", required=True)
     e.add_argument(
@@ -265,9 +280,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     e.set_defaults(func=_eval)
 
+
+def _add_compare(sub: Any, method_names: tuple[str, ...], tasks: str, budgets: list[str]) -> None:
     c = sub.add_parser(
         "compare",
-        help="run a grid of methods x tasks and write a results report",
+        help=HELP["compare"],
         description="Train every method on every task under one budget (resumable; finished "
         "cells are skipped, failed ones recorded), pick each learning rate on the validation "
         "split, and write results.csv/md, report.md and plots into the output directory.",
@@ -280,14 +297,14 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument(
         "--tasks",
         default="fact-geo,med-icd10,world-sql",
-        help=f"comma list of task names ({', '.join(task_names())}) or data files: a path is the "
+        help=f"comma list of task names ({tasks}) or data files: a path is the "
         "sft task on that file (its label: the file name)",
     )
     c.add_argument("--methods", default=",".join(method_names), help="comma list")
     c.add_argument(
         "--budget",
         default="small",
-        choices=list(BUDGETS),
+        choices=budgets,
         help="smoke: tiny model, seconds; small: smollm2-135m on CPU, ~2 h; paper: the paper's GPU settings",
     )
     c.add_argument("--output-dir", default=None, help="default: runs/compare-<budget>")
@@ -340,9 +357,11 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("overrides", nargs="*", help="key=value overrides applied to every cell")
     c.set_defaults(func=_compare)
 
+
+def _add_sweep(sub: Any, budgets: list[str]) -> None:
     w = sub.add_parser(
         "routing-sweep",
-        help="what decides MoLF's routing: train MoLF over LoRA alphas and learning-rate ratios",
+        help=HELP["routing-sweep"],
         description="Train MoLF at every --alphas x --lr-ratios (lr_lora = ratio x lr_fft), "
         "MoLF-E at equal alpha and at equal scale, and FFT and LoRA as references, on each task "
         "of a compare budget, --seeds seeds each (resumable); write sweep.md/csv with the share "
@@ -353,7 +372,7 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("--alphas", default="8,16,32,64", help="MoLF's lora_alpha values")
     w.add_argument("--lr-ratios", default="1,5", help="lr_lora / lr_fft values (lr_fft 1e-4)")
     w.add_argument("--seeds", default="0,1", help="training seeds (the splits use seed 0)")
-    w.add_argument("--budget", default="small", choices=list(BUDGETS))
+    w.add_argument("--budget", default="small", choices=budgets)
     w.add_argument("--model", default=None, help="default: the budget's")
     w.add_argument("--output-dir", default=None, help="default: runs/routing-sweep-<budget>")
     w.add_argument("--jobs", type=int, default=None, help="cells at a time (default: the budget's)")
@@ -363,11 +382,30 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("--plan", action="store_true", help="print the cells and exit")
     w.add_argument("overrides", nargs="*", help="key=value overrides applied to every cell")
     w.set_defaults(func=_sweep)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The full parser: every subcommand with its options and the registries' choices."""
+    from molf.experiments.grid import BUDGETS
+    from molf.tasks import task_names
+    from molf.train import methods
+    from molf.train.config import bundled_configs
+
+    parser, sub = _top_parser()
+    tasks = ", ".join(task_names())
+    _add_train(sub, methods.names(), tasks, ", ".join(bundled_configs()))
+    _add_eval(sub)
+    _add_compare(sub, methods.names(), tasks, list(BUDGETS))
+    _add_sweep(sub, list(BUDGETS))
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the `molf` console script."""
+    given = sys.argv[1:] if argv is None else list(argv)
+    if not given or given[0] in ("-h", "--help"):
+        light_parser().parse_args(given)  # prints the help (or says a command is needed)
+        return 0
     from molf._quiet import quiet_known_noise
 
     quiet_known_noise()  # before anything imports bitsandbytes, which logs it at import

@@ -8,6 +8,22 @@ from dataclasses import dataclass, field
 
 from molf.errors import MolfError
 
+# Every expert's alpha unless told otherwise: the authors' reference value (docs/method.md 7.1).
+# The application (`molf.train.config.TrainConfig.lora_alpha`) reads it from here.
+DEFAULT_LORA_ALPHA = 32.0
+
+
+def lora_scale(alpha: float, rank: int, use_rslora: bool = True) -> float:
+    """A LoRA expert's scale s: alpha / sqrt(rank) with rsLoRA (the paper's), else alpha / rank.
+    The one place the formula lives: the layer, the baselines and the reports all call it."""
+    return alpha / (math.sqrt(rank) if use_rslora else rank)
+
+
+def check_alpha(alpha: float, name: str) -> None:
+    """Refuse an alpha that is not a finite number > 0 (a 0 scale trains nothing), naming it."""
+    if not (isinstance(alpha, (int, float)) and math.isfinite(alpha) and alpha > 0):
+        raise MolfError(f"{name}: must be > 0 (the LoRA scale is alpha / sqrt(rank)), got {alpha}")
+
 
 @dataclass
 class MoLFConfig:
@@ -40,7 +56,7 @@ class MoLFConfig:
     def __post_init__(self) -> None:
         self.lora_ranks = tuple(int(r) for r in self.lora_ranks)
         if self.lora_alphas is None:
-            self.lora_alphas = tuple(32.0 for _ in self.lora_ranks)
+            self.lora_alphas = tuple(DEFAULT_LORA_ALPHA for _ in self.lora_ranks)
         self.lora_alphas = tuple(float(a) for a in self.lora_alphas)
         if not isinstance(self.target_modules, str):
             self.target_modules = tuple(self.target_modules)
@@ -58,8 +74,7 @@ class MoLFConfig:
                 f"{len(self.lora_ranks)} lora_ranks; give one alpha per rank"
             )
         for a in self.lora_alphas:
-            if not math.isfinite(a) or a <= 0:
-                raise MolfError(f"MoLFConfig.lora_alphas: every alpha must be > 0, got {a}")
+            check_alpha(a, "MoLFConfig.lora_alphas")
         if not 0.0 <= self.lora_dropout < 1.0:
             raise MolfError(f"MoLFConfig.lora_dropout: must be in [0, 1), got {self.lora_dropout}")
         if not self.train_base and not self.lora_ranks:
@@ -81,8 +96,7 @@ class MoLFConfig:
     def scalings(self) -> tuple[float, ...]:
         """s_i for each LoRA expert."""
         return tuple(
-            a / (math.sqrt(r) if self.use_rslora else r)
-            for r, a in zip(self.lora_ranks, self.lora_alphas)
+            lora_scale(a, r, self.use_rslora) for r, a in zip(self.lora_ranks, self.lora_alphas)
         )
 
     @property

@@ -260,6 +260,18 @@ def _type_counts(modules: list[nn.Module]) -> str:
     return ", ".join(f"{n} {name}" for name, n in sorted(counts.items(), key=lambda kv: -kv[1]))
 
 
+# Called with every model `wrap` returns. molf.saving registers the guard that makes a wrapped
+# transformers model's own save_pretrained write molf's format: the saving code depends on the
+# layer, never the other way round.
+_WRAP_HOOKS: list[Callable[[nn.Module], None]] = []
+
+
+def on_wrap(hook: Callable[[nn.Module], None]) -> Callable[[nn.Module], None]:
+    """Run `hook(model)` on every model `wrap` returns (for `molf.saving`'s guard)."""
+    _WRAP_HOOKS.append(hook)
+    return hook
+
+
 def wrap(model: nn.Module, config: MoLFConfig | None = None) -> nn.Module:
     """Replace every target linear layer of `model` by a `MoLFLinear`, in place; returns `model`.
 
@@ -325,9 +337,8 @@ def wrap(model: nn.Module, config: MoLFConfig | None = None) -> nn.Module:
     _warn_shared(model, config)
     if not named:
         _warn_unwrapped(model, config, head)
-    from molf.saving import guard_save_pretrained  # molf.saving imports this module
-
-    guard_save_pretrained(model)
+    for hook in _WRAP_HOOKS:
+        hook(model)
     return model
 
 

@@ -46,7 +46,7 @@ from torch import nn
 
 from molf.config import MoLFConfig
 from molf.errors import MolfError, one_line
-from molf.layer import molf_modules, wrap
+from molf.layer import molf_modules, on_wrap, wrap
 
 WEIGHTS_NAME = "molf_model.safetensors"
 BUFFERS_NAME = "molf_buffers.safetensors"
@@ -541,6 +541,7 @@ class _WrappedSavePretrained:
         save_pretrained(model, save_directory, state_dict=state_dict)
 
 
+@on_wrap
 def guard_save_pretrained(model: nn.Module) -> None:
     """Route `model.save_pretrained` (transformers) to molf's format while `model` is wrapped: the
     transformers format of a wrapped model reloads as a different, randomly initialised model."""

@@ -252,6 +252,76 @@ def _open_state(
     return state, invocation, command
 
 
+def _output_dir(output_dir: str | Path | None, budget: str) -> Path:
+    """The grid's directory: new, empty, or one a grid wrote (its grid.json)."""
+    out = Path(output_dir or f"runs/compare-{budget}")
+    check_directory_path(out, "--output-dir")
+    if out.is_dir() and any(out.iterdir()) and not (out / "grid.json").exists():
+        # its report files would replace whatever of the user's has the same name
+        raise MolfError(
+            f"--output-dir {out}: not a molf compare directory (no grid.json) and not empty; "
+            "give a new or empty directory"
+        )
+    return out
+
+
+def _run_grid(
+    session: _Session,
+    cells: list[Cell],
+    report_only: bool,
+    n_seeds: int,
+    seed_methods: list[str],
+    seed: int,
+    budget: str,
+    model_name: str,
+    out: Path,
+) -> None:
+    """The learning-rate candidates, then (once each pair's choice is final) the chosen ones
+    with more seeds; torch's thread count is the session's for the duration."""
+    import torch
+
+    old_threads = torch.get_num_threads()
+    try:
+        if session.threads:
+            torch.set_num_threads(session.threads)
+        if report_only:
+            return
+        session.invocation.update(jobs=session.jobs, threads=session.threads)
+        how = f"{session.jobs} at a time in subprocesses" if session.jobs else "one at a time"
+        print(
+            f"molf compare: {len(cells)} cells ({how}), {budget} budget, {model_name}, in {out}",
+            flush=True,
+        )
+        session.run(cells)
+        extra = seed_cells(cells, n_seeds, seed_methods)
+        if extra:
+            check_finished(extra)
+            print(
+                f"molf compare: {len(extra)} cells train the chosen learning rates with "
+                f"seeds {seed + 1}-{seed + n_seeds - 1}",
+                flush=True,
+            )
+            session.run(extra)
+    finally:
+        torch.set_num_threads(old_threads)
+
+
+def _notes(
+    invocation: dict[str, Any], n_jobs: int, n_threads: int | None, keep_models: str
+) -> list[str]:
+    """How this invocation ran its cells (earlier ones: see the invocations) and what it kept."""
+    notes = []
+    if invocation["cells_run"]:
+        if n_jobs:
+            notes.append(f"cells run {n_jobs} at a time, each in its own process")
+        if n_threads:
+            notes.append(f"torch threads per cell: {n_threads}")
+    if keep_models != "all":
+        kept = "the chosen candidate of each pair" if keep_models == "chosen" else "no cell"
+        notes.append(f"model weights (final/) kept for: {kept}")
+    return notes
+
+
 def compare(
     budget: str = "small",
     tasks: list[str] | None = None,
@@ -277,8 +347,6 @@ def compare(
     runs again with `seeds` - 1 more training seeds (`seed_methods`, default: the methods of the
     paper's claims). `report_only` rebuilds the report from the cells on disk, running nothing.
     """
-    import torch
-
     tasks = list(tasks or ["fact-geo", "med-icd10", "world-sql"])
     methods = list(methods or registry.names())
     b = BUDGETS.get(budget)
@@ -288,14 +356,7 @@ def compare(
         b, methods, keep_models, threads, jobs, seeds, seed_methods
     )
     overrides = list(overrides or [])
-    out = Path(output_dir or f"runs/compare-{budget}")
-    check_directory_path(out, "--output-dir")
-    if out.is_dir() and any(out.iterdir()) and not (out / "grid.json").exists():
-        # its report files would replace whatever of the user's has the same name
-        raise MolfError(
-            f"--output-dir {out}: not a molf compare directory (no grid.json) and not empty; "
-            "give a new or empty directory"
-        )
+    out = _output_dir(output_dir, budget)
     cells = plan_grid(budget, tasks, methods, out, model, seed, overrides, lr_grid, data)
     check_finished(cells)
     model_name = cells[0].config.model if cells else (model or b.model)
@@ -332,43 +393,11 @@ def compare(
         out / "grid.json", state, invocation, n_jobs, n_threads, keep_models, skip_failed, []
     )
     session.save()
-    old_threads = torch.get_num_threads()
     try:
-        if n_threads:
-            torch.set_num_threads(n_threads)
-        if not report_only:
-            invocation.update(jobs=n_jobs, threads=n_threads)
-            how = f"{n_jobs} at a time in subprocesses" if n_jobs else "one at a time"
-            print(
-                f"molf compare: {len(cells)} cells ({how}), {budget} budget, {model_name}, "
-                f"in {out}",
-                flush=True,
-            )
-            session.run(cells)
-            # the chosen candidates again with more seeds, once every choice is final
-            extra = seed_cells(cells, n_seeds, seed_methods)
-            if extra:
-                check_finished(extra)
-                print(
-                    f"molf compare: {len(extra)} cells train the chosen learning rates with "
-                    f"seeds {seed + 1}-{seed + n_seeds - 1}",
-                    flush=True,
-                )
-                session.run(extra)
+        _run_grid(session, cells, report_only, n_seeds, seed_methods, seed, budget, model_name, out)
     finally:
-        torch.set_num_threads(old_threads)
         invocation["wall_seconds"] = round(time.perf_counter() - t_start, 1)
         session.save()
-    outcomes = session.outcomes
-    notes = []
-    if invocation["cells_run"]:  # how this invocation ran its cells (earlier ones: see above)
-        if n_jobs:
-            notes.append(f"cells run {n_jobs} at a time, each in its own process")
-        if n_threads:
-            notes.append(f"torch threads per cell: {n_threads}")
-    if keep_models != "all":
-        kept = "the chosen candidate of each pair" if keep_models == "chosen" else "no cell"
-        notes.append(f"model weights (final/) kept for: {kept}")
     paths = write_report(
         out,
         task_labels(tasks),  # a data path's cells and column go by its file name
@@ -380,11 +409,11 @@ def compare(
             "seed": seed,
             "wall_seconds": time.perf_counter() - t_start,
             "report_only": report_only,
-            "notes": notes,
+            "notes": _notes(invocation, n_jobs, n_threads, keep_models),
             "invocations": state["invocations"],
         },
     )
-    result = CompareResult(out, cells, outcomes, paths)
+    result = CompareResult(out, cells, session.outcomes, paths)
     print(
         f"report: {paths['report']}"
         + (f" ({len(result.failed)} cells failed)" if result.failed else ""),

@@ -24,6 +24,7 @@ from typing import Any
 
 import torch
 
+from molf.config import lora_scale
 from molf.experiments.grid import Cell
 from molf.experiments.routing_stats import TYPE_ORDER, first_step_ratios, median
 from molf.layer import _is_target
@@ -39,19 +40,11 @@ def module_kappas(cfg: Any) -> dict[str, tuple[float, int, int]]:
     """{module name: (kappa, in_features, out_features)} of every linear layer MoLF would wrap,
     from the first optimizer step's gradient of the untrained model on the run's first batch."""
     import molf
-    from molf.tasks import TaskOptions, build_task
     from molf.train.data import StepOrder, collate, tokenize_examples
     from molf.train.models import load_model
+    from molf.train.prepare import task_and_splits
 
-    _, splits = build_task(
-        cfg.task,
-        cfg.data,
-        cfg.split_seed,
-        cfg.n_train,
-        cfg.n_val,
-        cfg.n_test,
-        TaskOptions.from_config(cfg),
-    )
+    _, splits = task_and_splits(cfg)
     model, tokenizer = load_model(cfg.model)
     data = tokenize_examples(splits.train, tokenizer, cfg.max_length, cfg.too_long)
     order = StepOrder(len(data), cfg.batch_size, cfg.grad_accum, cfg.seed)
@@ -121,7 +114,7 @@ def derivation_check(cells: list[Cell], out: Path) -> list[str]:
         ratios_all: list[float] = []
         for cell in molf_cells:
             cfg = cell.config
-            scale = cfg.lora_alpha / (math.sqrt(cfg.lora_rank) if cfg.use_rslora else cfg.lora_rank)
+            scale = lora_scale(cfg.lora_alpha, cfg.lora_rank, cfg.use_rslora)
             pred = predicted_ratios(kappas, scale, cfg.lr_lora / cfg.lr_fft)
             measured = first_step_ratios(RoutingLog.read_jsonl(cell.directory / "routing.jsonl"))
             common = [n for n in measured if n in pred]

@@ -316,6 +316,15 @@ def _listed(value: float | Sequence[float]) -> list[float]:
     return [value] if isinstance(value, (int, float)) else list(value)
 
 
+def check_top_k(top_k: int, n_experts: int, name: str = "top_k") -> None:
+    """Refuse a top_k that is not an integer from 1 to the number of experts, naming `name`
+    (the argument, or the config key when a run's config is checked)."""
+    if isinstance(top_k, bool) or not isinstance(top_k, int) or not 1 <= top_k <= n_experts:
+        raise MolfError(
+            f"{name}: must be between 1 and the number of experts ({n_experts}), got {top_k}"
+        )
+
+
 def _check_settings(
     n_experts: int,
     top_k: int,
@@ -324,10 +333,7 @@ def _check_settings(
     rates: list[tuple[str, Any]],
 ) -> None:
     """Refuse an out-of-range setting with one line naming it."""
-    if not isinstance(top_k, int) or not 1 <= top_k <= n_experts:
-        raise MolfError(
-            f"top_k: must be between 1 and the number of experts ({n_experts}), got {top_k}"
-        )
+    check_top_k(top_k, n_experts)
     if moments_dtype not in ("float32", "param"):
         raise MolfError(f"moments_dtype: must be 'float32' or 'param', got {moments_dtype!r}")
     for field, value in rates:

@@ -23,13 +23,14 @@ from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
 
 from molf.errors import MolfError
-from molf.tasks.common import TaskSplits
+from molf.tasks.common import TaskSplits, ensure_pad_token
 
 __all__ = [
     "DEFAULT_N_TEST",
     "DEFAULT_N_VAL",
     "GENERATION_METRICS",
     "Task",
+    "TaskBase",
     "TaskEntry",
     "TaskOptions",
     "TaskRequest",
@@ -150,6 +151,44 @@ class Task(Protocol):
         batch_size: int = 16,
         items: dict[str, float] | None = None,
     ) -> dict[str, float]: ...
+
+
+class TaskBase:
+    """What every built-in task's `evaluate` does around its scoring: refuse an empty split,
+    give the tokenizer a pad token (batched scoring needs one), score in eval mode and give the
+    model its train/eval mode back, so that evaluation may run mid-training. A task subclass
+    implements `score` with `evaluate`'s arguments."""
+
+    name: str
+
+    def evaluate(
+        self,
+        model: Any,
+        tokenizer: Any,
+        records: list[dict[str, Any]],
+        batch_size: int = 16,
+        items: dict[str, float] | None = None,
+    ) -> dict[str, float]:
+        """The task's metrics on `records` (`items`, when given, gets each record's headline)."""
+        if not records:
+            raise MolfError(f"{self.name}: no records to evaluate")
+        ensure_pad_token(tokenizer)
+        was_training = getattr(model, "training", False)
+        model.eval()
+        try:
+            return self.score(model, tokenizer, records, batch_size, items)
+        finally:
+            model.train(was_training)
+
+    def score(
+        self,
+        model: Any,
+        tokenizer: Any,
+        records: list[dict[str, Any]],
+        batch_size: int,
+        items: dict[str, float] | None,
+    ) -> dict[str, float]:
+        raise NotImplementedError(f"task {self.name!r} does not implement score()")
 
 
 def item_id(index: int) -> str:

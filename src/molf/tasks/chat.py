@@ -17,7 +17,7 @@ import json
 from typing import Any
 
 from molf.errors import MolfError, one_line
-from molf.tasks.common import IGNORE, Encoded
+from molf.tasks.encoding import IGNORE, Encoded
 
 __all__ = ["check_messages", "chat_tokens", "chat_prompt"]
 

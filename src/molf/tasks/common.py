@@ -18,43 +18,14 @@ from typing import Any
 import torch
 
 from molf.errors import MolfError
-
-IGNORE = -100  # the label of a token the loss skips (torch's cross-entropy ignore_index)
-
-
-@dataclass
-class Example:
-    """One supervised example.
-
-    Text: the loss is taken on `completion` tokens only (an empty `prompt` makes it plain language
-    modelling). Chat (`messages` set, the texts unused): a list of `{role, content}` rendered with
-    the tokenizer's chat template, the loss on the assistant turns only. `origin` names the
-    example in error messages (e.g. 'chat.jsonl row 17')."""
-
-    prompt: str = ""
-    completion: str = ""
-    messages: list[dict[str, str]] | None = None
-    origin: str = ""
-
-
-@dataclass
-class Encoded:
-    """An example's token ids and labels (IGNORE where the loss skips a token).
-
-    `n_prompt` counts the prompt tokens at the front of a text example, which truncation trims
-    from the left; chat examples (None) are trimmed from the end."""
-
-    input_ids: list[int]
-    labels: list[int]
-    n_prompt: int | None = None
+from molf.tasks.chat import chat_tokens
+from molf.tasks.encoding import IGNORE, Encoded, Example
 
 
 def encode_example(example: Example, tokenizer: Any) -> Encoded:
     """Token ids and labels of an example: prompt tokens IGNORE, completion tokens and an EOS
     trained; a conversation through `molf.tasks.chat.chat_tokens`."""
     if example.messages is not None:
-        from molf.tasks.chat import chat_tokens
-
         return chat_tokens(tokenizer, example.messages, example.origin or "conversation")
     p = list(tokenizer(example.prompt, add_special_tokens=False)["input_ids"])
     c = list(tokenizer(example.completion, add_special_tokens=False)["input_ids"])

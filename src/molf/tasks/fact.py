@@ -61,12 +61,11 @@ from typing import Any
 import torch
 
 from molf.errors import MolfError
-from molf.tasks.base import TaskRequest, item_id, refuse_data, register_task
+from molf.tasks.base import TaskBase, TaskRequest, item_id, refuse_data, register_task
 from molf.tasks.common import (
     Example,
     TaskSplits,
     continuation_ids,
-    ensure_pad_token,
     generate,
     next_token_logprobs,
     shuffled,
@@ -468,7 +467,7 @@ def _mean(values: list[float]) -> float | None:
     return sum(values) / len(values) if values else None
 
 
-class FactTask:
+class FactTask(TaskBase):
     """Knowledge injection on CounterFact-format records (see the module docstring)."""
 
     name = "fact"
@@ -514,18 +513,15 @@ class FactTask:
         }
         return TaskSplits(train=train, validation=val, test=test, info=info)
 
-    def evaluate(
+    def score(
         self,
         model: Any,
         tokenizer: Any,
         records: list[dict[str, Any]],
-        batch_size: int = 16,
-        items: dict[str, float] | None = None,
+        batch_size: int,
+        items: dict[str, float] | None,
     ) -> dict[str, float]:
         """ROME/MEMIT efficacy, paraphrase, neighbourhood and generation metrics on `records`."""
-        if not records:
-            raise MolfError("fact: no records to evaluate")
-        ensure_pad_token(tokenizer)
         queries: list[tuple[str, str, str]] = []
         owners: list[tuple[int, str]] = []
         rewrite_prompts = []
@@ -541,27 +537,22 @@ class FactTask:
                     queries.append((p, new, true))
                     owners.append((i, kind))
 
-        was_training = getattr(model, "training", False)
-        model.eval()
-        try:
-            scores = target_logprobs(model, tokenizer, queries, batch_size)
-            max_new = max(
-                len(
-                    continuation_ids(
-                        tokenizer, p, _spaced(p, r["requested_rewrite"]["target_new"]["str"])
-                    )
+        scores = target_logprobs(model, tokenizer, queries, batch_size)
+        max_new = max(
+            len(
+                continuation_ids(
+                    tokenizer, p, _spaced(p, r["requested_rewrite"]["target_new"]["str"])
                 )
-                for p, r in zip(rewrite_prompts, records)
             )
-            texts = generate(
-                model,
-                tokenizer,
-                rewrite_prompts,
-                max_new_tokens=min(max_new + 2, 32),
-                batch_size=batch_size,
-            )
-        finally:
-            model.train(was_training)
+            for p, r in zip(rewrite_prompts, records)
+        )
+        texts = generate(
+            model,
+            tokenizer,
+            rewrite_prompts,
+            max_new_tokens=min(max_new + 2, 32),
+            batch_size=batch_size,
+        )
 
         efficacy, magnitude = [], []
         per_record: dict[str, list[list[float]]] = {

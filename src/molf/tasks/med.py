@@ -48,7 +48,7 @@ from pathlib import Path
 from typing import Any
 
 from molf.errors import MolfError
-from molf.tasks.base import TaskRequest, item_id, refuse_data, register_task
+from molf.tasks.base import TaskBase, TaskRequest, item_id, refuse_data, register_task
 from molf.tasks.common import Example, TaskSplits, option_logprobs, shuffled, split_three
 from molf.tasks.rows import load_table, objects, read_rows
 
@@ -341,7 +341,7 @@ def load_medmcqa(path: str) -> tuple[list[dict[str, Any]], int]:
     return _medmcqa_records(read_rows(path), Path(path).name)
 
 
-class MedTask:
+class MedTask(TaskBase):
     """Four-way medical multiple choice (see the module docstring)."""
 
     name = "med"
@@ -401,30 +401,23 @@ class MedTask:
         train, val, test = split_three(merged, seed, n_train, n_val, n_test)
         return train, val, test, info
 
-    def evaluate(
+    def score(
         self,
         model: Any,
         tokenizer: Any,
         records: list[dict[str, Any]],
-        batch_size: int = 16,
-        items: dict[str, float] | None = None,
+        batch_size: int,
+        items: dict[str, float] | None,
     ) -> dict[str, float]:
         """Accuracy of the option with the highest mean log-probability per token, and of the
         highest summed log-probability (`accuracy_sum`)."""
-        if not records:
-            raise MolfError("med: no records to evaluate")
-        was_training = getattr(model, "training", False)
-        model.eval()
-        try:
-            scored = option_logprobs(
-                model,
-                tokenizer,
-                [format_prompt(r["question"]) for r in records],
-                [[" " + _option(r, k) for k in range(len(r["options"]))] for r in records],
-                batch_size,
-            )
-        finally:
-            model.train(was_training)
+        scored = option_logprobs(
+            model,
+            tokenizer,
+            [format_prompt(r["question"]) for r in records],
+            [[" " + _option(r, k) for k in range(len(r["options"]))] for r in records],
+            batch_size,
+        )
         gold = [int(r["answer"]) for r in records]
         by_mean = [_argmax([lp / n for lp, n in options]) for options in scored]
         by_sum = [_argmax([lp for lp, _ in options]) for options in scored]

@@ -53,14 +53,13 @@ from typing import Any
 import torch
 
 from molf.errors import MolfError
-from molf.tasks.base import TaskOptions, TaskRequest, item_id, register_task
+from molf.tasks.base import TaskBase, TaskOptions, TaskRequest, item_id, register_task
 from molf.tasks.chat import chat_prompt, check_messages
 from molf.tasks.common import (
     IGNORE,
     Example,
     TaskSplits,
     encode_example,
-    ensure_pad_token,
     fit_length,
     generate_from_ids,
     padded_batch,
@@ -301,7 +300,7 @@ def _example(record: dict[str, Any]) -> Example:
     return Example(record["prompt"], record["completion"], record["messages"], record["id"])
 
 
-class SftTask:
+class SftTask(TaskBase):
     """Supervised fine-tuning on a user's data set (see the module docstring)."""
 
     name = "sft"
@@ -382,31 +381,20 @@ class SftTask:
             train=[_example(r) for r in train], validation=validation, test=test, info=info
         )
 
-    def evaluate(
+    def score(
         self,
         model: Any,
         tokenizer: Any,
         records: list[dict[str, Any]],
-        batch_size: int = 16,
-        items: dict[str, float] | None = None,
+        batch_size: int,
+        items: dict[str, float] | None,
     ) -> dict[str, float]:
-        """Loss and perplexity on `records`, and the generation metric when one was requested.
-        The model's train/eval mode is restored afterwards."""
-        if not records:
-            raise MolfError("sft: no records to evaluate")
-        ensure_pad_token(tokenizer)
-        was_training = getattr(model, "training", False)
-        model.eval()
-        try:
-            loss = self._loss(model, tokenizer, records, batch_size)
-            metrics = {"loss": loss, "perplexity": math.exp(loss) if loss < 700 else math.inf}
-            metric = self.options.generation_metric
-            if metric != "none":
-                metrics[metric] = self._generation(
-                    model, tokenizer, records, batch_size, metric, items
-                )
-        finally:
-            model.train(was_training)
+        """Loss and perplexity on `records`, and the generation metric when one was requested."""
+        loss = self._loss(model, tokenizer, records, batch_size)
+        metrics = {"loss": loss, "perplexity": math.exp(loss) if loss < 700 else math.inf}
+        metric = self.options.generation_metric
+        if metric != "none":
+            metrics[metric] = self._generation(model, tokenizer, records, batch_size, metric, items)
         return metrics
 
     @torch.no_grad()

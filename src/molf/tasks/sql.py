@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from molf.errors import MolfError
-from molf.tasks.base import TaskRequest, item_id, register_task
+from molf.tasks.base import TaskBase, TaskRequest, item_id, register_task
 from molf.tasks.common import (
     Example,
     TaskSplits,
@@ -320,7 +320,7 @@ def _build_gretel(
     return TaskSplits(train=train, validation=val, test=test, info=info)
 
 
-class SqlTask:
+class SqlTask(TaskBase):
     """Text-to-SQL task: build splits from a source, evaluate a model on held-out records."""
 
     name = "sql"
@@ -340,13 +340,13 @@ class SqlTask:
             f"sql: unknown source '{request.source}' (known: {', '.join(self.sources)})"
         )
 
-    def evaluate(
+    def score(
         self,
         model: Any,
         tokenizer: Any,
         records: list[dict[str, Any]],
-        batch_size: int = 16,
-        items: dict[str, float] | None = None,
+        batch_size: int,
+        items: dict[str, float] | None,
     ) -> dict[str, float]:
         """Greedy one-line generations for the records' prompts, scored by `score_predictions`."""
         prompts = [r["prompt"] for r in records]

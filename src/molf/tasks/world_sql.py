@@ -35,7 +35,7 @@ from collections.abc import Callable
 from typing import Any
 
 from molf.errors import MolfError
-from molf.tasks.base import TaskRequest, item_id, refuse_data, register_task
+from molf.tasks.base import TaskBase, TaskRequest, item_id, refuse_data, register_task
 from molf.tasks.common import Example, TaskSplits, generate, shuffled, split_three
 from molf.tasks.sql_engine import (
     EXEC_TIME_LIMIT_S,
@@ -545,7 +545,7 @@ def world_records(
     return (train if n_train is None else train[:n_train]), val, test
 
 
-class WorldSqlTask:
+class WorldSqlTask(TaskBase):
     """Text-to-SQL on the world database, scored by execution (see the module docstring)."""
 
     name = "world-sql"
@@ -566,29 +566,22 @@ class WorldSqlTask:
             info=info,
         )
 
-    def evaluate(
+    def score(
         self,
         model: Any,
         tokenizer: Any,
         records: list[dict[str, Any]],
-        batch_size: int = 16,
-        items: dict[str, float] | None = None,
+        batch_size: int,
+        items: dict[str, float] | None,
     ) -> dict[str, float]:
         """Greedy one-line SQL for each record, run against the database."""
-        if not records:
-            raise MolfError("world-sql: no records to evaluate")
-        was_training = getattr(model, "training", False)
-        model.eval()
-        try:
-            predictions = generate(
-                model,
-                tokenizer,
-                [r["prompt"] for r in records],
-                max_new_tokens=MAX_NEW_TOKENS,
-                batch_size=batch_size,
-            )
-        finally:
-            model.train(was_training)
+        predictions = generate(
+            model,
+            tokenizer,
+            [r["prompt"] for r in records],
+            max_new_tokens=MAX_NEW_TOKENS,
+            batch_size=batch_size,
+        )
         return score_predictions(predictions, records, items)
 
 

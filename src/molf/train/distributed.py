@@ -32,8 +32,7 @@ from torch import nn
 from molf import _files
 from molf.errors import MolfError
 from molf.optim.sharded import torch_dist
-from molf.train import checkpoint as ckpt
-from molf.train import methods
+from molf.train import manifest, methods
 
 MODES = ("none", "ddp", "fsdp2")
 DCP_DIR = "dcp"
@@ -311,14 +310,14 @@ def _describe(e: BaseException) -> str:
     return f"{type(e).__name__}: {e}"
 
 
-def atomic_directory(
+def collective_signed_directory(
     ctx: DistContext,
     final: Path,
     fill_all: Callable[[Path], None],
     fill_main: Callable[[Path], None],
     manifest_extra: dict[str, Any] | None = None,
 ) -> Path:
-    """The collective version of `molf.train.checkpoint.atomic_directory`.
+    """The collective version of `molf.train.checkpoint.signed_directory`.
 
     Rank 0 makes the temporary directory; every rank writes its part (`fill_all`, e.g. its DCP
     shards); once all have finished, rank 0 writes its own files (`fill_main`), the checksum
@@ -348,7 +347,7 @@ def atomic_directory(
     if error is None and ctx.is_main:
         try:
             fill_main(tmp)
-            ckpt.write_manifest(tmp, manifest_extra)
+            manifest.write_manifest(tmp, manifest_extra)
             _files.publish(tmp, final)
         except Exception as e:
             error = _describe(e)
@@ -451,7 +450,7 @@ def save_checkpoint(
         write_main(tmp)
 
     extra = {**manifest_extra, "distributed": ctx.mode, "world_size": ctx.world_size}
-    return atomic_directory(ctx, final, fill_all, fill_main, extra)
+    return collective_signed_directory(ctx, final, fill_all, fill_main, extra)
 
 
 def is_sharded_checkpoint(path: Path) -> bool:
@@ -501,7 +500,7 @@ def load_checkpoint(
         for group, hyper in zip(optimizer.param_groups, saved["param_groups"]):
             for key, value in hyper.items():
                 group[key] = tuple(value) if isinstance(group.get(key), tuple) else value
-    meta = json.loads((path / ckpt.MANIFEST).read_text())
+    meta = json.loads((path / manifest.MANIFEST).read_text())
     rng_file = path / f"rng-rank{ctx.rank:05d}.pt"
     if meta.get("world_size") == ctx.world_size and rng_file.exists():
         rng = torch.load(rng_file, weights_only=True)

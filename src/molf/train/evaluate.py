@@ -54,8 +54,8 @@ def evaluate_path(
     """
     import torch
 
-    from molf.train.loop import evaluate, pick_device
     from molf.train.models import load_model
+    from molf.train.prepare import evaluate, pick_device
 
     for flag, value in (("--batch-size", batch_size), ("--threads", threads)):
         if value is not None and value <= 0:

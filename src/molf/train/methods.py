@@ -6,6 +6,23 @@ and which learning rates `molf compare` tries for it. The config's validation, t
 the training loop, checkpoints, the distributed checks, the compare grid and its report all ask
 this registry, so a new method is one `register(Method(...))` below, plus its bundled config
 `configs/<name>.yaml`.
+
+Where the config's keys go (`build_model(model, cfg)`, then `build_optimizer(model, cfg)`):
+
+| config key | fft | lora, lora-160, adalora | molf | molf-e, molf-e-k2 |
+| --- | --- | --- | --- | --- |
+| `lora_rank` | - | peft `r` (lora-160: sum of `molf_e_ranks`; adalora: target rank) | `MoLFConfig.lora_ranks` | - |
+| `molf_e_ranks` | - | lora-160's rank | - | `MoLFConfig.lora_ranks` |
+| `lora_alpha` | - | peft `lora_alpha` (adalora: s x init rank, `adalora_schedule`) | `MoLFConfig.lora_alphas` | each expert's alpha |
+| `molf_e_alphas` | - | - | - | `MoLFConfig.lora_alphas` (`molf_e_alphas()`) |
+| `use_rslora`, `lora_dropout`, `target_modules` | - | peft config | `MoLFConfig` | `MoLFConfig` |
+| `lr_fft`, `weight_decay_fft` | torch AdamW | - | `MoLFAdamW` FFT expert (and other params) | - |
+| `lr_lora`, `weight_decay_lora` | - | torch AdamW | `MoLFAdamW` LoRA expert | `MoLFAdamW` both experts |
+| `betas`, `eps` | AdamW | AdamW | `MoLFAdamW` | `MoLFAdamW` |
+| `score`, `score_eps`, `decay_bias`, `top_k` | - | - | `MoLFAdamW` | `MoLFAdamW` (`molf-e-k2` implies `top_k: 2`) |
+
+The schedule, batch, data and evaluation keys are the loop's (`molf.train.loop`), the same for
+every method.
 """
 
 from __future__ import annotations
@@ -21,10 +38,11 @@ import torch
 from torch import nn
 
 import molf
+from molf.config import lora_scale as core_lora_scale
 from molf.errors import MolfError
 
 if TYPE_CHECKING:
-    from molf.train.config import TrainConfig
+    from molf.train.settings import TrainConfig
 
 
 @dataclass(frozen=True)
@@ -190,9 +208,8 @@ def _lora_sum_model(model: nn.Module, cfg: TrainConfig, total_steps: int) -> nn.
 
 
 def lora_scale(cfg: TrainConfig, rank: int | None = None) -> float:
-    """LoRA's scale s at `rank` (default `lora_rank`): alpha / sqrt(r) with rsLoRA, else alpha / r."""
-    r = cfg.lora_rank if rank is None else rank
-    return cfg.lora_alpha / (math.sqrt(r) if cfg.use_rslora else r)
+    """LoRA's scale s of a run's config at `rank` (default `lora_rank`), `molf.config.lora_scale`."""
+    return core_lora_scale(cfg.lora_alpha, cfg.lora_rank if rank is None else rank, cfg.use_rslora)
 
 
 # AdaLoRA's orthogonality regulariser weight: the AdaLoRA authors' scripts use 0.1 (peft: 0.5)

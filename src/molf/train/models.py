@@ -124,35 +124,6 @@ def load_model(
     return _load_from_hub(name, torch_dtype, trust_remote_code)
 
 
-def describe_model(model: torch.nn.Module) -> dict[str, Any]:
-    """A JSON-friendly summary of a model for run logs: architecture, parameter counts, dtype."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    config = getattr(base, "config", None)
-    params = list(model.parameters())  # shared (tied) parameters are listed once
-    first = params[0] if params else None
-    out: dict[str, Any] = {
-        "architecture": type(base).__name__,
-        "model_type": getattr(config, "model_type", None),
-        "name_or_path": getattr(base, "name_or_path", None),
-        "num_parameters": sum(p.numel() for p in params),
-        "trainable_parameters": sum(p.numel() for p in params if p.requires_grad),
-        "dtype": str(first.dtype).removeprefix("torch.") if first is not None else None,
-        "device": str(first.device) if first is not None else None,
-        "peft": base is not model,
-    }
-    if config is not None:
-        out["tied_embeddings"] = bool(getattr(config, "tie_word_embeddings", False))
-        for field in ("vocab_size", "hidden_size", "num_hidden_layers"):
-            value = getattr(config, field, None)
-            if value is not None:
-                out[field] = value
-    return out
-
-
-# --------------------------------------------------------------------------------------------
-# embedded GGUF models
-
-
 def _load_embedded(
     name: str, dtype: torch.dtype, root: Path
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:

@@ -31,7 +31,8 @@ __all__ = [
 ]
 
 MARKER = ".molf-run"
-SUMMARY = "summary.json"
+SUMMARY = "summary.json"  # written last by a run: its presence marks the run finished
+TEST_ITEMS = "test_items.json"  # per-item headline scores of the final test evaluation
 # Everything `molf train` and `molf compare` write into a run (or cell) directory.
 OWNED = frozenset(
     {
@@ -41,7 +42,7 @@ OWNED = frozenset(
         "routing.jsonl",
         "routing_summary.json",
         SUMMARY,
-        "test_items.json",
+        TEST_ITEMS,
         "checkpoints",
         "final",
         "tensorboard",
