@@ -17,6 +17,7 @@ import torch
 from molf.cli import main
 from molf.errors import MolfError
 from molf.train import checkpoint as ckpt
+from molf.train.manifest import MANIFEST
 from tests.runs import SRC, start_training, tiny_run, train
 
 RUN = tiny_run(
@@ -78,7 +79,7 @@ def test_sigkill_then_resume_auto_is_bitwise(tmp_path, straight_run):
     out = tmp_path / "run"
     proc = start_training(RUN, out, "save_every=1", "keep_checkpoints=2")
     target = ckpt.checkpoint_dir(out, kill_after)
-    assert _wait_for(lambda: (target / ckpt.MANIFEST).exists(), proc), "no checkpoint appeared"
+    assert _wait_for(lambda: (target / MANIFEST).exists(), proc), "no checkpoint appeared"
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert not (out / "summary.json").exists()
@@ -108,7 +109,7 @@ def test_signal_writes_a_checkpoint_and_exits(tmp_path, straight_run, sig, code)
 def test_corrupted_checkpoint_falls_back_to_the_previous_one(tmp_path, straight_run):
     out = tmp_path / "run"
     proc = start_training(RUN, out, "save_every=1", "keep_checkpoints=3")
-    assert _wait_for(lambda: (ckpt.checkpoint_dir(out, 4) / ckpt.MANIFEST).exists(), proc)
+    assert _wait_for(lambda: (ckpt.checkpoint_dir(out, 4) / MANIFEST).exists(), proc)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     newest = ckpt.list_checkpoints(out)[-1]
