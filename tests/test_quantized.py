@@ -202,3 +202,9 @@ def test_from_pretrained_rebuilds_a_quantized_base(base_dir, tmp_path, tokens, b
     opt.step()
     assert opt.win_counts().sum() == len(wrapped)
     assert not torch.equal(_logits(again, tokens), expected)
+
+    # a save from before quantized bases recorded their float dtype (it said the packed one)
+    config = tmp_path / "saved" / "molf_config.json"
+    info = json.loads(config.read_text())
+    config.write_text(json.dumps(info | {"dtype": "uint8" if bits == 4 else "int8"}))
+    assert torch.equal(_logits(molf.from_pretrained(tmp_path / "saved").train(), tokens), expected)

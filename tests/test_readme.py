@@ -1,0 +1,155 @@
+"""The README's code runs, and prints what the README shows.
+
+Every ```python block of README.md runs as a script in a fresh interpreter (in a temporary
+directory, offline, one thread), unless the line before it is `<!-- not run: REASON -->` (an
+excerpt that does not run on its own). A plain ``` block that follows a snippet, before the next
+code block, is what it prints: each of its lines must appear in the snippet's standard output,
+in that order (the README may leave lines out, such as the Trainer's progress and timings).
+Lines match when their text is the same and each number in them is within TOLERANCE of the
+README's (relative or absolute, whichever is larger); the snippets seed their random numbers, so
+on the machine that produced the README's outputs they agree exactly.
+
+The own-data commands run on a 40-row file with default split settings, as written except for
+the model (`--model tiny-llama`, one step: the smollm2-135m run the README shows takes minutes).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shlex
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from tests.runs import child_env
+
+ROOT = Path(__file__).resolve().parents[1]
+README = ROOT / "README.md"
+TOLERANCE = (0.02, 0.01)  # relative, absolute
+_NOT_RUN = re.compile(r"^<!-- not run: .+ -->$")
+_NUMBER = re.compile(r"[-+]?(?:\d+\.\d*|\.\d+|\d+)(?:[eE][-+]?\d+)?")
+
+
+@dataclass
+class Block:
+    lang: str
+    text: str
+    line: int  # of the opening fence, 1-based
+    before: str  # the line before the opening fence
+
+
+def _blocks() -> list[Block]:
+    lines = README.read_text().splitlines()
+    blocks, i = [], 0
+    while i < len(lines):
+        if lines[i].startswith("```"):
+            start, lang = i, lines[i][3:].strip()
+            i += 1
+            while not lines[i].startswith("```"):
+                i += 1
+            before = lines[start - 1] if start else ""
+            blocks.append(Block(lang, "\n".join(lines[start + 1 : i]), start + 1, before))
+        i += 1
+    return blocks
+
+
+def _snippets() -> list[tuple[Block, Block | None]]:
+    """Each python block that runs, with the plain block showing its output (or None)."""
+    blocks = _blocks()
+    found = []
+    for k, block in enumerate(blocks):
+        if block.lang != "python" or _NOT_RUN.match(block.before):
+            continue
+        shown = blocks[k + 1] if k + 1 < len(blocks) and blocks[k + 1].lang == "" else None
+        found.append((block, shown))
+    return found
+
+
+def _split(line: str) -> tuple[str, list[float]]:
+    return _NUMBER.sub("#", line.strip()), [float(x) for x in _NUMBER.findall(line)]
+
+
+def _same(expected: str, actual: str) -> bool:
+    (text_e, nums_e), (text_a, nums_a) = _split(expected), _split(actual)
+    rel, absolute = TOLERANCE
+    return text_e == text_a and all(
+        abs(a - e) <= max(rel * abs(e), absolute) for e, a in zip(nums_e, nums_a)
+    )
+
+
+def assert_shows(expected: str, actual: str) -> None:
+    """Every line of `expected` matches a line of `actual`, in order (see the module doc)."""
+    lines = actual.splitlines()
+    at = 0
+    for want in (x for x in expected.splitlines() if x.strip()):
+        for k in range(at, len(lines)):
+            if _same(want, lines[k]):
+                at = k + 1
+                break
+        else:
+            raise AssertionError(f"README shows {want!r}; the snippet printed:\n{actual}")
+
+
+def test_the_matcher_takes_numbers_within_the_tolerance_and_nothing_else():
+    assert _same("loss 4.155, fft 45.0%", "loss 4.16, fft 45.3%")
+    assert not _same("loss 4.155", "loss 4.5")
+    assert not _same("fft 45.0%", "lora 45.0%")
+    assert_shows("a 1\nc 3.0", "a 1\nb 2\nc 3.001\n")
+    with pytest.raises(AssertionError):
+        assert_shows("c 3\na 1", "a 1\nc 3\n")  # order counts
+
+
+def test_every_python_block_runs_or_says_why_not():
+    python = [b for b in _blocks() if b.lang == "python"]
+    run = {b.line for b, _ in _snippets()}
+    skipped = [b for b in python if b.line not in run]
+    assert all(_NOT_RUN.match(b.before) for b in skipped)
+    assert len(run) >= 6  # library, Trainer, TRL, save/reload, GPT-2, QLoRA
+
+
+@pytest.mark.parametrize("snippet", _snippets(), ids=lambda s: f"README line {s[0].line}")
+def test_readme_snippet_prints_what_the_readme_shows(snippet, tmp_path):
+    code, shown = snippet
+    if "bitsandbytes" in code.text or "BitsAndBytesConfig" in code.text:
+        pytest.importorskip("bitsandbytes")
+    proc = subprocess.run(
+        [sys.executable, "-c", code.text],
+        cwd=tmp_path,
+        env=child_env(),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    if shown is not None:
+        assert_shows(shown.text, proc.stdout)
+
+
+def _own_data_commands() -> list[list[str]]:
+    marker = "<!-- tested on a 40-row file: tests/test_readme.py -->"
+    block = next(b for b in _blocks() if b.before == marker)
+    commands = []
+    for line in block.text.splitlines():
+        words = shlex.split(line, comments=True)
+        if words:
+            assert words[0] == "molf", line
+            commands.append(words[1:])
+    return commands
+
+
+def test_the_own_data_commands_work_on_a_40_row_file(tmp_path, monkeypatch, capsys):
+    from molf.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    rows = (ROOT / "examples" / "data" / "capitals_chat.jsonl").read_text().splitlines()
+    Path("mydata.jsonl").write_text("\n".join(rows[:40]) + "\n")
+    for argv in _own_data_commands():
+        if argv[0] == "train":
+            argv = [*argv, "--model", "tiny-llama", "max_steps=1", "progress=false"]
+        assert main(argv) == 0, capsys.readouterr().err
+    summary = json.loads(Path("runs/sft-mydata-lora/summary.json").read_text())
+    assert (summary["n_train_examples"], summary["n_test_records"]) == (32, 4)
