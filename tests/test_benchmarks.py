@@ -99,11 +99,16 @@ def test_gpu_check_keeps_to_its_time_limit(tmp_path):
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
     took = time.monotonic() - start
     assert took < 30, took
-    assert proc.returncode == 1, proc.stdout[-3000:]
     text = (out / "gpu_check.txt").read_text()
-    assert "-- optimizer-device: FAILED: stopped at its" in text
+    # the part that starts sleeps past the limit and is stopped (on a loaded machine the
+    # preamble alone can leave too little time to start it: then it is not run at all)
+    if "-- optimizer-device: FAILED: stopped at its" in text:
+        assert proc.returncode == 1, proc.stdout[-3000:]
+        assert "NOT RUN (time limit): train-1b train-smollm2 optimizer-eager compile-cost" in text
+    else:
+        assert "-- optimizer-device: NOT RUN" in text, text
+        assert proc.returncode == 4, proc.stdout[-3000:]
     assert "-- train-1b: NOT RUN" in text and "-- compile-cost: NOT RUN" in text
-    assert "NOT RUN (time limit): train-1b train-smollm2 optimizer-eager compile-cost" in text
 
 
 def test_optimizer_ops_benchmark_counts_calls_and_reads():

@@ -233,8 +233,10 @@ def test_disk_full_while_checkpointing_is_one_clear_error(tmp_path, capsys, monk
     monkeypatch.setattr(ckpt, "save_file", full)
     code = main(["train", *RUN, "save_every=2", "--output-dir", str(tmp_path / "run")])
     err = capsys.readouterr().err.strip().splitlines()
-    assert code == 2 and len(err) == 1
-    assert "could not write checkpoint at step 2" in err[0] and "No space left" in err[0]
+    errors = [line for line in err if line.startswith("molf: error")]
+    # one error line, the last thing printed (before it only the run's data note)
+    assert code == 2 and len(errors) == 1 and err[-1] == errors[0]
+    assert "could not write checkpoint at step 2" in err[-1] and "No space left" in err[-1]
     assert ckpt.list_checkpoints(tmp_path / "run") == []
     assert not (tmp_path / "run" / "summary.json").exists()
 
