@@ -542,11 +542,12 @@ def test_state_dict_round_trip_continues_bitwise(backend: str, s: Setup) -> None
         opt2.zero_grad()
         for (n, p), (_, q) in zip(model.named_parameters(), twin.named_parameters()):
             assert torch.equal(p, q), f"step {t + 1}: {n} diverged after load_state_dict"
-            sp, sq = opt.state.get(p), opt2.state.get(q)
-            assert bool(sp) == bool(sq), n
-            if sp:
-                for k in STATE_KEYS:
-                    assert torch.equal(sp[k], sq[k]), f"step {t + 1}: state {k} of {n}"
+            sp, sq = opt.state.get(p) or {}, opt2.state.get(q) or {}
+            # a module's anchor tensor may hold its win counts and no moments yet (it has had
+            # no gradient): compare whatever each state holds
+            assert sp.keys() == sq.keys(), n
+            for k in sp:
+                assert torch.equal(sp[k], sq[k]), f"step {t + 1}: state {k} of {n}"
     assert torch.equal(opt.win_counts(), opt2.win_counts())
     new = opt.routing_log.records[n_records:]
     assert len(new) == len(opt2.routing_log.records)

@@ -264,8 +264,10 @@ def _prepare_local(cfg: TrainConfig, resume: str, overwrite: bool, ctx: DistCont
         check_packable(model.config, cfg.max_length)
         data = pack(data, cfg.max_length)
     if ctx.is_main:
-        # after everything that can refuse the run: a refusal stays one line
-        print(f"data: {_split_note(splits)}", file=sys.stderr)
+        # where the rows went, for a task that sizes its splits from the data (sft); printed
+        # after everything that can refuse the run, so that a refusal stays one line
+        if splits.info.get("note"):
+            print(f"data: {splits.info['note']}", file=sys.stderr)
         _print_data_notes(data, len(splits.train), cfg.max_length)
     order = StepOrder(len(data), cfg.batch_size, cfg.grad_accum, cfg.seed)
     total = cfg.max_steps or order.steps_for(cfg.epochs)
@@ -329,14 +331,3 @@ def _print_data_notes(data: Tokenized, n_examples: int, max_length: int) -> None
             f"{max_length} tokens",
             file=sys.stderr,
         )
-
-
-def _split_note(splits: TaskSplits) -> str:
-    """How many examples and records each split got, in the task's words when it has some."""
-    note = splits.info.get("note")
-    if note:
-        return note
-    return (
-        f"{len(splits.train)} training examples, {len(splits.validation)} validation and "
-        f"{len(splits.test)} test records"
-    )
