@@ -119,3 +119,21 @@ def test_refuses_bad_lists_and_foreign_directories(tmp_path, capsys):
     assert main([*base, "--output-dir", str(mine)]) == 2
     assert "not a routing-sweep directory" in capsys.readouterr().err
     assert (mine / "notes.txt").read_text() == "mine"
+
+
+def test_predict_trains_nothing_and_orders_the_shares_by_alpha(tmp_path, capsys):
+    out = tmp_path / "predict"
+    argv = ["routing-sweep", "--budget", "smoke", "--tasks", "fact-geo", "--alphas", "1,8,512"]
+    argv += ["--lr-ratios", "1", "--seeds", "0", "--predict", "--output-dir", str(out)]
+    assert main(argv) == 0
+    assert "predict.md" in capsys.readouterr().out
+    assert not (out / "cells").exists()  # nothing trained
+    lines = (out / "predict.md").read_text().splitlines()
+    header = [c.strip() for c in next(x for x in lines if x.startswith("| task")).split("|")]
+    row = [c.strip() for c in next(x for x in lines if x.startswith("| fact-geo")).split("|")]
+    shares = [float(row[header.index(f"a{a} r1")].rstrip("%")) for a in (1, 8, 512)]
+    # the LoRA expert's score grows with its scale: the FFT share can only fall as alpha grows,
+    # and at the extremes one expert takes every module
+    assert shares[0] >= shares[1] >= shares[2]
+    assert shares[0] == 100 and shares[2] == 0
+    assert float(row[header.index("q kappa")]) > 0

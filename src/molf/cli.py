@@ -381,6 +381,12 @@ def _add_sweep(sub: Any, budgets: list[str]) -> None:
     w.add_argument("--report-only", action="store_true", help="rebuild the report from the cells")
     w.add_argument("--no-first-step", action="store_true", help="skip the derivation check")
     w.add_argument("--plan", action="store_true", help="print the cells and exit")
+    w.add_argument(
+        "--predict",
+        action="store_true",
+        help="train nothing: predict each task's step-1 FFT share at every alpha x ratio from "
+        "one forward and backward pass (docs/method.md section 8), write predict.md and exit",
+    )
     w.add_argument("overrides", nargs="*", help="key=value overrides applied to every cell")
     w.set_defaults(func=_sweep)
 

@@ -30,7 +30,7 @@ from molf.experiments.routing_stats import TYPE_ORDER, first_step_ratios, median
 from molf.layer import _is_target
 from molf.routing import RoutingLog, module_type
 
-__all__ = ["GAUSS", "derivation_check", "module_kappas", "predicted_ratios"]
+__all__ = ["GAUSS", "derivation_check", "module_kappas", "predict_routing", "predicted_ratios"]
 
 # sqrt(2 / pi) / sqrt(3): E|a . x| for x uniform on +-1/sqrt(in) per unit row norm, times sqrt(in)
 GAUSS = math.sqrt(2.0 / math.pi) / math.sqrt(3.0)
@@ -150,4 +150,44 @@ def derivation_check(cells: list[Cell], out: Path) -> list[str]:
         return []
     write = out / "first_step.md"
     write.write_text("\n".join(lines) + "\n")
+    return lines
+
+
+def predict_routing(cells: list[Cell], out: Path) -> list[str]:
+    """Markdown lines (also written to `out/predict.md`): for each task of the MoLF `cells`, kappa
+    per module type and the predicted step-1 FFT share at each (alpha, lr ratio) of the cells,
+    without training. Since the step-1 routing holds for the rest of a run (docs/method.md
+    section 8), this says before any training where MoLF's updates will go."""
+    points: dict[tuple[float, float], None] = {}
+    by_task: dict[str, Cell] = {}
+    for c in cells:
+        points[(c.config.lora_alpha, c.config.lr_lora / c.config.lr_fft)] = None
+        by_task.setdefault(c.task, c)
+    grid = sorted(points)
+    header = ["task", *[f"{t} kappa" for t in TYPE_ORDER]]
+    header += [f"a{a:g} r{r:g}" for a, r in grid]
+    lines = [
+        "Predicted share of modules routed to the FFT expert at step 1 (docs/method.md section "
+        "8), per lora_alpha (a) and lr_lora / lr_fft (r), from kappa measured on the untrained "
+        "model's first training batch of each task; kappa: median over the modules of each type.",
+        "",
+        "| " + " | ".join(header) + " |",
+        "|" + " --- |" * len(header),
+    ]
+    for task, cell in by_task.items():
+        cfg = cell.config
+        kappas = module_kappas(cfg)
+        kap: dict[str, list[float]] = {}
+        for name, (k, _, _) in kappas.items():
+            kap.setdefault(module_type(name), []).append(k)
+        row = [task]
+        for t in TYPE_ORDER:
+            m = median(kap.get(t, []))
+            row.append("-" if m is None else f"{m:.2f}")
+        for alpha, ratio in grid:
+            pred = predicted_ratios(kappas, lora_scale(alpha, cfg.lora_rank, cfg.use_rslora), ratio)
+            share = sum(v <= 1 for v in pred.values()) / max(len(pred), 1)
+            row.append(f"{100 * share:.0f}%")
+        lines.append("| " + " | ".join(row) + " |")
+    (out / "predict.md").write_text("\n".join(lines) + "\n")
     return lines

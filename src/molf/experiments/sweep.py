@@ -323,6 +323,14 @@ def run_sweep(args: argparse.Namespace) -> int:
     points = sweep_points(
         alphas, ratios, ranks=tuple(BUDGETS[args.budget].settings.get("molf_e_ranks", (32, 128)))
     )
+    if getattr(args, "predict", False):
+        from molf.experiments.first_step import predict_routing
+
+        out.mkdir(parents=True, exist_ok=True)
+        mixture = [c for c in cells if _role(c.config.method) == "mixture"]
+        print("\n".join(predict_routing(mixture, out)))
+        print(f"written: {out / 'predict.md'}", flush=True)
+        return 0
     if args.plan:
         for c in cells:
             print(
