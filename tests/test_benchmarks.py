@@ -89,6 +89,26 @@ def test_gpu_check_reports_a_missed_target_in_the_file_and_the_exit_status(tmp_p
     assert "all parts passed" not in text and "exit status 3" in text
 
 
+def test_gpu_check_runs_python3_offline_without_being_told(tmp_path):
+    """On a lent machine with `python3` and no `python` on PATH, no PYTHON set and no network:
+    the check finds python3 itself and runs every part offline."""
+    offline = 'echo "offline: $HF_HUB_OFFLINE $TRANSFORMERS_OFFLINE $HF_DATASETS_OFFLINE"'
+    bin_dir = _fake_python(tmp_path, offline).parent
+    python = bin_dir / "python"  # a `python` the check must not pick over python3
+    python.write_text("#!/usr/bin/env bash\nexit 97\n")
+    python.chmod(0o755)
+    env = {k: v for k, v in _env().items() if not k.endswith("_OFFLINE") and k != "PYTHON"}
+    env["PATH"] = f"{bin_dir}{os.pathsep}{env['PATH']}"
+    out = tmp_path / "results"
+    cmd = ["bash", str(SCRIPT), "--device", "cpu", "--out", str(out)]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:]
+    text = (out / "gpu_check.txt").read_text()
+    assert f"python: {bin_dir / 'python3'}" in text
+    assert text.count("offline: 1 1 1") == 5  # the five benchmark parts
+    assert "all parts passed" in text
+
+
 def test_gpu_check_keeps_to_its_time_limit(tmp_path):
     """The whole check ends within --limit: a part runs under the time left, later ones are not
     started, and the summary says so."""

@@ -154,6 +154,11 @@ def test_bad_input_is_one_line_exit_2(tmp_path, capsys, monkeypatch, argv, needl
         (["threads=0"], "config key 'threads': must be > 0 or null"),
         (["epochs=.inf"], "config key 'epochs': must be a finite number > 0"),
         (["score_eps=0"], "config key 'score_eps': must be > 0"),
+        # issue #21 item 3: alpha 0 trained nothing under lora and was refused under molf only
+        # after the model loaded, as `MoLFConfig.lora_alphas`
+        (["lora_alpha=0"], "config key 'lora_alpha': must be > 0"),
+        (["--method", "lora", "lora_alpha=0"], "config key 'lora_alpha': must be > 0"),
+        (["--method", "molf-e", "molf_e_alphas=[16,0]"], "config key 'molf_e_alphas': must be > 0"),
         (["lr_fft=0", "lr_lora=0"], "config key 'lr_fft': molf trains with lr_fft and lr_lora"),
         (["--method", "lora", "lr_lora=0"], "config key 'lr_lora': lora trains with lr_lora"),
         (["score=nope"], "config key 'score': unknown score 'nope' (registered: epd, pfn)"),

@@ -151,5 +151,39 @@ def test_the_own_data_commands_work_on_a_40_row_file(tmp_path, monkeypatch, caps
         if argv[0] == "train":
             argv = [*argv, "--model", "tiny-llama", "max_steps=1", "progress=false"]
         assert main(argv) == 0, capsys.readouterr().err
+        out, err = capsys.readouterr()
+        if argv[0] == "train":  # the split line the README shows
+            assert "data: mydata.jsonl: 32 train, 4 validation (n_val unset" in err
+        else:  # the run's own 4 test rows, as the README says
+            assert "(4 held-out records)" in out
     summary = json.loads(Path("runs/sft-mydata-lora/summary.json").read_text())
     assert (summary["n_train_examples"], summary["n_test_records"]) == (32, 4)
+
+
+def test_the_readme_s_stated_defaults_and_costs_are_the_code_s_and_the_results(capsys):
+    """Figures the README states in prose rather than as a snippet's output (issue #21 item 5:
+    `lora_alphas` "default 16" after the default became 32; a `small` budget said to take ~2 h
+    that took 5.8 CPU hours): the alpha default is the code's, and the `small` run's cell count
+    and CPU time, in the README and docs/compare.md, are docs/results/cells.csv's."""
+    import csv
+
+    from molf.config import DEFAULT_LORA_ALPHA
+
+    readme = README.read_text()
+    assert f"`lora_alphas` (default {DEFAULT_LORA_ALPHA:g} each)" in readme
+    cells = list(csv.DictReader((ROOT / "docs" / "results" / "cells.csv").open()))
+    seconds = sum(float(c["cpu_seconds"]) for c in cells)
+    hours = f"{seconds / 3600:.1f} CPU hours"
+    assert f"42 cells, {hours}" in readme and len(cells) == 42
+    stated = f"{len(cells)} cells (7 methods x 3 tasks x 2 learning rates), {seconds:,.0f} CPU"
+    assert stated in readme and f"({hours}) in the cells" in readme
+    compare_md = (ROOT / "docs" / "compare.md").read_text()
+    assert f"took {seconds:,.0f} CPU seconds ({hours}) over the {len(cells)}" in compare_md
+    assert "~2 h" not in readme + compare_md
+    # `molf compare --help` points to the measured cost instead of an estimate of its own
+    from molf.cli import main
+
+    with pytest.raises(SystemExit):
+        main(["compare", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "see docs/compare.md for its measured cost" in text and "~" not in text

@@ -52,13 +52,17 @@ def test_a_finished_run_survives_an_overwrite_whose_data_is_missing(tmp_path, ca
     assert (out / "final" / "model").is_dir()
 
 
-def test_a_finished_run_survives_an_overwrite_with_a_bad_model(tmp_path, capsys):
+def test_a_finished_run_survives_an_overwrite_with_a_bad_model_or_config(tmp_path, capsys):
     out = tmp_path / "run"
     assert _train(out) == 0
     capsys.readouterr()
     argv = ["train", "--method", "lora", "--task", "fact-geo", "--model", str(tmp_path / "nope")]
     assert main([*argv, "--output-dir", str(out), "--overwrite", "progress=false"]) == 2
     assert (out / "summary.json").exists()
+    # a bad config value, likewise
+    assert _train(out, "--overwrite", lora_alpha=0) == 2
+    assert "config key 'lora_alpha'" in _error_line(capsys)
+    assert (out / "summary.json").exists() and (out / "final" / "model").is_dir()
 
 
 def test_a_directory_of_user_files_is_refused_without_advice_to_delete_it(tmp_path, capsys):

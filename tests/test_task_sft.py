@@ -702,3 +702,48 @@ def test_small_files_train_and_evaluate_with_default_splits(tmp_path, capsys, mo
     assert json.loads(capsys.readouterr().out)["n_records"] == 4
     assert main([*argv, "foo=1"]) == 2
     assert "'foo=1': expected a task option as key=value" in capsys.readouterr().err
+
+
+def test_hub_id_whose_splits_have_other_names(monkeypatch, hub_online):
+    """A hub data set with `train_sft` / `test_sft` splits (issue #21 item 10) is usable through
+    the split options; without them its unusual split names are one clear error."""
+    import datasets
+
+    hub = {"train_sft": chat_rows(6), "test_sft": chat_rows(9)[6:], "train_gen": text_rows(2)}
+    monkeypatch.setattr(datasets, "load_dataset", lambda spec: hub)
+    with pytest.raises(MolfError, match="split 'train_sft' is not train, validation or test"):
+        build("someone/chats")
+    _, s = build(
+        "someone/chats", n_val=1, n_test=None, train_split="train_sft", test_split="test_sft"
+    )
+    assert (len(s.train), len(s.validation), len(s.test)) == (5, 1, 3)
+    assert all(r["id"].startswith("someone/chats[test_sft] row ") for r in s.test)
+    assert s.info["left_out_splits"] == ["train_gen"]
+
+
+def test_eval_on_a_file_takes_sizes_and_split_options(tmp_path, capsys):
+    """`molf eval --task sft` on other data: every row by default, the split `molf train` would
+    make with --n-val/--n-test, and a data set's test split named with test_split=."""
+    import datasets
+
+    from molf.cli import main
+
+    path = write_rows(tmp_path / "e.jsonl", pc_rows(12), "jsonl")
+    argv = ["eval", "--task", "sft", "--model", "tiny-llama", "--json", "--data"]
+
+    def records(*extra):
+        assert main([*argv, *extra]) == 0, capsys.readouterr().err
+        return json.loads(capsys.readouterr().out)["n_records"]
+
+    assert records(str(path)) == 12
+    assert records(str(path), "--n-val", "2", "--n-test", "3") == 3
+    dd = tmp_path / "dd"
+    datasets.DatasetDict(
+        {
+            "train_sft": datasets.Dataset.from_list(pc_rows(8)),
+            "test_sft": datasets.Dataset.from_list(pc_rows(13)[8:]),
+        }
+    ).save_to_disk(str(dd))
+    assert records(str(dd), "test_split=test_sft") == 5
+    assert main([*argv, str(dd), "test_split=nope"]) == 2
+    assert "no split 'nope' for test_split=" in capsys.readouterr().err
