@@ -52,13 +52,16 @@ results: setup
 
 # What decides MoLF's routing (issue #20): MoLF over LoRA alphas and learning-rate ratios, MoLF-E
 # at equal alpha and equal scale, FFT and LoRA beside them, two seeds, on an FFT-favoured and a
-# LoRA-favoured task; its tables, plots and the first-step check copied into docs/routing-sweep/.
+# LoRA-favoured task; its tables, plots and the first-step check copied into docs/routing-sweep/,
+# with the step-1 routing predicted (no training) on the three default tasks.
 SWEEP_OUT := runs/routing-sweep
 sweep: setup
 	$(BIN)/molf routing-sweep --tasks fact-geo,world-sql --output-dir $(SWEEP_OUT)
+	$(BIN)/molf routing-sweep --predict --tasks fact-geo,world-sql,med-icd10 --seeds 0 \
+		--output-dir $(SWEEP_OUT)
 	mkdir -p docs/routing-sweep
 	cp $(SWEEP_OUT)/sweep.md $(SWEEP_OUT)/sweep.csv $(SWEEP_OUT)/first_step.md \
-		$(SWEEP_OUT)/*.png docs/routing-sweep/
+		$(SWEEP_OUT)/predict.md $(SWEEP_OUT)/*.png docs/routing-sweep/
 
 clean:
 	rm -rf $(VENV) build *.egg-info src/*.egg-info .pytest_cache .ruff_cache

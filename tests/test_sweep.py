@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -123,8 +124,10 @@ def test_refuses_bad_lists_and_foreign_directories(tmp_path, capsys):
 
 def test_predict_trains_nothing_and_orders_the_shares_by_alpha(tmp_path, capsys):
     out = tmp_path / "predict"
-    argv = ["routing-sweep", "--budget", "smoke", "--tasks", "fact-geo", "--alphas", "1,8,512"]
-    argv += ["--lr-ratios", "1", "--seeds", "0", "--predict", "--output-dir", str(out)]
+    own = Path(__file__).resolve().parents[1] / "examples" / "data" / "capitals_chat.jsonl"
+    argv = ["routing-sweep", "--budget", "smoke", "--tasks", f"fact-geo,{own}"]
+    argv += ["--alphas", "1,8,512", "--lr-ratios", "1", "--seeds", "0", "--predict"]
+    argv += ["--output-dir", str(out)]
     assert main(argv) == 0
     assert "predict.md" in capsys.readouterr().out
     assert not (out / "cells").exists()  # nothing trained
@@ -137,3 +140,5 @@ def test_predict_trains_nothing_and_orders_the_shares_by_alpha(tmp_path, capsys)
     assert shares[0] >= shares[1] >= shares[2]
     assert shares[0] == 100 and shares[2] == 0
     assert float(row[header.index("q kappa")]) > 0
+    # a data file is the sft task on it, labelled by its stem, as in molf compare
+    assert any(x.startswith("| capitals_chat |") for x in lines)

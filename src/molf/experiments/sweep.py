@@ -33,7 +33,15 @@ from typing import Any
 from molf._files import check_directory_path, write_json_atomic
 from molf.errors import MolfError
 from molf.experiments import runner
-from molf.experiments.grid import BUDGETS, Cell, format_lr, is_done, read_cell, read_json
+from molf.experiments.grid import (
+    BUDGETS,
+    Cell,
+    format_lr,
+    is_done,
+    read_cell,
+    read_json,
+    task_spec,
+)
 from molf.experiments.routing_stats import TYPE_ORDER, read_routing_log, routing_figures
 from molf.train import methods
 from molf.train.config import load_config
@@ -125,8 +133,10 @@ def plan_sweep(
     b = BUDGETS[budget]
     cells = []
     ranks = tuple(b.settings.get("molf_e_ranks", (32, 128)))
-    for task in tasks:
-        family = get_task(task).name
+    for entry in tasks:
+        # a task name, or a data file or directory (the sft task on it, labelled by its stem)
+        task, name, data = task_spec(entry)
+        family = get_task(name).name
         for seed in seeds:
             for point in sweep_points(alphas, ratios, ranks=ranks):
                 values = {**b.settings, **b.per_task.get(family, {}), **point.values}
@@ -134,9 +144,11 @@ def plan_sweep(
                 nulls = [f"{k}=null" for k, v in values.items() if v is None]
                 explicit = {k: v for k, v in values.items() if v is not None}
                 directory = out / "cells" / task / point.variant / f"seed-{seed}"
+                if data is not None:
+                    explicit["data"] = data
                 explicit.update(
                     method=point.method,
-                    task=task,
+                    task=name,
                     model=model or b.model,
                     seed=seed,
                     data_seed=0,
