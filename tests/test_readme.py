@@ -180,10 +180,11 @@ def test_the_readme_s_stated_defaults_and_costs_are_the_code_s_and_the_results(c
     compare_md = (ROOT / "docs" / "compare.md").read_text()
     assert f"took {seconds:,.0f} CPU seconds ({hours}) over the {len(cells)}" in compare_md
     assert "~2 h" not in readme + compare_md
-    # `molf compare --help` points to the measured cost instead of an estimate of its own
+    # `molf compare --help` gives the cost projected from measured cells and points to them
     from molf.cli import main
 
     with pytest.raises(SystemExit):
         main(["compare", "--help"])
     text = " ".join(capsys.readouterr().out.split())
-    assert "see docs/compare.md for its measured cost" in text and "~" not in text
+    assert "from the measured cost per cell, docs/compare.md" in text and "~" not in text
+    assert "about 9 CPU hours" in text and "9.4 CPU hours" in compare_md
