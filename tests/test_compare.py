@@ -197,6 +197,26 @@ def test_plan_small_budget_grids_and_fairness(tmp_path):
     assert [c.lrs["lr_lora"] for c in paper_ada] == [5e-4, 5e-5]  # the paper's grid
 
 
+def test_a_candidate_gives_each_learning_rate_key_its_own_value(tmp_path):
+    """`--lr-grid molf=1e-4:5e-4` (and a tuple in `Method.lr_grids`): lr_fft and lr_lora of one
+    candidate set apart, in a directory of their own; a candidate with the wrong number of
+    values is refused naming the method's keys."""
+    grid = "molf=1e-4/1e-4:5e-4"
+    cells = plan_grid("small", ["fact-geo"], ["molf"], tmp_path, lr_grid=grid)
+    assert [c.lrs for c in cells] == [
+        {"lr_fft": 1e-4, "lr_lora": 1e-4},
+        {"lr_fft": 1e-4, "lr_lora": 5e-4},
+    ]
+    assert [c.directory.name for c in cells] == ["lr-1e-4", "lr-fft1e-4-lora5e-4"]
+    assert (cells[1].config.lr_fft, cells[1].config.lr_lora) == (1e-4, 5e-4)
+    with pytest.raises(MolfError, match=r"lora has 1 learning rates \(lr_lora\)"):
+        parse_lr_grid("lora=1e-4:5e-4", BUDGETS["small"])
+    with pytest.raises(MolfError, match=r"molf has 2 learning rates \(lr_fft:lr_lora\)"):
+        parse_lr_grid("molf=1e-4:5e-4:1e-3", BUDGETS["small"])
+    with pytest.raises(MolfError, match="must be > 0"):
+        parse_lr_grid("molf=1e-4:0", BUDGETS["small"])
+
+
 def test_plan_overrides_and_errors(tmp_path):
     cells = plan_grid("small", ["fact-geo"], ["lora", "molf"], tmp_path, overrides=["lr_lora=1e-4"])
     assert [(c.method, c.lrs) for c in cells] == [

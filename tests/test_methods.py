@@ -3,6 +3,7 @@ training loop, checkpoints, compare planning, report), and no other module check
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 from pathlib import Path
@@ -122,6 +123,9 @@ def test_an_unknown_method_is_refused_by_name():
         methods.get("qlora")
     with pytest.raises(ValueError, match="registered already"):
         methods.register(methods.get("lora"))
+    # a per-key learning-rate candidate needs one value per key of lr_keys
+    with pytest.raises(ValueError, match=r"needs one value per key of \('lr_fft',\)"):
+        dataclasses.replace(NORMS, lr_grids={"smoke": ((1e-2, 1e-3),)})
 
 
 def test_every_method_has_its_bundled_config_and_grids():

@@ -384,7 +384,11 @@ def compare(
         tasks=tasks,
         methods=methods,
         overrides=overrides,
-        lr_grids={m: list(g) for m, g in parse_lr_grid(lr_grid, b).items() if m in methods},
+        lr_grids={  # a per-key candidate (lr_fft, lr_lora) is a list
+            m: [list(lr) if isinstance(lr, tuple) else lr for lr in g]
+            for m, g in parse_lr_grid(lr_grid, b).items()
+            if m in methods
+        },
     )
     state, invocation, command = _open_state(out, command, report_only, settings)
     n_threads = threads or b.threads

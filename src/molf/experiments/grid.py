@@ -48,7 +48,7 @@ class Budget:
     jobs: int = 0
     seeds: int = 1  # training seeds of each chosen candidate (`--seeds`)
 
-    def lr_grid(self, method: str) -> tuple[float, ...]:
+    def lr_grid(self, method: str) -> tuple[methods.LRCandidate, ...]:
         """`method`'s learning-rate candidates under this budget, the default first; a method
         without a grid here tries only its config default (TrainConfig's value)."""
         m = methods.get(method)
@@ -200,8 +200,17 @@ def task_labels(entries: list[str]) -> list[str]:
     return labels
 
 
-def parse_lr_grid(spec: str | None, budget: Budget) -> dict[str, tuple[float, ...]]:
-    """The grids to use: the budget's, 'off' (each grid's first value) or 'm=v1/v2,...' edits."""
+def format_candidate(candidate: methods.LRCandidate) -> str:
+    """A learning-rate candidate as `--lr-grid` writes it: '1e-4', or '1e-4:5e-4' per key."""
+    if isinstance(candidate, tuple):
+        return ":".join(format_lr(v) for v in candidate)
+    return format_lr(candidate)
+
+
+def parse_lr_grid(spec: str | None, budget: Budget) -> dict[str, tuple[methods.LRCandidate, ...]]:
+    """The grids to use: the budget's, 'off' (each grid's first value) or 'm=v1/v2,...' edits;
+    a candidate 'a:b' gives each of the method's learning-rate keys its own value, in order
+    (MoLF: lr_fft:lr_lora)."""
     grids = {m: budget.lr_grid(m) for m in methods.names()}
     if spec is None or spec.strip() in ("", "budget"):
         return grids
@@ -218,13 +227,26 @@ def parse_lr_grid(spec: str | None, budget: Budget) -> dict[str, tuple[float, ..
             raise MolfError(
                 f"--lr-grid entry '{entry}': unknown method '{method}' (known: {known})"
             )
-        try:
-            parsed = tuple(float(v) for v in values.split("/") if v.strip())
-        except ValueError:
-            raise MolfError(
-                f"--lr-grid entry '{entry}': learning rates must be numbers like 5e-5"
-            ) from None
-        if not parsed or any(not v > 0 for v in parsed):
+        keys = methods.get(method).lr_keys
+        parsed: list[methods.LRCandidate] = []
+        for text in (v.strip() for v in values.split("/")):
+            if not text:
+                continue
+            try:
+                numbers = tuple(float(x) for x in text.split(":"))
+            except ValueError:
+                raise MolfError(
+                    f"--lr-grid entry '{entry}': learning rates must be numbers like 5e-5"
+                ) from None
+            if len(numbers) > 1 and len(numbers) != len(keys):
+                raise MolfError(
+                    f"--lr-grid entry '{entry}': '{text}' gives {len(numbers)} values; "
+                    f"{method} has {len(keys)} learning rates ({':'.join(keys)})"
+                )
+            if any(not v > 0 for v in numbers):
+                raise MolfError(f"--lr-grid entry '{entry}': learning rates must be > 0")
+            parsed.append(numbers if len(numbers) > 1 else numbers[0])
+        if not parsed:
             raise MolfError(f"--lr-grid entry '{entry}': give one or more learning rates > 0")
         grids[method] = tuple(dict.fromkeys(parsed))
     return grids
@@ -279,7 +301,7 @@ def plan_grid(
                 grid = grid[:1]  # the override decides; the other tied key keeps the default
             for lr in grid:
                 values = {**b.settings, **b.per_task.get(family, {})}
-                values.update({k: lr for k in lr_keys})
+                values.update(methods.lr_values(lr_keys, lr))
                 values = {k: v for k, v in values.items() if k not in user_keys}
                 if "eval_before" not in user_keys:
                     # the untrained model is scored once per task, not once per cell
@@ -297,7 +319,9 @@ def plan_grid(
                 try:
                     cfg = load_config(None, nulls + overrides, **explicit)
                 except MolfError as e:
-                    raise MolfError(f"cell {task}/{method} (lr {format_lr(lr)}): {e}") from None
+                    raise MolfError(
+                        f"cell {task}/{method} (lr {format_candidate(lr)}): {e}"
+                    ) from None
                 lrs = {k: getattr(cfg, k) for k in lr_keys}
                 cfg.output_dir = str(root / task / method / lr_label(lrs))
                 if any(c.directory == cfg.run_dir for c in cells):

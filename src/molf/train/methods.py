@@ -45,6 +45,17 @@ if TYPE_CHECKING:
     from molf.train.settings import TrainConfig
 
 
+# one learning-rate candidate: a value for every lr key, or one value per key (in order)
+LRCandidate = float | tuple[float, ...]
+
+
+def lr_values(keys: tuple[str, ...], candidate: LRCandidate) -> dict[str, float]:
+    """The config values of one learning-rate candidate (`Method.lr_grids`)."""
+    if isinstance(candidate, tuple):
+        return dict(zip(keys, candidate, strict=True))
+    return {k: candidate for k in keys}
+
+
 @dataclass(frozen=True)
 class Method:
     """One fine-tuning method.
@@ -55,9 +66,10 @@ class Method:
     transformers model a run saves as `final/model`; `save_adapter(model, cfg, directory)`, when
     set, also writes a PEFT adapter into the empty `directory` (`final/adapter`).
 
-    `lr_keys`: the config keys holding its learning rates (a learning-rate search sets all of
-    them to the same value). `lr_grids`: the candidates `molf compare` tries per budget name,
-    first value = the default (docs/compare.md says why each grid is what it is).
+    `lr_keys`: the config keys holding its learning rates. `lr_grids`: the candidates `molf
+    compare` tries per budget name, first value = the default (docs/compare.md says why each
+    grid is what it is); a number sets every key of `lr_keys`, a tuple one value per key, in
+    order (MoLF at lr_lora = 5 x lr_fft: `(1e-4, 5e-4)`).
 
     Routed methods (MoLFAdamW chooses an expert per module and step) give `n_experts(cfg)`, which
     bounds `top_k`, and `routing`, what the routing chooses between, for the report.
@@ -80,7 +92,7 @@ class Method:
     build_optimizer: Callable[[nn.Module, TrainConfig], torch.optim.Optimizer]
     merge: Callable[[nn.Module], nn.Module]
     save_adapter: Callable[[nn.Module, TrainConfig, Path], None] | None = None
-    lr_grids: Mapping[str, tuple[float, ...]] = field(default_factory=dict)
+    lr_grids: Mapping[str, tuple[LRCandidate, ...]] = field(default_factory=dict)
     n_experts: Callable[[TrainConfig], int] | None = None
     routing: str | None = None
     after_step: Callable[[nn.Module, int], None] | None = None
@@ -98,6 +110,13 @@ class Method:
             raise ValueError(f"method {self.name!r}: give both n_experts and routing, or neither")
         if (self.save_state is None) != (self.load_state is None):
             raise ValueError(f"method {self.name!r}: give both save_state and load_state")
+        for budget, grid in self.lr_grids.items():
+            for lr in grid:
+                if isinstance(lr, tuple) and len(lr) != len(self.lr_keys):
+                    raise ValueError(
+                        f"method {self.name!r}: lr_grids[{budget!r}] candidate {lr} needs one "
+                        f"value per key of {self.lr_keys}"
+                    )
 
     @property
     def routed(self) -> bool:
