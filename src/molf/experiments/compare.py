@@ -230,6 +230,16 @@ class _Session:
             record(i, runner.run_cell(cell, skip_failed=self.skip_failed))
 
 
+def _grids_json(grids: dict[str, tuple[Any, ...]], methods: list[str]) -> dict[str, list[Any]]:
+    """The learning-rate grids of `methods` as grid.json records them (a per-key candidate,
+    lr_fft and lr_lora of MoLF say, is a list)."""
+    return {
+        m: [list(lr) if isinstance(lr, tuple) else lr for lr in g]
+        for m, g in grids.items()
+        if m in methods
+    }
+
+
 def _open_state(
     out: Path, command: str, report_only: bool, settings: dict[str, Any]
 ) -> tuple[dict[str, Any], dict[str, Any], str]:
@@ -384,11 +394,7 @@ def compare(
         tasks=tasks,
         methods=methods,
         overrides=overrides,
-        lr_grids={  # a per-key candidate (lr_fft, lr_lora) is a list
-            m: [list(lr) if isinstance(lr, tuple) else lr for lr in g]
-            for m, g in parse_lr_grid(lr_grid, b).items()
-            if m in methods
-        },
+        lr_grids=_grids_json(parse_lr_grid(lr_grid, b), methods),
     )
     state, invocation, command = _open_state(out, command, report_only, settings)
     n_threads = threads or b.threads
