@@ -187,4 +187,4 @@ def test_the_readme_s_stated_defaults_and_costs_are_the_code_s_and_the_results(c
         main(["compare", "--help"])
     text = " ".join(capsys.readouterr().out.split())
     assert "from the measured cost per cell, docs/compare.md" in text and "~" not in text
-    assert "about 9 CPU hours" in text and "9.4 CPU hours" in compare_md
+    assert "about 9 CPU hours" in text and "9.1 CPU hours" in compare_md
