@@ -142,3 +142,6 @@ def test_predict_trains_nothing_and_orders_the_shares_by_alpha(tmp_path, capsys)
     assert float(row[header.index("q kappa")]) > 0
     # a data file is the sft task on it, labelled by its stem, as in molf compare
     assert any(x.startswith("| capitals_chat |") for x in lines)
+    # the same command again rewrites its own predict.md
+    assert main(argv) == 0
+    assert (out / "predict.md").read_text().splitlines() == lines

@@ -325,7 +325,9 @@ def run_sweep(args: argparse.Namespace) -> int:
     seeds = _ints(args.seeds, "--seeds")
     out = Path(args.output_dir or f"runs/routing-sweep-{args.budget}")
     check_directory_path(out, "--output-dir")
-    if out.is_dir() and any(out.iterdir()) and not (out / "sweep.json").exists():
+    # a directory is the sweep's when it holds sweep.json, or nothing but an earlier --predict
+    ours = (out / "sweep.json").exists()
+    if out.is_dir() and not ours and any(p.name != "predict.md" for p in out.iterdir()):
         raise MolfError(
             f"--output-dir {out}: not a routing-sweep directory (no sweep.json) and not empty; "
             "give a new or empty directory"
