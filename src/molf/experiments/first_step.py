@@ -73,6 +73,15 @@ def module_kappas(cfg: Any) -> dict[str, tuple[float, int, int]]:
     return out
 
 
+def kappa_medians(kappas: dict[str, tuple[float, int, int]]) -> dict[str, float]:
+    """{module type: median kappa over its modules} (types without a finite kappa left out)."""
+    by_type: dict[str, list[float]] = {}
+    for name, (k, _, _) in kappas.items():
+        by_type.setdefault(module_type(name), []).append(k)
+    medians = {t: median(v) for t, v in by_type.items()}
+    return {t: m for t, m in medians.items() if m is not None}
+
+
 def predicted_ratios(
     kappas: dict[str, tuple[float, int, int]], scale: float, lr_ratio: float
 ) -> dict[str, float]:
@@ -137,13 +146,11 @@ def derivation_check(cells: list[Cell], out: Path) -> list[str]:
                 f"Measured / predicted over every module of these cells: median {q[1]:.2f}, "
                 f"10th-90th percentile {q[0]:.2f}-{q[2]:.2f} ({len(spread)} module-cells).",
             ]
-        kap = {}
-        for name, (k, _, _) in kappas.items():
-            kap.setdefault(module_type(name), []).append(k)
+        kap = kappa_medians(kappas)
         lines += [
             "",
             "kappa per module type (median): "
-            + ", ".join(f"{t} {median(kap[t]):.2f}" for t in TYPE_ORDER if t in kap),
+            + ", ".join(f"{t} {kap[t]:.2f}" for t in TYPE_ORDER if t in kap),
             "",
         ]
     if not found:
@@ -177,13 +184,8 @@ def predict_routing(cells: list[Cell], out: Path) -> list[str]:
     for task, cell in by_task.items():
         cfg = cell.config
         kappas = module_kappas(cfg)
-        kap: dict[str, list[float]] = {}
-        for name, (k, _, _) in kappas.items():
-            kap.setdefault(module_type(name), []).append(k)
-        row = [task]
-        for t in TYPE_ORDER:
-            m = median(kap.get(t, []))
-            row.append("-" if m is None else f"{m:.2f}")
+        kap = kappa_medians(kappas)
+        row = [task] + [f"{kap[t]:.2f}" if t in kap else "-" for t in TYPE_ORDER]
         for alpha, ratio in grid:
             pred = predicted_ratios(kappas, lora_scale(alpha, cfg.lora_rank, cfg.use_rslora), ratio)
             share = sum(v <= 1 for v in pred.values()) / max(len(pred), 1)
