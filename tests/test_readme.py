@@ -204,11 +204,11 @@ def test_the_readme_s_stated_defaults_and_costs_are_the_code_s_and_the_results(c
     hours = projected / 3600
     assert f"about {projected:,.0f} CPU seconds ({hours:.1f} CPU hours)" in compare_md
     assert "~2 h" not in readme + compare_md
-    # `molf compare --help` gives the cost projected from measured cells and points to them
+    # `molf compare --help` gives the grid's measured cost and points to where it comes from
     from molf.cli import main
 
     with pytest.raises(SystemExit):
         main(["compare", "--help"])
     text = _one_line(capsys.readouterr().out)
-    assert "from the measured cost per cell, docs/compare.md" in text and "~" not in text
+    assert "CPU hours as measured, docs/compare.md" in text and "~" not in text
     assert f"{planned} cells, about {hours:.0f} CPU hours" in text

@@ -306,8 +306,8 @@ def _add_compare(sub: Any, method_names: tuple[str, ...], tasks: str, budgets: l
         default="small",
         choices=budgets,
         help="smoke: tiny model, seconds; small: smollm2-135m on CPU (7 methods x 3 tasks x 2 "
-        "LRs and 3 seeds for the claims: 72 cells, about 10 CPU hours from the measured cost "
-        "per cell, docs/compare.md); paper: the paper's GPU settings",
+        "LRs and 3 seeds for the claims: 72 cells, about 9 CPU hours as measured, "
+        "docs/compare.md); paper: the paper's GPU settings",
     )
     c.add_argument("--output-dir", default=None, help="default: runs/compare-<budget>")
     c.add_argument("--seed", type=int, default=0)
