@@ -1,7 +1,7 @@
-"""No command path deletes a file molf did not write (issue #21, item 1).
+"""No command path deletes or rewrites a file molf did not write.
 
-`--overwrite` used to remove the output directory before the data and model were checked, and a
-directory of the user's own files was called "an unfinished run" with advice to overwrite it."""
+A run directory is molf's only if it carries the marker; `--overwrite`, checkpoint pruning and
+the end of a run remove exactly the files the run recorded in its ledger."""
 
 import json
 
@@ -115,14 +115,112 @@ def test_a_run_directory_carries_the_marker_and_an_unfinished_one_is_named_so(tm
     assert "unfinished run" in _error_line(capsys)
 
 
-def test_runs_from_before_the_marker_are_still_runs(tmp_path):
+def _snapshot(directory):
+    """Every file under `directory` with its bytes and every directory, for byte-identity."""
+    return {
+        p.relative_to(directory).as_posix(): (p.read_bytes() if p.is_file() else None)
+        for p in sorted(directory.rglob("*"))
+    }
+
+
+def _other_tools_run(directory):
+    """What another trainer leaves behind: its config, metrics and checkpoints, and notes."""
+    (directory / "checkpoints" / "checkpoint-500").mkdir(parents=True)
+    (directory / "checkpoints" / "checkpoint-500" / "model.safetensors").write_bytes(b"\0" * 64)
+    (directory / "config.yaml").write_text("method: lora\nlr: 1e-4\n")
+    (directory / "metrics.jsonl").write_text('{"step": 500, "loss": 1.5}\n')
+    (directory / "notes.txt").write_text("their notes\n")
+    return _snapshot(directory)
+
+
+def test_another_tool_s_run_folder_is_not_a_run_and_stays_byte_identical(tmp_path, capsys):
+    out = tmp_path / "theirs"
+    before = _other_tools_run(out)
+    assert not is_run_dir(out)
+    for flags in ([], ["--overwrite"], ["--resume", "auto"], ["--overwrite", "--resume", "auto"]):
+        assert _train(out, *flags) == 2
+        line = _error_line(capsys)
+        assert "not a molf run directory" in line and "--overwrite" not in line
+        assert _snapshot(out) == before
+    with pytest.raises(MolfError, match="not a molf run directory"):
+        clear_run_dir(out)
+    assert _snapshot(out) == before
+
+
+def test_a_user_file_inside_final_or_checkpoints_survives_overwrite_and_run_end(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert _train(out) == 0
+    (out / "final" / "notes.txt").write_text("mine\n")
+    (out / "checkpoints").mkdir()
+    (out / "checkpoints" / "keep.txt").write_text("also mine\n")
+    capsys.readouterr()
+    # a checkpoint every step: the run writes, prunes and finally removes its checkpoints
+    assert _train(out, "--overwrite", max_steps=3, save_every=1, keep_checkpoints=1) == 0
+    assert (out / "final" / "notes.txt").read_text() == "mine\n"
+    assert (out / "checkpoints" / "keep.txt").read_text() == "also mine\n"
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["keep.txt"]
+    err = capsys.readouterr().err
+    assert "checkpoints/keep.txt" in err and "final/notes.txt" in err
+    assert (out / "final" / "model").is_dir() and (out / "summary.json").exists()
+
+
+def test_overwrite_refuses_a_run_whose_replaced_folder_holds_a_user_file(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert _train(out) == 0
+    (out / "final" / "model" / "README.md").write_text("my model card\n")
+    before = _snapshot(out)
+    capsys.readouterr()
+    assert _train(out, "--overwrite") == 2
+    line = _error_line(capsys)
+    assert "final/model/README.md" in line and "nothing removed" in line
+    assert _snapshot(out) == before
+    with pytest.raises(MolfError, match="README.md"):
+        clear_run_dir(out)
+    assert _snapshot(out) == before
+
+
+def test_a_mistyped_resume_value_leaves_nothing_behind(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert _train(out, "--resume", "auot") == 2
+    line = _error_line(capsys)
+    assert "--resume auot" in line and "'auto'" in line
+    assert not out.exists()
+
+
+def test_a_run_marked_by_an_older_molf_is_not_cleared_by_guesswork(tmp_path, capsys):
     old = tmp_path / "old"
     old.mkdir()
+    (old / MARKER).write_text('{"molf_version": "0.1.0"}\n')  # no ledger of its files
     (old / "config.yaml").write_text("method: lora\n")
-    assert not is_run_dir(old)  # a lone config.yaml may be the user's
-    (old / "metrics.jsonl").write_text("")
+    (old / "summary.json").write_text("{}")
+    before = _snapshot(old)
     assert is_run_dir(old)
-    check_output_dir(old, "auto", False)
+    assert _train(old, "--overwrite") == 2
+    assert "without a record of its files" in _error_line(capsys)
+    assert _snapshot(old) == before
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o027])
+def test_run_files_have_the_modes_of_the_user_s_umask(tmp_path, umask):
+    import os
+
+    out = tmp_path / "run"
+    old = os.umask(umask)
+    try:
+        assert _train(out, method="molf", max_steps=2, save_every=1, keep_checkpoints=0) == 0
+    finally:
+        os.umask(old)
+    modes = {
+        p.relative_to(out).as_posix(): p.stat().st_mode & 0o777 for p in [out, *out.rglob("*")]
+    }
+    assert "final/model/model.safetensors" in modes
+    want_file, want_dir = 0o666 & ~umask, 0o777 & ~umask
+    wrong = {
+        rel: oct(mode)
+        for rel, mode in modes.items()
+        if mode != (want_dir if (out / rel).is_dir() else want_file)
+    }
+    assert not wrong
 
 
 def test_clear_run_dir_refuses_a_foreign_directory(tmp_path):

@@ -28,6 +28,31 @@ def fsync_tree(directory: Path) -> None:
                 os.fsync(f.fileno())
 
 
+def current_umask() -> int:
+    """The process's umask, read without changing it where Linux shows it (/proc)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)  # elsewhere: set and restore it
+    os.umask(mask)
+    return mask
+
+
+def open_modes(directory: Path) -> None:
+    """Give `directory` and everything under it the modes the user's umask gives any new file
+    (0644 and 0755 under umask 022): `tempfile` makes private (0700/0600) entries, and some
+    writers (transformers' weights) keep them so."""
+    mask = current_umask()
+    paths = [Path(directory), *Path(directory).rglob("*")]
+    for p in paths:
+        if p.is_symlink():
+            continue
+        p.chmod((0o777 if p.is_dir() else 0o666) & ~mask)
+
+
 def temp_sibling(final: Path) -> Path:
     """A fresh temporary directory next to `final`: on the same file system, so that renaming it
     to `final` is atomic. Its name starts with `.tmp-`, which marks leftovers of crashed writers."""
@@ -38,7 +63,9 @@ def temp_sibling(final: Path) -> Path:
 
 def publish(tmp: Path, final: Path) -> Path:
     """Flush the complete directory `tmp` to disk and rename it to `final`, replacing what was
-    there (a directory cannot be renamed over a non-empty one, so the old one goes first)."""
+    there (a directory cannot be renamed over a non-empty one, so the old one goes first); its
+    entries get the modes of the user's umask first."""
+    open_modes(tmp)
     fsync_tree(tmp)
     if final.exists():
         shutil.rmtree(final)

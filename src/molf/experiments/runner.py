@@ -16,7 +16,6 @@ import contextlib
 import gc
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -44,7 +43,7 @@ from molf.experiments.grid import (
     read_summary,
 )
 from molf.train.config import TrainConfig, load_config
-from molf.train.run_dir import clear_run_dir, mark_run_dir
+from molf.train.run_dir import clear_run_dir, mark_run_dir, record, remove_recorded
 
 
 @dataclass
@@ -70,6 +69,7 @@ def _drop_running(directory: Path) -> None:
 def _mark_failed(directory: Path, reason: str, details: str | None = None) -> None:
     """Record why a cell failed (its first line is what the report shows); it no longer runs."""
     (directory / FAILED).write_text(reason + "\n" + (f"\n{details}" if details else ""))
+    record(directory, FAILED)
     _drop_running(directory)
 
 
@@ -107,13 +107,12 @@ def run_cell(cell: Cell, skip_failed: bool = False) -> Outcome:
     if (d / "config.yaml").exists() and not (d / SUMMARY).exists():
         old = yaml.safe_load((d / "config.yaml").read_text()) or {}
         if config_mismatch(old, cell.config.to_dict()):
-            # a leftover of another config: its checkpoints cannot be resumed (a cell directory
-            # of this grid: cells written before the run marker existed get it first)
-            mark_run_dir(d)
+            # a leftover of another config: its checkpoints cannot be resumed
             clear_run_dir(d)
     mark_run_dir(d)
     write_json_atomic(d / CELL_META, _cell_meta(cell))
     write_json_atomic(d / RUNNING, {"attempts": attempts + 1, "pid": os.getpid()})
+    record(d, CELL_META, RUNNING)
     with contextlib.suppress(FileNotFoundError):
         (d / FAILED).unlink()
     _reset_peak_memory()
@@ -177,6 +176,7 @@ def _launch(cell: Cell, threads: int | None) -> subprocess.Popen:
         "config": cell.config.to_dict(),
     }
     write_json_atomic(d / JOB_SPEC, spec)
+    record(d, JOB_SPEC, "log.txt")
     env = dict(os.environ, TOKENIZERS_PARALLELISM="false")
     if threads:
         env["OMP_NUM_THREADS"] = str(threads)
@@ -316,7 +316,7 @@ def prune_models(cells: list[Cell], keep: str) -> None:
         return  # the choice may still change
     for r in group:
         if r.status == "done" and r is not chosen and (r.directory / "final").exists():
-            shutil.rmtree(r.directory / "final", ignore_errors=True)
+            remove_recorded(r.directory, "final")
 
 
 if __name__ == "__main__":

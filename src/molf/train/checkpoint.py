@@ -29,6 +29,7 @@ from molf.train import distributed
 from molf.train.distributed import DistContext
 from molf.train.manifest import verify, write_manifest
 from molf.train.prepare import Setup, keeps_best, routed_optimizer
+from molf.train.run_dir import record, remove_recorded
 
 
 def signed_directory(
@@ -80,7 +81,7 @@ def prune_checkpoints(run_dir: Path, keep: int, protect: Path | None = None) -> 
         for old in list_checkpoints(run_dir)[:-keep]:
             if protect is not None and old == protect:
                 continue
-            shutil.rmtree(old, ignore_errors=True)
+            remove_recorded(run_dir, old.relative_to(run_dir).as_posix())
 
 
 # -- a run's checkpoints ------------------------------------------------------------------------
@@ -143,6 +144,7 @@ def save_checkpoint(s: Setup, step: int, log_lines: int) -> Path:
             f"could not write checkpoint at step {step} in {s.cfg.run_dir}: {e.strerror or e}"
         ) from None
     if s.dist.is_main:
+        record(s.cfg.run_dir, path)
         prune_checkpoints(s.cfg.run_dir, s.cfg.keep_checkpoints, best_checkpoint(s))
     return path
 

@@ -21,7 +21,6 @@ import contextlib
 import dataclasses
 import json
 import math
-import shutil
 import signal
 import sys
 import time
@@ -50,7 +49,14 @@ from molf.train.prepare import (
     routed_optimizer,
 )
 from molf.train.progress import MetricLogger, NoLogger, peak_memory_mb, progress_bar
-from molf.train.run_dir import SUMMARY, TEST_ITEMS, clear_run_dir, mark_run_dir
+from molf.train.run_dir import (
+    SUMMARY,
+    TEST_ITEMS,
+    clear_run_dir,
+    mark_run_dir,
+    record,
+    remove_recorded,
+)
 
 if TYPE_CHECKING:
     pass
@@ -365,6 +371,7 @@ def finalize(s: Setup, model: nn.Module | None = None) -> tuple[nn.Module, dict[
 
         # before merging: merging folds the adapter into the base weights
         paths["adapter"] = ckpt.signed_directory(final / "adapter", fill_adapter)
+        record(cfg.run_dir, paths["adapter"])
     plain = s.method.merge(model)
 
     def fill_model(tmp: Path) -> None:
@@ -373,6 +380,7 @@ def finalize(s: Setup, model: nn.Module | None = None) -> tuple[nn.Module, dict[
         _save_run_info(tmp, cfg)
 
     paths["model"] = ckpt.signed_directory(final / "model", fill_model)
+    record(cfg.run_dir, paths["model"])
     return plain, paths
 
 
@@ -428,6 +436,7 @@ def _start(s: Setup, resume: str, overwrite: bool) -> tuple[int, int | None]:
                 )
         mark_run_dir(run_dir)
         (run_dir / "config.yaml").write_text(dump_config(cfg))
+        record(run_dir, "config.yaml")
     start, keep_lines = 0, None
     if resume != "none":
         path = ckpt.resume_path(run_dir, resume, ctx)
@@ -439,6 +448,8 @@ def _start(s: Setup, resume: str, overwrite: bool) -> tuple[int, int | None]:
     if routed is not None and routed.routing_log is not None and not routed.routing_log.streaming:
         # rank 0 appends each step's record to the run's log; memory keeps running totals only
         routed.routing_log.stream_to(run_dir / "routing.jsonl" if ctx.is_main else None)
+        if ctx.is_main:
+            record(run_dir, "routing.jsonl")
     return start, keep_lines
 
 
@@ -480,6 +491,7 @@ def _final_evaluation(s: Setup, plain: nn.Module) -> tuple[dict[str, float], dic
             cfg.run_dir / TEST_ITEMS,
             {"metric": s.task.headline, "items": dict(sorted(test_items.items()))},
         )
+        record(cfg.run_dir, TEST_ITEMS)
     # validation metrics are what a learning-rate search may look at; test metrics never are
     validation = (
         evaluate(s.task, plain, s.tokenizer, s.splits.validation, cfg.eval_batch_size)
@@ -506,6 +518,7 @@ def _run(cfg: TrainConfig, resume: str, overwrite: bool, ctx: DistContext) -> di
         routed.routing_log.close()
         if ctx.is_main:
             write_json_atomic(run_dir / "routing_summary.json", routing_summary)
+            record(run_dir, "routing_summary.json")
     best_info = _best_so_far(s, stats)
     trained = s.model
     if ctx.enabled:
@@ -547,6 +560,7 @@ def _run(cfg: TrainConfig, resume: str, overwrite: bool, ctx: DistContext) -> di
     if ctx.enabled:
         summary["world_size"] = ctx.world_size
     write_json_atomic(run_dir / SUMMARY, summary)  # written last: its presence marks a finished run
+    record(run_dir, SUMMARY)
     with contextlib.suppress(OSError):
-        shutil.rmtree(run_dir / "checkpoints")
+        remove_recorded(run_dir, "checkpoints")
     return summary

@@ -45,7 +45,7 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
-from molf._files import cache_root, looks_like_path
+from molf._files import cache_root, looks_like_path, open_modes
 from molf._hub import offline_reason as hub_offline_reason
 from molf.errors import MolfError, one_line
 
@@ -475,10 +475,10 @@ def _ensure_cached(target: Path, build: Callable[[Path], None], source: dict[str
             for leftover in target.parent.glob(f".{target.name}.tmp-*"):
                 shutil.rmtree(leftover, ignore_errors=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
-        tmp.chmod(0o755)  # mkdtemp makes it private; the cache is readable like any other
         try:
             build(tmp)
             (tmp / _STAMP_FILE).write_text(json.dumps(stamp, indent=1), encoding="utf-8")
+            open_modes(tmp)  # the cache is readable like any other of the user's files
             _swap_into_place(tmp, target, stamp)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)

@@ -12,6 +12,7 @@ import torch
 
 from molf.errors import MolfError
 from molf.train.config import TrainConfig
+from molf.train.run_dir import record
 
 if TYPE_CHECKING:
     pass
@@ -27,7 +28,9 @@ class MetricLogger:
     """metrics.jsonl in the run directory, plus TensorBoard or W&B when asked for."""
 
     def __init__(self, cfg: TrainConfig, keep_lines: int | None) -> None:
+        self.run_dir = cfg.run_dir
         self.path = cfg.run_dir / "metrics.jsonl"
+        record(self.run_dir, "metrics.jsonl")
         if keep_lines is not None and self.path.exists():
             lines = self.path.read_text().splitlines()[:keep_lines]
             self.path.write_text("".join(line + "\n" for line in lines))
@@ -70,6 +73,9 @@ class MetricLogger:
     def close(self) -> None:
         if self.backend is not None:
             (self.backend.close if hasattr(self.backend, "close") else self.backend.finish)()
+            record(
+                self.run_dir, *(n for n in ("tensorboard", "wandb") if (self.run_dir / n).exists())
+            )
 
 
 class NoLogger:
