@@ -100,10 +100,61 @@ def test_signal_writes_a_checkpoint_and_exits(tmp_path, straight_run, sig, code)
     assert proc.returncode == code, err
     assert ckpt.latest_good_checkpoint(out) is not None
     assert "run the same command with --resume auto to continue" in err
+    name = "Ctrl-C" if sig == signal.SIGINT else "SIGTERM"
+    assert f"molf: {name}: stopping after this step; a checkpoint follows" in err
     assert not (out / "summary.json").exists()
     done = train(RUN, out, "--resume", "auto")
     _finished(done)
     _assert_same_run(out, straight_run)
+
+
+def test_a_second_ctrl_c_stops_at_once_and_says_what_it_gives_up(tmp_path, capsys):
+    from molf.train.loop import _SignalFlag
+
+    run_dir = tmp_path / "run"
+    (run_dir / "checkpoints" / "step-0000004").mkdir(parents=True)
+    flag = _SignalFlag(announce=True, run_dir=run_dir)
+    flag._handle(signal.SIGINT, None)
+    assert flag.signum == signal.SIGINT
+    first = capsys.readouterr().err
+    assert "molf: Ctrl-C: stopping after this step; a checkpoint follows" in first
+    assert "Ctrl-C again stops at once, without it" in first
+    with pytest.raises(KeyboardInterrupt):
+        flag._handle(signal.SIGINT, None)
+    second = capsys.readouterr().err
+    assert "second Ctrl-C: stopping now, without a checkpoint of this step" in second
+    assert "--resume auto continues from" in second and "step-0000004" in second
+    quiet = _SignalFlag(announce=False, run_dir=run_dir)  # ranks other than 0 say nothing
+    quiet._handle(signal.SIGTERM, None)
+    assert capsys.readouterr().err == ""
+
+
+def test_timed_checkpoints_bound_what_a_kill_loses(tmp_path, straight_run):
+    """Checkpoints by training time (no save_every): kill -9 after the first one, and
+    `--resume auto` loses at most one interval (here shorter than a step: one step)."""
+    out = tmp_path / "run"
+    proc = start_training(RUN, out, "save_every_minutes=0.00001", "keep_checkpoints=2")
+    metrics = out / "metrics.jsonl"
+    kill_after = random.Random(os.getpid()).randint(2, 5)
+    target = ckpt.checkpoint_dir(out, kill_after)
+    assert _wait_for(lambda: (target / MANIFEST).exists(), proc), "no timed checkpoint appeared"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    steps_done = metrics.read_text().count("\n")
+    done = train(RUN, out, "save_every_minutes=0.00001", "--resume", "auto")
+    _finished(done)
+    resumed = int(re.search(r"resumed from .*step-\d+ at step (\d+)", done.stderr).group(1))
+    assert steps_done - 1 <= resumed <= steps_done
+    _assert_same_run(out, straight_run)
+
+
+def test_timed_checkpoints_are_on_by_default():
+    from molf.train.config import load_config
+
+    cfg = load_config(None, [])
+    assert cfg.save_every_minutes == 15 and cfg.keep_checkpoints == 2 and cfg.save_every == 0
+    with pytest.raises(MolfError, match="config key 'save_every_minutes'"):
+        load_config(None, ["save_every_minutes=-1"])
 
 
 def test_corrupted_checkpoint_falls_back_to_the_previous_one(tmp_path, straight_run):

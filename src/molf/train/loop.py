@@ -74,11 +74,19 @@ class Interrupted(Exception):
         self.checkpoint = checkpoint
 
 
-class _SignalFlag:
-    """Turns SIGINT/SIGTERM into a flag checked between optimizer steps."""
+_SIGNAL_NAMES = {signal.SIGINT: "Ctrl-C", signal.SIGTERM: "SIGTERM"}
 
-    def __init__(self) -> None:
+
+class _SignalFlag:
+    """Turns SIGINT/SIGTERM into a flag checked between optimizer steps, and says so at once.
+
+    A second signal stops at once (KeyboardInterrupt), without a checkpoint of the step under
+    way; the message names the checkpoint `--resume auto` would then continue from."""
+
+    def __init__(self, announce: bool = True, run_dir: Path | None = None) -> None:
         self.signum: int | None = None
+        self.announce = announce
+        self.run_dir = run_dir
         self._old: dict[int, Any] = {}
 
     def __enter__(self) -> _SignalFlag:
@@ -89,10 +97,27 @@ class _SignalFlag:
                 pass
         return self
 
+    def _say(self, text: str) -> None:
+        if self.announce:
+            with contextlib.suppress(OSError, ValueError):
+                sys.stderr.write("\n" + text + "\n")
+                sys.stderr.flush()
+
     def _handle(self, signum: int, frame: Any) -> None:
+        name = _SIGNAL_NAMES.get(signum, f"signal {signum}")
         if self.signum is not None:  # second signal: stop now
+            last = ckpt.list_checkpoints(self.run_dir)[-1:] if self.run_dir else []
+            since = f"continues from {last[0]}" if last else "starts again from step 0"
+            self._say(
+                f"molf: second {name}: stopping now, without a checkpoint of this step; "
+                f"--resume auto {since}"
+            )
             raise KeyboardInterrupt
         self.signum = signum
+        self._say(
+            f"molf: {name}: stopping after this step; a checkpoint follows "
+            f"({name} again stops at once, without it)"
+        )
 
     def __exit__(self, *exc: Any) -> None:
         for sig, old in self._old.items():
@@ -142,10 +167,11 @@ def _distributed_micro_step(
 
 
 def _forward_backward(
-    s: Setup, step: int, pad: int, flag: _SignalFlag
-) -> tuple[float, int, int | None]:
+    s: Setup, step: int, pad: int, flag: _SignalFlag, save_due: bool = False
+) -> tuple[float, int, int | None, bool]:
     """Accumulate one optimizer step's gradients; returns (the step's token-mean loss, its target
-    tokens, the signal every rank agreed to stop on, None: none or one process)."""
+    tokens, the signal every rank agreed to stop on (None: none or one process), whether a timed
+    checkpoint is due after this step (rank 0's clock decides for every rank))."""
     loss_sum, n_tokens = 0.0, 0
     micro = s.order.micro_batches(step)
     # no loss tokens in the whole step gives NaN and a skipped step
@@ -159,15 +185,17 @@ def _forward_backward(
         loss_sum += part
         n_tokens += toks
     if not s.dist.enabled:
-        return loss_sum, n_tokens, None
-    # One small all-reduce per step: the loss, the tokens, and whether any rank got a signal,
-    # so that all ranks checkpoint and stop at the same step.
+        return loss_sum, n_tokens, None, save_due
+    # One small all-reduce per step: the loss, the tokens, whether any rank got a signal and
+    # whether rank 0's timer asks for a checkpoint, so that all ranks checkpoint and stop at the
+    # same step.
     got = (flag.signum == signal.SIGINT, flag.signum == signal.SIGTERM)
-    loss_sum, tokens, sigint, sigterm = distributed.all_reduce_floats(
-        [loss_sum, n_tokens, *got], s.dist
+    due = float(save_due and s.dist.is_main)
+    loss_sum, tokens, sigint, sigterm, due = distributed.all_reduce_floats(
+        [loss_sum, n_tokens, *got, due], s.dist
     )
     agreed = signal.SIGTERM if sigterm else signal.SIGINT if sigint else None
-    return loss_sum, int(tokens), agreed
+    return loss_sum, int(tokens), agreed, due > 0
 
 
 def _grad_norm(s: Setup, params: list[nn.Parameter]) -> float:
@@ -251,10 +279,13 @@ def train_loop(s: Setup, start_step: int, logger: MetricLogger) -> dict[str, Any
     bad_in_a_row = 0
     model.train()
     bar = progress_bar(s.total_steps, start_step, cfg.progress and ctx.is_main)
-    with _SignalFlag() as flag:
+    interval = cfg.save_every_minutes * 60.0
+    last_save = time.monotonic()
+    with _SignalFlag(ctx.is_main, cfg.run_dir) as flag:
         for step in range(start_step, s.total_steps):
             t0 = time.perf_counter()
-            loss, n_tokens, agreed = _forward_backward(s, step, pad, flag)
+            timer_due = interval > 0 and time.monotonic() - last_save >= interval
+            loss, n_tokens, agreed, timer_due = _forward_backward(s, step, pad, flag, timer_due)
             grad_norm = _grad_norm(s, params)
             if not math.isfinite(grad_norm) or not math.isfinite(loss):
                 stats["skipped_steps"] += 1
@@ -286,9 +317,14 @@ def train_loop(s: Setup, start_step: int, logger: MetricLogger) -> dict[str, Any
                 path = ckpt.save_checkpoint(s, done, logger.lines) if saved is None else _last(s)
                 bar.close()
                 raise Interrupted(130 if signum == signal.SIGINT else 143, path)
-            if cfg.save_every and done % cfg.save_every == 0 and done < s.total_steps:
-                if saved is None:
-                    ckpt.save_checkpoint(s, done, logger.lines)
+            step_due = bool(cfg.save_every) and done % cfg.save_every == 0
+            if not ctx.enabled:  # one process: its own clock, read after the step
+                timer_due = interval > 0 and time.monotonic() - last_save >= interval
+            if saved is not None:
+                last_save = time.monotonic()
+            elif (step_due or timer_due) and done < s.total_steps:
+                ckpt.save_checkpoint(s, done, logger.lines)
+                last_save = time.monotonic()
     bar.close()
     return stats
 

@@ -95,7 +95,10 @@ class TrainConfig:
     early_stopping_patience: int = 0  # stop after this many evaluations without improvement
     # bookkeeping
     log_every: int = 1
-    save_every: int = 0
+    save_every: int = 0  # steps between checkpoints (0: none by step count)
+    # minutes of training between checkpoints (0: none by time): a kill -9 or an out-of-memory
+    # kill loses at most this much; with save_every, whichever comes first
+    save_every_minutes: float = 15.0
     keep_checkpoints: int = 2
     max_bad_steps: int = 5
     logger: str = "none"
@@ -184,6 +187,11 @@ class TrainConfig:
             value = getattr(self, key)
             if not math.isfinite(value) or value < 0:
                 raise MolfError(f"config key '{key}': must be a finite number >= 0, got {value}")
+        if not (math.isfinite(self.save_every_minutes) and self.save_every_minutes >= 0):
+            raise MolfError(
+                "config key 'save_every_minutes': must be a finite number >= 0 (0: off), got "
+                f"{self.save_every_minutes}"
+            )
         if not self.score_eps > 0:
             raise MolfError(
                 f"config key 'score_eps': must be > 0 (it keeps the score finite where a moment "
