@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -23,6 +24,22 @@ def check_alpha(alpha: float, name: str) -> None:
     """Refuse an alpha that is not a finite number > 0 (a 0 scale trains nothing), naming it."""
     if not (isinstance(alpha, (int, float)) and math.isfinite(alpha) and alpha > 0):
         raise MolfError(f"{name}: must be > 0 (the LoRA scale is alpha / sqrt(rank)), got {alpha}")
+
+
+def _shown(value: object) -> str:
+    return f"{type(value).__name__} {value!r}"
+
+
+def sequence_of(value: object, kind: type, field: str, what: str, example: str) -> None:
+    """Refuse `value` unless it is a list or tuple of `kind` (bools are not numbers here)."""
+    ok = isinstance(value, (list, tuple)) and all(
+        isinstance(v, kind) and not isinstance(v, bool) for v in value
+    )
+    if not ok:
+        raise MolfError(
+            f"MoLFConfig.{field}: must be a list or tuple of {what}, such as {example}; "
+            f"got {_shown(value)}"
+        )
 
 
 @dataclass
@@ -54,6 +71,7 @@ class MoLFConfig:
     freeze_non_wrapped: bool | None = None
 
     def __post_init__(self) -> None:
+        self._check_types()
         self.lora_ranks = tuple(int(r) for r in self.lora_ranks)
         if self.lora_alphas is None:
             self.lora_alphas = tuple(DEFAULT_LORA_ALPHA for _ in self.lora_ranks)
@@ -62,6 +80,33 @@ class MoLFConfig:
             self.target_modules = tuple(self.target_modules)
         self.exclude_modules = tuple(self.exclude_modules)
         self.validate()
+
+    def _check_types(self) -> None:
+        """Raise MolfError naming the first field whose value has the wrong type (before the
+        conversions in __post_init__, which would fail with a bare TypeError or, for a string,
+        silently take its characters)."""
+        sequence_of(self.lora_ranks, numbers.Integral, "lora_ranks", "ints", "(128,) or (32, 128)")
+        if self.lora_alphas is not None:
+            sequence_of(self.lora_alphas, numbers.Real, "lora_alphas", "numbers", "(32.0,)")
+        for name in ("use_rslora", "train_base"):
+            if not isinstance(getattr(self, name), bool):
+                raise MolfError(
+                    f"MoLFConfig.{name}: must be True or False, got {_shown(getattr(self, name))}"
+                )
+        if self.freeze_non_wrapped is not None and not isinstance(self.freeze_non_wrapped, bool):
+            raise MolfError(
+                "MoLFConfig.freeze_non_wrapped: must be True, False or None, got "
+                f"{_shown(self.freeze_non_wrapped)}"
+            )
+        if isinstance(self.lora_dropout, bool) or not isinstance(self.lora_dropout, numbers.Real):
+            raise MolfError(
+                f"MoLFConfig.lora_dropout: must be a number, got {_shown(self.lora_dropout)}"
+            )
+        if not isinstance(self.target_modules, str):
+            sequence_of(
+                self.target_modules, str, "target_modules", "module names", '("q_proj", "v_proj")'
+            )
+        sequence_of(self.exclude_modules, str, "exclude_modules", "module names", '("lm_head",)')
 
     def validate(self) -> None:
         """Raise MolfError (a ValueError) naming the first bad field."""

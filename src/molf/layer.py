@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from molf import guard
 from molf.config import MoLFConfig
 from molf.errors import MolfError
 
@@ -334,6 +335,7 @@ def wrap(model: nn.Module, config: MoLFConfig | None = None) -> nn.Module:
             if id(p) not in wrapped_params:
                 p.requires_grad_(False)
     model.molf_config = config
+    guard.watch(p for m in molf_modules(model).values() for e in m.experts() for p in e)
     _warn_shared(model, config)
     if not named:
         _warn_unwrapped(model, config, head)

@@ -48,6 +48,13 @@ def _as_list(value: float | Sequence[float], n: int, field: str) -> list[float]:
     return out
 
 
+def _what(value: object) -> str:
+    if isinstance(value, nn.Parameter):
+        return "a parameter"
+    kind = type(value).__name__
+    return f"{'an' if kind[:1].lower() in 'aeiou' else 'a'} {kind} (of parameters?)"
+
+
 class MoLFAdamW(torch.optim.Optimizer):
     """AdamW with per-module, per-step routing between the experts of `molf.wrap`ped linears.
 
@@ -79,6 +86,8 @@ class MoLFAdamW(torch.optim.Optimizer):
     rate ratio, which biases EPD routing, stays what the user chose.
     """
 
+    routes_experts = True  # molf.guard: this optimizer routes; it needs no warning
+
     def __init__(
         self,
         model: nn.Module,
@@ -98,6 +107,12 @@ class MoLFAdamW(torch.optim.Optimizer):
         log_routing: bool = True,
         backend: str = "auto",
     ) -> None:
+        if not isinstance(model, nn.Module):
+            raise MolfError(
+                f"MoLFAdamW takes the wrapped model itself, not {_what(model)}: it routes between "
+                "each module's experts, so it needs the modules (MoLFAdamW(model, lr_fft=..., "
+                "lr_lora=...))"
+            )
         check_model(model)  # FSDP1 / DeepSpeed would hide the experts from the routing
         modules = molf_modules(model)
         if not modules:
