@@ -155,7 +155,7 @@ def test_the_own_data_commands_work_on_a_40_row_file(tmp_path, monkeypatch, caps
         if argv[0] == "train":  # the split line the README shows
             assert "data: mydata.jsonl: 32 train, 4 validation (n_val unset" in err
         else:  # the run's own 4 test rows, as the README says
-            assert "(4 held-out records)" in out
+            assert "(4 held-out test records of the run)" in out
     summary = json.loads(Path("runs/sft-mydata-lora/summary.json").read_text())
     assert (summary["n_train_examples"], summary["n_test_records"]) == (32, 4)
 

@@ -696,7 +696,7 @@ def test_small_files_train_and_evaluate_with_default_splits(tmp_path, capsys, mo
     assert again["n_records"] == 4
     assert again["metrics"]["loss"] == pytest.approx(summary["after"]["loss"], rel=1e-5)
     assert main(["eval", "--task", "sft", "--model", adapter, "--data", "other.jsonl"]) == 0
-    assert "(20 held-out records)" in capsys.readouterr().out
+    assert "(all 20 rows are test records)" in capsys.readouterr().out
     argv = ["eval", "--task", "sft", "--model", "tiny-llama", "--data", "small.jsonl"]
     assert main([*argv, "--n-test", "4", "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["n_records"] == 4

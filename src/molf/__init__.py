@@ -18,9 +18,13 @@ from typing import TYPE_CHECKING, Any
 # `molf.saving`, the scores) are in place whichever name is used first.
 _PUBLIC = {
     "MoLFConfig": "molf.config",
+    "MoLFError": "molf.errors",
     "MolfError": "molf.errors",
+    "MoLFWarning": "molf.errors",
     "export_peft_lora": "molf.export",
     "merge_and_unload": "molf.export",
+    "RoutingForecast": "molf.forecast",
+    "forecast_routing": "molf.forecast",
     "MoLFLinear": "molf.layer",
     "molf_modules": "molf.layer",
     "wrap": "molf.layer",
@@ -49,10 +53,16 @@ def __getattr__(name: str) -> Any:
     return globals()[name]
 
 
+def __dir__() -> list[str]:
+    """The module's names with the lazy exports among them (tab completion, `dir(molf)`)."""
+    return sorted(set(globals()) | set(_PUBLIC))
+
+
 if TYPE_CHECKING:
     from molf.config import MoLFConfig
-    from molf.errors import MolfError
+    from molf.errors import MoLFError, MolfError, MoLFWarning
     from molf.export import export_peft_lora, merge_and_unload
+    from molf.forecast import RoutingForecast, forecast_routing
     from molf.layer import MoLFLinear, molf_modules, wrap
     from molf.optim import MoLFAdamW
     from molf.optim.scores import SCORES, Score, get_score, register_score
@@ -62,15 +72,25 @@ if TYPE_CHECKING:
 
 __version__ = "0.1.0"
 
+# bitsandbytes (imported by peft and transformers' Trainer) logs one known notice at import that
+# tells a molf user nothing; only that line is dropped (molf._quiet), for library users too.
+from molf._quiet import quiet_known_noise as _quiet_known_noise  # noqa: E402
+
+_quiet_known_noise()
+
 __all__ = [
     "MoLFConfig",
+    "MoLFError",
     "MolfError",
+    "MoLFWarning",
     "MoLFLinear",
     "MoLFAdamW",
+    "RoutingForecast",
     "RoutingLog",
     "SCORES",
     "Score",
     "export_peft_lora",
+    "forecast_routing",
     "from_pretrained",
     "get_score",
     "load_wrapped",

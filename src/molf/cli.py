@@ -152,11 +152,12 @@ def _eval(args: argparse.Namespace) -> int:
         n_val=args.n_val,
         options=options,
         threads=args.threads,
+        progress=not args.json,
     )
     if args.json:
         print(json.dumps(result, indent=1))
     else:
-        print(f"{result['task']} on {result['model']} ({result['n_records']} held-out records)")
+        print(f"{result['task']} on {result['model']} ({result['records']})")
         for k, v in result["metrics"].items():
             print(f"  {k:<22} {v:.4f}")
     return 0

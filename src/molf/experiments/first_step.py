@@ -1,24 +1,11 @@
-"""What the EPD score compares at the first step, predicted from the gradient and checked against
-the routing the sweep measured (docs/method.md section 8 derives it).
-
-At step 1 Adam's moments are m = (1 - b1) g and v = (1 - b2) g^2, so every element contributes
-m^2 / sqrt(v) = c |g| with c = (1 - b1)^2 / sqrt(1 - b2): EPD_e = lr_e c mean|g| over the
-expert's elements. The FFT expert's gradient is G = dL/dW. The LoRA expert starts at B = 0, so A
-has no gradient yet and B's is s G A^T; with A drawn from U(-1/sqrt(in), 1/sqrt(in)), each entry
-is a random projection of a row of G: E|(G A^T)_oj| ~ sqrt(2/pi) ||G_o,:|| / sqrt(3 in). Of the
-LoRA expert's r (in + out) elements only B's r out have a gradient. Hence the predicted ratio
-
-    EPD_lora / EPD_fft = (lr_lora / lr_fft) * s * out / (in + out) * sqrt(2 / pi) / sqrt(3) * kappa
-
-with kappa = mean_o(||G_o,:|| / sqrt(in)) / mean|G|, a property of the module's gradient alone
-(1.25 for Gaussian entries; larger when the gradient is concentrated in a few rows or entries).
-The LoRA expert wins the module when the ratio exceeds 1. `predicted_ratios` evaluates this from
-one forward and backward pass of the untrained model on the run's first batch.
+"""What the EPD score compares at the first step, predicted from the gradient (`molf.forecast`
+holds the formula and its derivation; docs/method.md section 8 gives it in full) and checked
+against the routing the sweep measured. `predicted_ratios` evaluates it from one forward and
+backward pass of the untrained model on the run's first batch, for any (alpha, lr ratio).
 """
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 from typing import Any
 
@@ -27,13 +14,11 @@ import torch
 from molf.config import lora_scale
 from molf.experiments.grid import Cell
 from molf.experiments.routing_stats import TYPE_ORDER, first_step_ratios, median
+from molf.forecast import GAUSS, gradient_kappa, lora_over_fft
 from molf.layer import _is_target
 from molf.routing import RoutingLog, module_type
 
 __all__ = ["GAUSS", "derivation_check", "module_kappas", "predict_routing", "predicted_ratios"]
-
-# sqrt(2 / pi) / sqrt(3): E|a . x| for x uniform on +-1/sqrt(in) per unit row norm, times sqrt(in)
-GAUSS = math.sqrt(2.0 / math.pi) / math.sqrt(3.0)
 
 
 def module_kappas(cfg: Any) -> dict[str, tuple[float, int, int]]:
@@ -66,10 +51,8 @@ def module_kappas(cfg: Any) -> dict[str, tuple[float, int, int]]:
     out = {}
     for name, module in model.named_modules():
         if name in targets and module.weight.grad is not None:
-            g = module.weight.grad.detach().double()
-            mean_abs = float(g.abs().mean())
-            row = float(g.norm(dim=1).mean()) / math.sqrt(g.shape[1])
-            out[name] = (row / mean_abs if mean_abs > 0 else math.nan, g.shape[1], g.shape[0])
+            g = module.weight.grad
+            out[name] = (gradient_kappa(g), g.shape[1], g.shape[0])
     return out
 
 
@@ -87,7 +70,7 @@ def predicted_ratios(
 ) -> dict[str, float]:
     """The predicted step-1 EPD ratio LoRA / FFT per module (module docstring)."""
     return {
-        name: lr_ratio * scale * (n_out / (n_in + n_out)) * GAUSS * kappa
+        name: lora_over_fft(kappa, n_in, n_out, scale, lr_ratio)
         for name, (kappa, n_in, n_out) in kappas.items()
     }
 

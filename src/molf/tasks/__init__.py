@@ -9,6 +9,7 @@ source (`counterfact`, `medmcqa`, `gretel`) with a data path or hub id, or by th
 
 from __future__ import annotations
 
+import difflib
 import functools
 import importlib
 import pkgutil
@@ -58,6 +59,9 @@ def _entry(name: str) -> TaskEntry:
             return entry
     known = ", ".join(task_names())
     hint = f"; for your own data use --task sft --data {name}" if looks_like_path(name) else ""
+    close = difflib.get_close_matches(name, task_names(), n=1)
+    if close and not hint:
+        hint = f"; did you mean '{close[0]}'?"
     raise MolfError(f"unknown task '{name}' (known: {known}){hint}")
 
 

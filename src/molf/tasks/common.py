@@ -9,9 +9,13 @@ decides which tokens an example trains on; training (`molf.train.data`) and eval
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import inspect
+import math
 import random
-from collections.abc import Sequence
+import sys
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -128,6 +132,41 @@ def _prompt_ids(tokenizer: Any, prompts: Sequence[str]) -> list[list[int]]:
     return [list(tokenizer(p)["input_ids"]) for p in prompts]
 
 
+# The progress bar of the evaluation under way (None: quiet, the default for library calls).
+_EVAL_BAR: contextvars.ContextVar[Any] = contextvars.ContextVar("molf_eval_bar", default=None)
+
+
+@contextlib.contextmanager
+def eval_progress(enabled: bool, desc: str = "eval") -> Iterator[None]:
+    """Show a progress bar (batches scored) for the evaluations inside this block. A task's
+    phases (prompts, paraphrases, generations) each add their batches to its total as they
+    start, so the total grows while the bar runs."""
+    if not enabled:
+        yield
+        return
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=0, desc=desc, unit="batch", file=sys.stderr, dynamic_ncols=True, leave=False)
+    token = _EVAL_BAR.set(bar)
+    try:
+        yield
+    finally:
+        _EVAL_BAR.reset(token)
+        bar.close()
+
+
+def batch_starts(n: int, batch_size: int) -> Iterator[int]:
+    """range(0, n, batch_size), advancing the evaluation's progress bar (if any) per batch."""
+    bar = _EVAL_BAR.get()
+    if bar is not None:
+        bar.total += math.ceil(n / batch_size)
+        bar.refresh()
+    for i in range(0, n, batch_size):
+        yield i
+        if bar is not None:
+            bar.update(1)
+
+
 @torch.no_grad()
 def next_token_logprobs(
     model: Any, tokenizer: Any, prompts: Sequence[str], batch_size: int = 16
@@ -136,7 +175,7 @@ def next_token_logprobs(
     device = _model_device(model)
     rows = _prompt_ids(tokenizer, prompts)
     out = []
-    for i in range(0, len(rows), batch_size):
+    for i in batch_starts(len(rows), batch_size):
         batch = left_padded(rows[i : i + batch_size], tokenizer.pad_token_id)
         logits = model(**{k: v.to(device) for k, v in batch.items()}).logits[:, -1, :].float()
         out.append(torch.log_softmax(logits, dim=-1).cpu())
@@ -157,7 +196,7 @@ def generate_from_ids(
     stop string. `generate_kwargs` go to `model.generate` (e.g. `eos_token_id`)."""
     device = _model_device(model)
     outs: list[str] = []
-    for i in range(0, len(rows), batch_size):
+    for i in batch_starts(len(rows), batch_size):
         batch = {
             k: v.to(device)
             for k, v in left_padded(rows[i : i + batch_size], tokenizer.pad_token_id).items()
@@ -248,7 +287,7 @@ def option_logprobs(
     ensure_pad_token(tokenizer)
     pad = tokenizer.pad_token_id
     out: list[list[tuple[float, int]]] = []
-    for i in range(0, len(prompts), batch_size):
+    for i in batch_starts(len(prompts), batch_size):
         heads, conts, owner = [], [], []
         for k, (prompt, opts) in enumerate(
             zip(prompts[i : i + batch_size], options[i : i + batch_size])

@@ -65,6 +65,7 @@ from molf.tasks.base import TaskBase, TaskRequest, item_id, refuse_data, registe
 from molf.tasks.common import (
     Example,
     TaskSplits,
+    batch_starts,
     continuation_ids,
     generate,
     next_token_logprobs,
@@ -384,7 +385,7 @@ def _sequence_logprobs(
     """Sum of log-probabilities of each continuation's tokens after its prompt (teacher forced)."""
     device = next(model.parameters()).device
     out: list[float] = []
-    for i in range(0, len(prompts), batch_size):
+    for i in batch_starts(len(prompts), batch_size):
         seqs, spans = [], []
         for prompt, cont in zip(prompts[i : i + batch_size], conts[i : i + batch_size]):
             ids = list(tokenizer(prompt)["input_ids"])

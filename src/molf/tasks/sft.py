@@ -59,6 +59,7 @@ from molf.tasks.common import (
     IGNORE,
     Example,
     TaskSplits,
+    batch_starts,
     encode_example,
     fit_length,
     generate_from_ids,
@@ -407,7 +408,7 @@ class SftTask(TaskBase):
             for r in records
         ]
         total, count = 0.0, 0
-        for i in range(0, len(encoded), bs):
+        for i in batch_starts(len(encoded), bs):
             part = encoded[i : i + bs]
             batch = padded_batch(
                 [e.input_ids for e in part], [e.labels for e in part], tokenizer.pad_token_id

@@ -48,7 +48,7 @@ def check_method(cfg: TrainConfig) -> None:
     check_top_k(cfg.top_k, n_experts, "config key 'top_k'")
 
 
-_FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
+_FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig) if not f.metadata.get("internal")}
 _HINTS = typing.get_type_hints(TrainConfig)
 
 
@@ -149,6 +149,7 @@ def load_config(
 ) -> TrainConfig:
     """Build a TrainConfig from an optional YAML file, `key=value` overrides and keyword values."""
     values: dict[str, Any] = {}
+    user_keys: set[str] = set()  # what the user chose (a bundled config's values are defaults)
     if path is not None:
         file = resolve_config_path(path)
         try:
@@ -166,6 +167,8 @@ def load_config(
                 f"config {file}: expected a mapping of key: value, got {type(loaded).__name__}"
             )
         values.update(loaded)
+        if file.parent != CONFIG_DIR:
+            user_keys |= set(loaded)
     for item in overrides or []:
         if "=" not in item:
             raise MolfError(f"override '{item}': expected key=value")
@@ -175,6 +178,8 @@ def load_config(
         except yaml.YAMLError:
             values[key.strip()] = raw
     values.update({k: v for k, v in explicit.items() if v is not None})
+    user_keys |= {item.split("=", 1)[0].strip() for item in overrides or []}
+    user_keys |= {k for k, v in explicit.items() if v is not None}
     for key in values:
         _check_key(key)
     implied = methods.REGISTRY.get(values.get("method", TrainConfig.method))
@@ -184,6 +189,7 @@ def load_config(
     cfg = TrainConfig(**typed)
     check_method(cfg)
     cfg.validate()
+    cfg.user_keys = frozenset(user_keys)
     return cfg
 
 

@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from molf._files import looks_like_path
 from molf.errors import MolfError
 from molf.tasks import TaskOptions, build_task
 
@@ -42,6 +43,7 @@ def evaluate_path(
     n_val: int | None = None,
     options: dict[str, Any] | None = None,
     threads: int | None = None,
+    progress: bool = False,
 ) -> dict[str, Any]:
     """Load `model` (embedded name, path or hub id) and score it on `task`'s test split.
 
@@ -50,7 +52,7 @@ def evaluate_path(
     held out. Other data is scored whole: for `sft` every row is a test record (only its test
     rows, if it names some), unless `n_test` / `n_val` ask for the split `molf train` would make
     with those sizes. `options` are task options (`generation_metric`, `test_split`, ...) over
-    the run's; `threads` sets torch's CPU threads.
+    the run's; `threads` sets torch's CPU threads; `progress` shows a progress bar.
     """
     import torch
 
@@ -67,12 +69,14 @@ def evaluate_path(
     unknown = sorted(set(options or {}) - TASK_OPTIONS)
     if unknown:
         raise MolfError(f"'{unknown[0]}': not a task option ({', '.join(sorted(TASK_OPTIONS))})")
+    if looks_like_path(model) and not Path(model).expanduser().exists():
+        raise MolfError(f"--model {model}: no such file or directory")
     info: dict[str, Any] = {}
     run_info = Path(model) / "molf_run.json"
     if run_info.is_file():
         info = json.loads(run_info.read_text())
     same_task = task == info.get("task")
-    same_run = same_task and (data is None or data == info.get("data"))
+    same_run = same_task and (data is None or _same_data(data, info.get("data")))
     seed = seed if seed is not None else info.get("seed", 0)
     data = data if data is not None else info.get("data")
     saved: dict[str, Any] = {}
@@ -103,11 +107,33 @@ def evaluate_path(
         torch.set_num_threads(threads)
     lm, tokenizer = load_model(model, trust_remote_code=trust_remote_code)
     lm.to(pick_device())
-    metrics = evaluate(task_obj, lm, tokenizer, splits.test, batch_size)
+    metrics = evaluate(
+        task_obj, lm, tokenizer, splits.test, batch_size, progress="eval" if progress else None
+    )
     return {
         "task": task,
         "model": model,
         "n_records": len(splits.test),
+        "records": _which_records(len(splits.test), same_run, splits.info.get("note")),
         "seed": seed,
         "metrics": metrics,
     }
+
+
+def _which_records(n: int, same_run: bool, note: str | None) -> str:
+    """Which records were scored, in words: the run's held-out test rows, or what the data gave."""
+    if same_run:
+        return f"{n} held-out test records of the run"
+    if note and "are test records" in note:  # a file scored whole (molf.tasks.sft)
+        return note.split(": ", 1)[1] if ": " in note else note
+    return f"{n} test records"
+
+
+def _same_data(given: str, recorded: str | None) -> bool:
+    """Whether `given` names the run's own data: the same string, or the same file."""
+    if recorded is None:
+        return False
+    if given == recorded:
+        return True
+    a, b = Path(given).expanduser(), Path(recorded).expanduser()
+    return a.exists() and b.exists() and a.resolve() == b.resolve()

@@ -40,6 +40,7 @@ from molf.train import distributed
 from molf.train.config import TrainConfig, dump_config
 from molf.train.data import collate
 from molf.train.distributed import DistContext
+from molf.train.forecast_check import warn_if_one_sided
 from molf.train.prepare import (
     Setup,
     dtype_of,
@@ -340,7 +341,10 @@ def _evaluate_during_training(
     `{"step", "eval": {...}}`, show it in the progress bar; True when it is the best so far."""
     tracker = s.tracker
     assert tracker is not None
-    metrics = evaluate(s.task, s.model, s.tokenizer, s.splits.validation, s.cfg.eval_batch_size)
+    bar = "eval validation" if s.cfg.progress and s.dist.is_main else None
+    metrics = evaluate(
+        s.task, s.model, s.tokenizer, s.splits.validation, s.cfg.eval_batch_size, progress=bar
+    )
     if tracker.metric not in metrics:
         raise MolfError(
             f"config key 'best_metric': task '{s.cfg.task}' reports no '{tracker.metric}' "
@@ -521,7 +525,16 @@ def _final_evaluation(s: Setup, plain: nn.Module) -> tuple[dict[str, float], dic
     to test_items.json, for paired comparisons of methods on the same test items."""
     cfg = s.cfg
     test_items: dict[str, float] = {}
-    after = evaluate(s.task, plain, s.tokenizer, s.splits.test, cfg.eval_batch_size, test_items)
+    bar = cfg.progress and s.dist.is_main
+    after = evaluate(
+        s.task,
+        plain,
+        s.tokenizer,
+        s.splits.test,
+        cfg.eval_batch_size,
+        test_items,
+        progress="eval test" if bar else None,
+    )
     if test_items:
         write_json_atomic(
             cfg.run_dir / TEST_ITEMS,
@@ -530,7 +543,14 @@ def _final_evaluation(s: Setup, plain: nn.Module) -> tuple[dict[str, float], dic
         record(cfg.run_dir, TEST_ITEMS)
     # validation metrics are what a learning-rate search may look at; test metrics never are
     validation = (
-        evaluate(s.task, plain, s.tokenizer, s.splits.validation, cfg.eval_batch_size)
+        evaluate(
+            s.task,
+            plain,
+            s.tokenizer,
+            s.splits.validation,
+            cfg.eval_batch_size,
+            progress="eval validation" if bar else None,
+        )
         if s.splits.validation
         else {}
     )
@@ -542,6 +562,8 @@ def _run(cfg: TrainConfig, resume: str, overwrite: bool, ctx: DistContext) -> di
     s = prepare(cfg, resume, overwrite, ctx)
     run_dir = cfg.run_dir
     start, keep_lines = _start(s, resume, overwrite)
+    if start == 0 and cfg.routing_forecast:
+        warn_if_one_sided(s)
     routed = routed_optimizer(s.optimizer)
     logger = MetricLogger(cfg, keep_lines) if ctx.is_main else NoLogger(keep_lines)
     try:

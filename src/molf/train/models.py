@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import difflib
 import importlib
 import importlib.util
 import json
@@ -408,8 +409,11 @@ def _load_from_hub(
             )
         else:
             why = f"loading it from the hub failed: {one_line(exc)}"
+        close = difflib.get_close_matches(name, EMBEDDED_MODELS + TINY_MODELS, n=1, cutoff=0.7)
+        hint = f" (did you mean '{close[0]}'?)" if close else ""
         raise MolfError(
-            f"model '{name}': not an embedded name ({known}), not a local directory, and {why}"
+            f"model '{name}'{hint}: not an embedded name ({known}), not a local directory, "
+            f"and {why}"
         ) from exc
     model.eval()
     return model, _prepare_tokenizer(tokenizer)

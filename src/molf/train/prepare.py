@@ -269,8 +269,15 @@ def _prepare_local(cfg: TrainConfig, resume: str, overwrite: bool, ctx: DistCont
         if splits.info.get("note"):
             print(f"data: {splits.info['note']}", file=sys.stderr)
         _print_data_notes(data, len(splits.train), cfg.max_length)
+    adapted = fit_steps_to_data(cfg, len(data))
     order = StepOrder(len(data), cfg.batch_size, cfg.grad_accum, cfg.seed)
     total = cfg.max_steps or order.steps_for(cfg.epochs)
+    if ctx.is_main:
+        if adapted:
+            print(f"data: {adapted}", file=sys.stderr)
+        few = few_steps_note(cfg, len(data), total)
+        if few:
+            print(f"molf: {few}", file=sys.stderr)
     if ctx.is_main:
         check_disk_space(cfg, sum(p.numel() for p in model.parameters()), cfg.run_dir)
     device = ctx.device if ctx.enabled else pick_device()
@@ -278,7 +285,8 @@ def _prepare_local(cfg: TrainConfig, resume: str, overwrite: bool, ctx: DistCont
     before: dict[str, float] = {}
     if cfg.eval_before:
         # every rank evaluates (the same numbers): rank 0 alone would keep the others waiting
-        before = evaluate(task, model, tokenizer, splits.test, cfg.eval_batch_size)
+        bar = "eval before" if cfg.progress and ctx.is_main else None
+        before = evaluate(task, model, tokenizer, splits.test, cfg.eval_batch_size, progress=bar)
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.config.use_cache = False
@@ -303,11 +311,28 @@ def evaluate(
     records: list[dict[str, Any]],
     batch_size: int,
     items: dict[str, float] | None = None,
+    progress: str | None = None,
 ) -> dict[str, float]:
     """The task's metrics on `records`, in eval mode (restores the previous mode); `items`, when
-    given, gets each record's headline score (the task's `evaluate` says how)."""
+    given, gets each record's headline score (the task's `evaluate` says how); `progress`, when
+    given, labels a progress bar over the batches scored."""
+    from molf.tasks.common import eval_progress
+
     was_training = model.training
     model.eval()
+    with eval_progress(progress is not None, progress or ""):
+        return _evaluate(task, model, tokenizer, records, batch_size, items, was_training)
+
+
+def _evaluate(
+    task: Task,
+    model: nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    records: list[dict[str, Any]],
+    batch_size: int,
+    items: dict[str, float] | None,
+    was_training: bool,
+) -> dict[str, float]:
     try:
         # a task written before per-item scores existed takes no `items`: it gives none
         if items is None or "items" not in inspect.signature(task.evaluate).parameters:
@@ -315,6 +340,57 @@ def evaluate(
         return task.evaluate(model, tokenizer, records, batch_size=batch_size, items=items)
     finally:
         model.train(was_training)
+
+
+# Fewer optimizer steps than this barely train: said before training, and the defaults on a
+# user's own file are adapted to reach it.
+MIN_USEFUL_STEPS = 20
+_STEP_KEYS = ("batch_size", "grad_accum", "epochs", "max_steps")
+
+
+def _steps(n_rows: int, batch_size: int, grad_accum: int, epochs: float) -> int:
+    return StepOrder(n_rows, batch_size, grad_accum, 0).steps_for(epochs)
+
+
+def fit_steps_to_data(cfg: TrainConfig, n_rows: int) -> str | None:
+    """On the user's own file (task `sft`) with none of batch_size, grad_accum, epochs and
+    max_steps set by the user: lower grad_accum (4, 2, 1), then raise epochs (up to 8), until the
+    run has MIN_USEFUL_STEPS optimizer steps. Changes `cfg` in place; returns what it did, or
+    None when the defaults already give enough steps or the user chose."""
+    if cfg.task != "sft" or cfg.user_keys is None or set(_STEP_KEYS) & cfg.user_keys:
+        return None
+    before = (cfg.grad_accum, cfg.epochs)
+    for accum in sorted({cfg.grad_accum, 2, 1}, reverse=True):
+        if accum > cfg.grad_accum:
+            continue
+        cfg.grad_accum = accum
+        if _steps(n_rows, cfg.batch_size, accum, cfg.epochs) >= MIN_USEFUL_STEPS:
+            break
+    per_epoch = _steps(n_rows, cfg.batch_size, cfg.grad_accum, 1)
+    if per_epoch * cfg.epochs < MIN_USEFUL_STEPS:
+        cfg.epochs = float(max(cfg.epochs, min(8, math.ceil(MIN_USEFUL_STEPS / per_epoch))))
+    if (cfg.grad_accum, cfg.epochs) == before:
+        return None
+    steps = _steps(n_rows, cfg.batch_size, cfg.grad_accum, cfg.epochs)
+    return (
+        f"{n_rows} training rows: grad_accum {cfg.grad_accum} (default {before[0]}) and epochs "
+        f"{cfg.epochs:g} (default {before[1]:g}) give {steps} optimizer steps of "
+        f"{cfg.batch_size * cfg.grad_accum} rows; set grad_accum, epochs or max_steps to choose"
+    )
+
+
+def few_steps_note(cfg: TrainConfig, n_rows: int, total: int) -> str | None:
+    """What to say before training when the run takes fewer than MIN_USEFUL_STEPS optimizer
+    steps and the user did not ask for that number (max_steps)."""
+    if cfg.max_steps or total >= MIN_USEFUL_STEPS:
+        return None
+    rows = cfg.batch_size * cfg.grad_accum
+    return (
+        f"this run takes only {total} optimizer steps ({n_rows} training rows, "
+        f"batch_size {cfg.batch_size} x grad_accum {cfg.grad_accum} = {rows} rows a step, "
+        f"epochs {cfg.epochs:g}): too few to learn much. Lower grad_accum or batch_size, raise "
+        "epochs, add rows, or set max_steps"
+    )
 
 
 def _print_data_notes(data: Tokenized, n_examples: int, max_length: int) -> None:

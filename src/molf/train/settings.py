@@ -100,6 +100,9 @@ class TrainConfig:
     # kill loses at most this much; with save_every, whichever comes first
     save_every_minutes: float = 15.0
     keep_checkpoints: int = 2
+    # before a MoLF run's first step: predict its step-1 routing from the first batch and warn
+    # when one expert would take (nearly) every module (molf.train.forecast_check)
+    routing_forecast: bool = True
     max_bad_steps: int = 5
     logger: str = "none"
     progress: bool = True
@@ -122,8 +125,15 @@ class TrainConfig:
             return Path(f"runs/sft-{data_label(self.data)}-{self.method}")
         return Path(f"runs/{self.task}-{self.method}")
 
+    # The keys the user set (a YAML of theirs, overrides, flags), filled in by `load_config`;
+    # None: not known (a TrainConfig built in code), and nothing is adapted to the data.
+    user_keys: frozenset[str] | None = dataclasses.field(
+        default=None, repr=False, compare=False, metadata={"internal": True}
+    )
+
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
+        d.pop("user_keys")
         d["betas"] = list(self.betas)
         d["molf_e_ranks"] = list(self.molf_e_ranks)
         if self.molf_e_alphas is not None:
@@ -183,15 +193,11 @@ class TrainConfig:
             "lora_alpha",
             "eps",
             "score_eps",
+            "save_every_minutes",
         ):
             value = getattr(self, key)
             if not math.isfinite(value) or value < 0:
                 raise MolfError(f"config key '{key}': must be a finite number >= 0, got {value}")
-        if not (math.isfinite(self.save_every_minutes) and self.save_every_minutes >= 0):
-            raise MolfError(
-                "config key 'save_every_minutes': must be a finite number >= 0 (0: off), got "
-                f"{self.save_every_minutes}"
-            )
         if not self.score_eps > 0:
             raise MolfError(
                 f"config key 'score_eps': must be > 0 (it keeps the score finite where a moment "
