@@ -129,7 +129,9 @@ def test_predict_trains_nothing_and_orders_the_shares_by_alpha(tmp_path, capsys)
     argv += ["--alphas", "1,8,512", "--lr-ratios", "1", "--seeds", "0", "--predict"]
     argv += ["--output-dir", str(out)]
     assert main(argv) == 0
-    assert "predict.md" in capsys.readouterr().out
+    printed = capsys.readouterr()
+    assert "predict.md" in printed.out
+    assert "predict: 100%" in printed.err and "2/2" in printed.err  # a progress bar over tasks
     assert not (out / "cells").exists()  # nothing trained
     lines = (out / "predict.md").read_text().splitlines()
     header = [c.strip() for c in next(x for x in lines if x.startswith("| task")).split("|")]

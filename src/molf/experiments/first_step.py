@@ -6,6 +6,7 @@ backward pass of the untrained model on the run's first batch, for any (alpha, l
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -164,7 +165,11 @@ def predict_routing(cells: list[Cell], out: Path) -> list[str]:
         "| " + " | ".join(header) + " |",
         "|" + " --- |" * len(header),
     ]
-    for task, cell in by_task.items():
+    from tqdm.auto import tqdm
+
+    bar = tqdm(by_task.items(), desc="predict", unit="task", file=sys.stderr, dynamic_ncols=True)
+    for task, cell in bar:
+        bar.set_postfix_str(task)
         cfg = cell.config
         kappas = module_kappas(cfg)
         kap = kappa_medians(kappas)
