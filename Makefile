@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 PIP := $(BIN)/python -m pip
 STAMP := $(VENV)/.molf-installed
 
-.PHONY: setup test lint format demo bench results fact-seeds sweep clean
+.PHONY: setup test lint format docs demo bench results fact-seeds sweep clean
 
 setup: $(STAMP)
 
@@ -28,8 +28,13 @@ format: setup
 	$(BIN)/ruff check --fix .
 	$(BIN)/ruff format .
 
-test: setup lint
+test: setup lint docs
 	$(BIN)/python -m pytest tests
+
+# The documentation site (mkdocs-material + mkdocstrings), built with --strict: a broken link, a
+# missing page or an API name that does not render fails the build.
+docs: setup
+	HF_HUB_OFFLINE=1 NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict --quiet --site-dir site
 
 demo: setup
 	$(BIN)/python -m molf.demo
@@ -75,4 +80,4 @@ sweep: setup
 		$(SWEEP_OUT)/predict.md $(SWEEP_OUT)/*.png docs/routing-sweep/
 
 clean:
-	rm -rf $(VENV) build *.egg-info src/*.egg-info .pytest_cache .ruff_cache
+	rm -rf $(VENV) build site *.egg-info src/*.egg-info .pytest_cache .ruff_cache

@@ -1,16 +1,18 @@
-"""The README's code runs, and prints what the README shows.
+"""The README's and the docs' code runs, and prints what the page shows.
 
-Every ```python block of README.md runs as a script in a fresh interpreter (in a temporary
-directory, offline, one thread), unless the line before it is `<!-- not run: REASON -->` (an
-excerpt that does not run on its own). A plain ``` block that follows a snippet, before the next
-code block, is what it prints: each of its lines must appear in the snippet's standard output,
-in that order (the README may leave lines out, such as the Trainer's progress and timings).
-Lines match when their text is the same and each number in them is within TOLERANCE of the
-README's (relative or absolute, whichever is larger); the snippets seed their random numbers, so
-on the machine that produced the README's outputs they agree exactly.
+Every ```python block of README.md and of the pages under docs/ runs as a script in a fresh
+interpreter (in a temporary directory, offline, one thread), unless the line before it is
+`<!-- not run: REASON -->` (an excerpt that does not run on its own). A plain ``` block that
+follows a snippet, before the next code block, is what it prints: each of its lines must appear
+in the snippet's standard output, in that order (a page may leave lines out, such as the
+Trainer's progress and timings). Lines match when their text is the same and each number in
+them is within TOLERANCE of the page's (relative or absolute, whichever is larger); the
+snippets seed their random numbers, so on the machine that produced the pages' outputs they
+agree exactly.
 
-The own-data commands run on a 40-row file with default split settings, as written except for
-the model (`--model tiny-llama`, one step: the smollm2-135m run the README shows takes minutes).
+The own-data commands (a bash block after `<!-- tested on a 40-row file: ... -->`) run on a
+40-row file with default split settings, as written except for the model (`--model tiny-llama`,
+one step: the smollm2-135m run the guide shows takes minutes).
 """
 
 from __future__ import annotations
@@ -29,6 +31,8 @@ from tests.runs import child_env
 
 ROOT = Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"
+# the pages whose code blocks are checked: the README and every page of the docs site
+PAGES = [README, *sorted((ROOT / "docs").rglob("*.md"))]
 TOLERANCE = (0.02, 0.01)  # relative, absolute
 _NOT_RUN = re.compile(r"^<!-- not run: .+ -->$")
 _NUMBER = re.compile(r"[-+]?(?:\d+\.\d*|\.\d+|\d+)(?:[eE][-+]?\d+)?")
@@ -40,10 +44,16 @@ class Block:
     text: str
     line: int  # of the opening fence, 1-based
     before: str  # the line before the opening fence
+    page: str = "README.md"  # relative to the repository
+
+    @property
+    def where(self) -> str:
+        return f"{self.page} line {self.line}"
 
 
-def _blocks() -> list[Block]:
-    lines = README.read_text().splitlines()
+def _page_blocks(page: Path) -> list[Block]:
+    lines = page.read_text().splitlines()
+    name = page.relative_to(ROOT).as_posix()
     blocks, i = [], 0
     while i < len(lines):
         if lines[i].startswith("```"):
@@ -52,14 +62,25 @@ def _blocks() -> list[Block]:
             while not lines[i].startswith("```"):
                 i += 1
             before = lines[start - 1] if start else ""
-            blocks.append(Block(lang, "\n".join(lines[start + 1 : i]), start + 1, before))
+            text = "\n".join(lines[start + 1 : i])
+            blocks.append(Block(lang, text, start + 1, before, name))
         i += 1
     return blocks
 
 
+def _blocks() -> list[Block]:
+    return [b for page in PAGES for b in _page_blocks(page)]
+
+
 def _snippets() -> list[tuple[Block, Block | None]]:
     """Each python block that runs, with the plain block showing its output (or None)."""
-    blocks = _blocks()
+    found = []
+    for page in PAGES:
+        found += _page_snippets(_page_blocks(page))
+    return found
+
+
+def _page_snippets(blocks: list[Block]) -> list[tuple[Block, Block | None]]:
     found = []
     for k, block in enumerate(blocks):
         if block.lang != "python" or _NOT_RUN.match(block.before):
@@ -91,7 +112,7 @@ def assert_shows(expected: str, actual: str) -> None:
                 at = k + 1
                 break
         else:
-            raise AssertionError(f"README shows {want!r}; the snippet printed:\n{actual}")
+            raise AssertionError(f"the page shows {want!r}; the snippet printed:\n{actual}")
 
 
 def test_the_matcher_takes_numbers_within_the_tolerance_and_nothing_else():
@@ -111,8 +132,8 @@ def test_every_python_block_runs_or_says_why_not():
     assert len(run) >= 6  # library, Trainer, TRL, save/reload, GPT-2, QLoRA
 
 
-@pytest.mark.parametrize("snippet", _snippets(), ids=lambda s: f"README line {s[0].line}")
-def test_readme_snippet_prints_what_the_readme_shows(snippet, tmp_path):
+@pytest.mark.parametrize("snippet", _snippets(), ids=lambda s: s[0].where)
+def test_snippet_prints_what_its_page_shows(snippet, tmp_path):
     code, shown = snippet
     if "bitsandbytes" in code.text or "BitsAndBytesConfig" in code.text:
         pytest.importorskip("bitsandbytes")
@@ -129,9 +150,19 @@ def test_readme_snippet_prints_what_the_readme_shows(snippet, tmp_path):
         assert_shows(shown.text, proc.stdout)
 
 
-def _own_data_commands() -> list[list[str]]:
-    marker = "<!-- tested on a 40-row file: tests/test_readme.py -->"
-    block = next(b for b in _blocks() if b.before == marker)
+OWN_DATA = "<!-- tested on a 40-row file: tests/test_readme.py -->"
+
+
+def _own_data_blocks() -> list[Block]:
+    """The own-data command blocks, once each (the README and the guide show the same)."""
+    found: dict[str, Block] = {}
+    for block in _blocks():
+        if block.before == OWN_DATA:
+            found.setdefault(block.text, block)
+    return list(found.values())
+
+
+def _commands(block: Block) -> list[list[str]]:
     commands = []
     for line in block.text.splitlines():
         words = shlex.split(line, comments=True)
@@ -141,22 +172,30 @@ def _own_data_commands() -> list[list[str]]:
     return commands
 
 
-def test_the_own_data_commands_work_on_a_40_row_file(tmp_path, monkeypatch, capsys):
+def test_the_readme_and_the_guide_show_the_same_own_data_commands():
+    pages = {b.page for b in _blocks() if b.before == OWN_DATA}
+    assert {"README.md", "docs/guides/own-data.md"} <= pages
+    assert len(_own_data_blocks()) == 1
+
+
+@pytest.mark.parametrize("block", _own_data_blocks(), ids=lambda b: b.where)
+def test_the_own_data_commands_work_on_a_40_row_file(block, tmp_path, monkeypatch, capsys):
     from molf.cli import main
 
     monkeypatch.chdir(tmp_path)
     rows = (ROOT / "examples" / "data" / "capitals_chat.jsonl").read_text().splitlines()
     Path("mydata.jsonl").write_text("\n".join(rows[:40]) + "\n")
-    for argv in _own_data_commands():
+    for argv in _commands(block):
         if argv[0] == "train":
             argv = [*argv, "--model", "tiny-llama", "max_steps=1", "progress=false"]
         assert main(argv) == 0, capsys.readouterr().err
         out, err = capsys.readouterr()
-        if argv[0] == "train":  # the split line the README shows
+        if argv[0] == "train":  # the split line the guide shows
             assert "data: mydata.jsonl: 32 train, 4 validation (n_val unset" in err
-        else:  # the run's own 4 test rows, as the README says
+        else:  # the run's own 4 test rows, as the guide says
             assert "(4 held-out test records of the run)" in out
-    summary = json.loads(Path("runs/sft-mydata-lora/summary.json").read_text())
+    summary = json.loads(Path("runs/sft-mydata-molf/summary.json").read_text())
+    assert summary["method"] == "molf"
     assert (summary["n_train_examples"], summary["n_test_records"]) == (32, 4)
 
 
@@ -170,26 +209,26 @@ SMALL_CELLS_PER_TASK = 7 * 2 + 5 * 2
 SMALL_TASKS = ("fact-geo", "med-icd10", "world-sql")
 
 
-def test_the_readme_s_stated_defaults_and_costs_are_the_code_s_and_the_results(capsys):
-    """Figures the README states in prose rather than as a snippet's output (issue #21 item 5:
-    `lora_alphas` "default 16" after the default became 32; a `small` budget said to take ~2 h
-    that took 5.8 CPU hours): the alpha default is the code's; the `small` run's finished cells
-    and CPU time (README), its cost per task and the projection from it (docs/compare.md) are
+def test_the_docs_stated_defaults_and_costs_are_the_code_s_and_the_results(capsys):
+    """Figures the docs state in prose rather than as a snippet's output: the alpha default
+    (the library guide) is the code's; the `small` run's finished cells and CPU time (the
+    results page), its cost per task and the projection from it (docs/compare.md) are
     docs/results/cells.csv's, and `molf compare --help` quotes that projection."""
     import csv
 
     from molf.config import DEFAULT_LORA_ALPHA
 
-    readme = _one_line(README.read_text())
+    library = _one_line((ROOT / "docs" / "guides" / "library.md").read_text())
+    results = _one_line((ROOT / "docs" / "evidence" / "results.md").read_text())
     compare_md = _one_line((ROOT / "docs" / "compare.md").read_text())
-    assert f"`lora_alphas` (default {DEFAULT_LORA_ALPHA:g} each)" in readme
+    assert f"`lora_alphas` (default {DEFAULT_LORA_ALPHA:g} each)" in library
     rows = list(csv.DictReader((ROOT / "docs" / "results" / "cells.csv").open()))
     done = [r for r in rows if r["status"] == "done"]
     seconds = sum(float(r["cpu_seconds"]) for r in done)
     planned = SMALL_CELLS_PER_TASK * len(SMALL_TASKS)
-    assert f"{len(done)} of its {planned} cells" in readme
+    assert f"{len(done)} of its {planned} cells" in results
     stated = f"{seconds:,.0f} CPU seconds ({seconds / 3600:.1f} CPU hours) in its finished cells"
-    assert stated in readme
+    assert stated in results
     projected = 0.0
     for task in SMALL_TASKS:
         cpu = [float(r["cpu_seconds"]) for r in done if r["task"] == task]
@@ -203,7 +242,7 @@ def test_the_readme_s_stated_defaults_and_costs_are_the_code_s_and_the_results(c
         projected += task_total
     hours = projected / 3600
     assert f"about {projected:,.0f} CPU seconds ({hours:.1f} CPU hours)" in compare_md
-    assert "~2 h" not in readme + compare_md
+    assert "~2 h" not in results + compare_md
     # `molf compare --help` gives the grid's measured cost and points to where it comes from
     from molf.cli import main
 

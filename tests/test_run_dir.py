@@ -9,7 +9,7 @@ import pytest
 
 from molf.cli import main
 from molf.errors import MolfError
-from molf.train.run_dir import MARKER, check_output_dir, clear_run_dir, is_run_dir
+from molf.train.run_dir import MARKER, clear_run_dir, is_run_dir
 from tests.runs import tiny_run
 
 TINY = dict(n_train=4, n_val=0, n_test=2, max_steps=1, batch_size=2, lora_rank=4, max_length=64)

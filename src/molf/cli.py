@@ -21,6 +21,13 @@ from molf.errors import MolfError
 def _train(args: argparse.Namespace) -> int:
     from molf.train.config import dump_config, load_config
 
+    if args.keys:
+        from molf.train.settings import describe_keys
+
+        for name, _, default, text in describe_keys():
+            print(f"{name:<24} {default:<14} {text}")
+        return 0
+
     explicit = {
         "method": args.method,
         "task": args.task,
@@ -235,6 +242,9 @@ def _add_train(sub: Any, method_names: tuple[str, ...], tasks: str, configs: str
         "--overwrite", action="store_true", help="replace a finished run in the output dir"
     )
     t.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    t.add_argument(
+        "--keys", action="store_true", help="list every config key with its default and exit"
+    )
     t.add_argument(
         "--nproc",
         type=int,

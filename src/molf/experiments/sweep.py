@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from molf._files import check_directory_path, write_json_atomic
+from molf.config import DEFAULT_LORA_ALPHA
 from molf.errors import MolfError
 from molf.experiments import runner
 from molf.experiments.grid import (
@@ -78,7 +79,7 @@ def sweep_points(
     ranks: tuple[int, int] = (32, 128),
 ) -> list[SweepPoint]:
     """The variants: FFT and LoRA references, MoLF per (alpha, ratio), MoLF-E (`ranks`) at equal
-    alpha and at equal scale (the lower rank's scale at alpha 32: alpha_i = 32 sqrt(r_i / r_1))."""
+    alpha and at equal scale (the lower rank's scale at the default alpha a: alpha_i = a sqrt(r_i / r_1))."""
     points = [
         SweepPoint("fft", "fft", {"lr_fft": lr_fft}),
         SweepPoint("lora", "lora", {"lr_lora": lr_lora}),
@@ -94,13 +95,13 @@ def sweep_points(
                     ratio,
                 )
             )
-    equal_scale = [32.0 * math.sqrt(r / ranks[0]) for r in ranks]
+    equal_scale = [DEFAULT_LORA_ALPHA * math.sqrt(r / ranks[0]) for r in ranks]
     points.append(
         SweepPoint(
             "molf-e-equal-alpha",
             "molf-e",
-            {"lora_alpha": 32.0, "lr_lora": lr_lora},
-            32.0,
+            {"lora_alpha": DEFAULT_LORA_ALPHA, "lr_lora": lr_lora},
+            DEFAULT_LORA_ALPHA,
         )
     )
     points.append(

@@ -60,12 +60,16 @@ class MoLFAdamW(torch.optim.Optimizer):
 
     Args:
         model: a model wrapped by `molf.wrap`.
-        lr_fft, weight_decay_fft: learning rate and decoupled weight decay of the FFT expert.
-        lr_lora, weight_decay_lora: the same for the LoRA experts (one value, or one per expert).
-        lr_other, weight_decay_other: for trainable parameters outside wrapped modules
-            (default: the FFT values, or the LoRA ones when the base is frozen); biases and
-            1-d weights (norms) never decay.
-        betas, eps: AdamW's.
+        lr_fft: learning rate of the FFT expert.
+        lr_lora: learning rate of the LoRA experts (one value, or one per expert).
+        weight_decay_fft: decoupled weight decay of the FFT expert.
+        weight_decay_lora: the same for the LoRA experts (one value, or one per expert).
+        lr_other: learning rate of trainable parameters outside wrapped modules (default: the
+            FFT value, or the LoRA one when the base is frozen).
+        weight_decay_other: their weight decay, likewise; biases and 1-d weights (norms) never
+            decay.
+        betas: AdamW's betas.
+        eps: AdamW's eps.
         score: a registered score name ("epd", the paper's default, or "pfn").
         score_eps: the eps inside the score, its own constant (1e-8, the reference's) whatever
             Adam's `eps` is, so that changing Adam's eps does not change the routing.

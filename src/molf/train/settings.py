@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import re
+import typing
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -18,7 +19,38 @@ from molf.config import DEFAULT_LORA_ALPHA, check_alpha
 from molf.errors import MolfError
 from molf.tasks.rows import FILE_SUFFIXES
 
-__all__ = ["TrainConfig", "data_label"]
+__all__ = ["TrainConfig", "data_label", "describe_keys", "key"]
+
+
+def key(default: Any, help: str) -> Any:
+    """A config key: its default and its help text, the one place both live (`describe_keys`
+    gives them to `molf train --keys` and the docs' key table)."""
+    if isinstance(default, (list, dict, set)):
+        return dataclasses.field(default_factory=lambda: default.copy(), metadata={"help": help})
+    return dataclasses.field(default=default, metadata={"help": help})
+
+
+def describe_keys() -> list[tuple[str, str, str, str]]:
+    """(key, type, default, help) of every config key, in the dataclass's order."""
+    hints = typing.get_type_hints(TrainConfig)
+    rows = []
+    for f in dataclasses.fields(TrainConfig):
+        if f.metadata.get("internal"):
+            continue
+        kind = str(hints[f.name]).replace("typing.", "").replace("<class '", "").replace("'>", "")
+        rows.append((f.name, kind, _yaml_value(f.default), f.metadata.get("help", "")))
+    return rows
+
+
+def _yaml_value(value: Any) -> str:
+    """A default as it is written in a YAML config."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, tuple):
+        return "[" + ", ".join(_yaml_value(v) for v in value) + "]"
+    return f"{value:g}" if isinstance(value, float) else str(value)
 
 
 @dataclass
@@ -28,86 +60,95 @@ class TrainConfig:
     default to a CPU-sized run. `method` names an entry of `molf.train.methods`."""
 
     # what
-    model: str = "smollm2-135m"
-    task: str = "fact-geo"
-    data: str | None = None
-    method: str = "molf"
-    output_dir: str | None = None
+    model: str = key(
+        "smollm2-135m", "smollm2-135m, gemma3-270m, tiny-llama, a local path or a hub id"
+    )
+    task: str = key("fact-geo", "a task name (`molf train --help` lists them); sft: your own data")
+    data: str | None = key(None, "data file, `save_to_disk` directory or hub id of the task")
+    method: str = key("molf", "fft, lora, lora-160, adalora, molf, molf-e, molf-e-k2")
+    output_dir: str | None = key(None, "null: runs/<task>-<method> (sft: runs/sft-<file>-<method>)")
     # data
-    seed: int = 0  # training randomness (adapter init, dropout, batch order), and the split's
-    data_seed: int | None = None  # the split's seed when it should differ (compare's seeds)
-    n_train: int | None = 256
-    # null: the task's default (32 and 64), or for `sft` about a tenth of the rows each
-    n_val: int | None = None
-    n_test: int | None = None
-    max_length: int = 256
-    too_long: str = "truncate"
-    packing: bool = False  # concatenate examples up to max_length (molf.train.data.pack)
+    seed: int = key(0, "training randomness (adapter init, dropout, batch order) and the split")
+    data_seed: int | None = key(None, "the split's seed when it should differ from seed")
+    n_train: int | None = key(256, "training examples (null: all the task's)")
+    n_val: int | None = key(None, "validation records (null: the task's 32, for sft a tenth)")
+    n_test: int | None = key(None, "test records (null: the task's 64, for sft a tenth)")
+    max_length: int = key(256, "tokens per example")
+    too_long: str = key("truncate", "truncate or refuse examples over max_length")
+    packing: bool = key(False, "concatenate examples up to max_length, each keeping its positions")
     # own data, task 'sft' (molf.tasks.sft; checked there, as molf.tasks.TaskOptions)
-    val_data: str | None = None
-    prompt_field: str | None = None
-    completion_field: str | None = None
-    messages_field: str | None = None
-    text_field: str | None = None
-    generation_metric: str = "none"  # none | exact_match | contains
-    max_new_tokens: int | None = None
-    train_split: str | None = None  # a data set's split names, when not train/validation/test
-    val_split: str | None = None
-    test_split: str | None = None
+    val_data: str | None = key(None, "sft: a validation file (default: a split of data)")
+    prompt_field: str | None = key(None, "sft: the prompt column (default: prompt)")
+    completion_field: str | None = key(None, "sft: the completion column (default: completion)")
+    messages_field: str | None = key(None, "sft: the conversation column (default: messages)")
+    text_field: str | None = key(None, "sft: the plain-text column (default: text)")
+    generation_metric: str = key("none", "sft: none, exact_match or contains (greedy generation)")
+    max_new_tokens: int | None = key(None, "sft: tokens generated for generation_metric")
+    train_split: str | None = key(None, "sft: the data set's training split, if not train")
+    val_split: str | None = key(None, "sft: its validation split, if not validation")
+    test_split: str | None = key(None, "sft: its test split, if not test")
     # schedule
-    epochs: float = 2.0
-    max_steps: int | None = None
-    batch_size: int = 8
-    grad_accum: int = 4
-    schedule: str = "cosine"
-    warmup_ratio: float = 0.1
-    max_grad_norm: float = 1.0
-    # optimiser: FFT and LoRA learning rates and weight decays (paper: MoLF 5e-5 both, wd 0.1/0.01)
-    lr_fft: float = 5e-5
-    lr_lora: float = 5e-5
-    weight_decay_fft: float = 0.1
-    weight_decay_lora: float = 0.01
-    betas: tuple[float, float] = (0.9, 0.999)
-    eps: float = 1e-8
-    score: str = "epd"
-    score_eps: float = 1e-8  # the eps inside the score, not Adam's (the reference's 1e-8)
-    decay_bias: bool = False  # decay wrapped layers' biases with the FFT expert (reference: no)
-    top_k: int = 1
+    epochs: float = key(2.0, "passes over the training examples")
+    max_steps: int | None = key(None, "optimizer steps, overriding epochs")
+    batch_size: int = key(8, "examples per micro-batch")
+    grad_accum: int = key(4, "micro-batches per optimizer step")
+    schedule: str = key("cosine", "cosine, linear or constant, after the warmup")
+    warmup_ratio: float = key(0.1, "share of the steps spent warming the learning rate up")
+    max_grad_norm: float = key(1.0, "gradient clipping norm (0: off)")
+    # optimiser (paper: MoLF 5e-5 both, weight decay 0.1 / 0.01)
+    lr_fft: float = key(5e-5, "learning rate of the FFT expert (and of FFT)")
+    lr_lora: float = key(5e-5, "learning rate of the LoRA experts (and of the LoRA baselines)")
+    weight_decay_fft: float = key(0.1, "decoupled weight decay of the FFT expert")
+    weight_decay_lora: float = key(0.01, "decoupled weight decay of the LoRA experts")
+    betas: tuple[float, float] = key((0.9, 0.999), "Adam's betas")
+    eps: float = key(1e-8, "Adam's eps")
+    score: str = key("epd", "the routing score: epd (the paper's) or pfn")
+    score_eps: float = key(1e-8, "the eps inside the score, not Adam's (the reference's 1e-8)")
+    decay_bias: bool = key(False, "decay wrapped layers' biases with the FFT expert")
+    top_k: int = key(1, "experts updated per module and step")
     # adapters
-    lora_rank: int = 128
-    molf_e_ranks: tuple[int, ...] = (32, 128)
-    lora_alpha: float = DEFAULT_LORA_ALPHA  # the reference's, every expert and the LoRA baselines
-    molf_e_alphas: tuple[float, ...] | None = None  # MoLF-E per expert (default: lora_alpha each)
-    lora_dropout: float = 0.05
-    use_rslora: bool = True
-    target_modules: str | list[str] = "all-linear"
+    lora_rank: int = key(128, "rank of MoLF's LoRA expert and of the LoRA baselines")
+    molf_e_ranks: tuple[int, ...] = key((32, 128), "MoLF-E's two ranks")
+    lora_alpha: float = key(
+        DEFAULT_LORA_ALPHA, "alpha of every LoRA expert and baseline (scale alpha / sqrt(rank))"
+    )
+    molf_e_alphas: tuple[float, ...] | None = key(None, "MoLF-E per expert (null: lora_alpha each)")
+    lora_dropout: float = key(0.05, "dropout on the LoRA input, one sample for all experts")
+    use_rslora: bool = key(
+        True, "scale alpha / sqrt(rank) (rsLoRA, the paper's); false: alpha / rank"
+    )
+    target_modules: str | list[str] = key("all-linear", "all-linear, a list of names or a regex")
     # numerics and memory
-    dtype: str = "float32"
-    gradient_checkpointing: bool = False
-    threads: int | None = None  # torch's CPU threads (torch.set_num_threads); null: torch's default
+    dtype: str = key("float32", "float32 or bfloat16")
+    gradient_checkpointing: bool = key(False, "recompute activations in the backward pass")
+    threads: int | None = key(None, "torch's CPU threads (null: torch's default)")
     # evaluation
-    eval_batch_size: int = 16
-    eval_before: bool = True
-    # evaluation during training on the validation split (molf.train.loop.BestTracker)
-    eval_every: int = 0  # steps between evaluations (0: none); the last step is always evaluated
-    keep_best: bool = False  # export the best evaluated checkpoint as final/, not the last
-    best_metric: str | None = None  # default: the task's headline metric
-    early_stopping_patience: int = 0  # stop after this many evaluations without improvement
+    eval_batch_size: int = key(16, "records per evaluation batch")
+    eval_before: bool = key(True, "evaluate the untrained model on the test split first")
+    eval_every: int = key(0, "steps between validation evaluations (0: none)")
+    keep_best: bool = key(False, "export the best evaluated checkpoint as final/, not the last")
+    best_metric: str | None = key(None, "what keep_best compares (null: the task's headline)")
+    early_stopping_patience: int = key(0, "stop after this many evaluations without improvement")
     # bookkeeping
-    log_every: int = 1
-    save_every: int = 0  # steps between checkpoints (0: none by step count)
-    # minutes of training between checkpoints (0: none by time): a kill -9 or an out-of-memory
-    # kill loses at most this much; with save_every, whichever comes first
-    save_every_minutes: float = 15.0
-    keep_checkpoints: int = 2
-    # before a MoLF run's first step: predict its step-1 routing from the first batch and warn
-    # when one expert would take (nearly) every module (molf.train.forecast_check)
-    routing_forecast: bool = True
-    max_bad_steps: int = 5
-    logger: str = "none"
-    progress: bool = True
-    distributed: str = "none"
-    trust_remote_code: bool = False
+    log_every: int = key(1, "steps between metrics.jsonl records")
+    save_every: int = key(0, "steps between checkpoints (0: none by step count)")
+    save_every_minutes: float = key(
+        15.0, "minutes of training between checkpoints (0: none by time); bounds what a kill loses"
+    )
+    keep_checkpoints: int = key(2, "newest checkpoints kept (0: all)")
+    routing_forecast: bool = key(
+        True, "MoLF: predict the step-1 routing first and warn when it is one-sided"
+    )
+    max_bad_steps: int = key(5, "consecutive non-finite steps before the run stops")
+    logger: str = key("none", "none, tensorboard or wandb")
+    progress: bool = key(True, "progress bars")
+    distributed: str = key("none", "none, ddp or fsdp2")
+    trust_remote_code: bool = key(False, "let transformers run a hub model's own code")
+    # The keys the user set (a YAML of theirs, overrides, flags), filled in by `load_config`;
+    # None: not known (a TrainConfig built in code), and nothing is adapted to the data.
+    user_keys: frozenset[str] | None = dataclasses.field(
+        default=None, repr=False, compare=False, metadata={"internal": True}
+    )
 
     # -- derived ---------------------------------------------------------------------------------
     @property
@@ -124,12 +165,6 @@ class TrainConfig:
         if self.task == "sft" and self.data:
             return Path(f"runs/sft-{data_label(self.data)}-{self.method}")
         return Path(f"runs/{self.task}-{self.method}")
-
-    # The keys the user set (a YAML of theirs, overrides, flags), filled in by `load_config`;
-    # None: not known (a TrainConfig built in code), and nothing is adapted to the data.
-    user_keys: frozenset[str] | None = dataclasses.field(
-        default=None, repr=False, compare=False, metadata={"internal": True}
-    )
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
