@@ -152,13 +152,22 @@ def test_seeds_and_items_are_resampled_together(tmp_path):
         fft[idx] = 1.0 - fft[idx]
         _cell(tmp_path, "fact-geo", "fft", fft.tolist(), seed=seed, before=0.05)
         _cell(tmp_path, "fact-geo", "lora", lora.tolist(), seed=seed, before=0.05)
-    _cell(tmp_path, "fact-geo", "lora", lora.tolist(), seed=3, before=0.05)  # FFT has no seed 3
+    # FFT has no seed 3, and LoRA's seed 3 is far off its others: it must not move the difference
+    _cell(tmp_path, "fact-geo", "lora", (1.0 - lora).tolist(), seed=3, before=0.05)
     res = load_results(tmp_path, ["fact-geo"], ["fft", "lora"])
     assert res.n_seeds("fact-geo", "fft") == 3 and res.n_seeds("fact-geo", "lora") == 4
     assert res.score("fact-geo", "fft") == pytest.approx(100 * (lora.mean() + 12 / 3 / n))
     d = difference(res, "fact-geo", "fft", "lora")
     assert d.paired.seeds == 3  # the seeds both ran
     assert d.paired.mean == pytest.approx(100 * 12 / 3 / n)
+    # the value and both scores come from those shared seeds too (LoRA's seed 3 is left out of
+    # all three, not only of the interval)
+    assert d.value == pytest.approx(d.paired.mean)
+    assert d.score_b == pytest.approx(100 * lora.mean())
+    assert d.score_a - d.score_b == pytest.approx(d.value)
+    lines = "\n".join(claim_lines(res, claims(res)))
+    row = f"| fact-geo | {d.score_a:.1f} | {d.score_b:.1f} | {d.value:+.1f} |"
+    assert row in lines
     # the interval over seeds and items is wider than the one over seed 0's items alone
     single = load_results(tmp_path, ["fact-geo"], ["fft", "lora"])
     single.replicas = {k: v[:1] for k, v in single.replicas.items()}

@@ -96,3 +96,82 @@ def test_seed_and_item_bootstrap():
         paired_difference_seeds(a, b[:2])
     with pytest.raises(MolfError, match="different numbers of items"):
         paired_difference_seeds([a[0], a[1][:10]], [b[0], b[1][:10]])
+
+
+# -- against a slow, obvious bootstrap --------------------------------------------------------------
+def _brute_force(d: np.ndarray, resamples: int, seed: int) -> tuple[float, float]:
+    """The seed-and-item bootstrap written out: each resample draws seeds with replacement and
+    items with replacement, the same items for every drawn seed, and averages d over them."""
+    rng = np.random.default_rng(seed)
+    n_seeds, n = d.shape
+    means = []
+    for _ in range(resamples):
+        seeds = [int(rng.integers(0, n_seeds)) for _ in range(n_seeds)]
+        items = [int(rng.integers(0, n)) for _ in range(n)]
+        per_seed = [sum(d[s, i] for i in items) / n for s in seeds]
+        means.append(sum(per_seed) / n_seeds)
+    low, high = np.quantile(means, [0.025, 0.975])
+    return float(low), float(high)
+
+
+def _items_never_resampled(d: np.ndarray, resamples: int, seed: int) -> tuple[float, float]:
+    rng = np.random.default_rng(seed)
+    means = d.mean(axis=1)[rng.integers(0, d.shape[0], size=(resamples, d.shape[0]))].mean(axis=1)
+    low, high = np.quantile(means, [0.025, 0.975])
+    return float(low), float(high)
+
+
+def _items_drawn_per_seed(d: np.ndarray, resamples: int, seed: int) -> tuple[float, float]:
+    rng = np.random.default_rng(seed)
+    n_seeds, n = d.shape
+    means = [
+        np.mean(
+            [d[s][rng.integers(0, n, size=n)].mean() for s in rng.integers(0, n_seeds, n_seeds)]
+        )
+        for _ in range(resamples)
+    ]
+    low, high = np.quantile(means, [0.025, 0.975])
+    return float(low), float(high)
+
+
+def _agrees(interval: tuple[float, float], reference: tuple[float, float]) -> bool:
+    """Within Monte Carlo error of the reference (bounds within 1.5 points, half-widths within
+    10%): a few thousand resamples pin a 95% interval's ends to about half a point here."""
+    (low, high), (ref_low, ref_high) = interval, reference
+    widths = (high - low) / (ref_high - ref_low)
+    return abs(low - ref_low) <= 1.5 and abs(high - ref_high) <= 1.5 and 0.9 <= widths <= 1.1
+
+
+def _three_seeds_of_items() -> np.ndarray:
+    """Per-item differences in points, 3 seeds x 200 items, whose items matter (each item's
+    difference is much the same on every seed) and whose seeds disagree a little."""
+    rng = np.random.default_rng(7)
+    n = 200
+    item = rng.normal(0.0, 1.0, n)
+    base = (rng.random(n) < 0.5).astype(float)
+    runs = [
+        (item + rng.normal(0.0, 0.5, n) + shift > 0.3).astype(float) for shift in (0, 0.2, -0.2)
+    ]
+    return 100.0 * (np.stack(runs) - base)
+
+
+def test_the_seed_bootstrap_matches_a_brute_force_one_and_its_faults_do_not():
+    d = _three_seeds_of_items()
+    r = paired_difference_seeds(list(d), list(np.zeros_like(d)))
+    reference = _brute_force(d, resamples=4000, seed=1)
+    assert r.mean == pytest.approx(d.mean())
+    assert _agrees((r.low, r.high), reference), ((r.low, r.high), reference)
+    # the two faults this test exists for: items never resampled, or drawn afresh per seed
+    assert not _agrees(_items_never_resampled(d, 4000, 2), reference)
+    assert not _agrees(_items_drawn_per_seed(d, 4000, 3), reference)
+
+
+def test_exact_cases_of_the_seed_bootstrap():
+    rng = np.random.default_rng(0)
+    a = [(rng.random(50) < 0.6).astype(float) * 100 for _ in range(3)]
+    same = paired_difference_seeds(a, a)
+    assert (same.mean, same.low, same.high, same.se) == (0.0, 0.0, 0.0, 0.0)
+    shifted = paired_difference_seeds([x + 5.0 for x in a], a)
+    assert shifted.mean == pytest.approx(5.0)
+    assert shifted.low == pytest.approx(5.0) and shifted.high == pytest.approx(5.0)
+    assert shifted.se == pytest.approx(0.0, abs=1e-9)

@@ -59,6 +59,10 @@ class Difference:
     b: str
     value: float | None
     paired: PairedDifference | None = None
+    # the two methods' scores the value is the difference of: with per-item scores, their means
+    # over the seeds both ran (the seeds the interval resamples), else each method's mean score
+    score_a: float | None = None
+    score_b: float | None = None
 
     def above(self, line: float) -> bool | None:
         """True when the difference lies above `line` (the whole interval, if there is one),
@@ -118,24 +122,30 @@ def seed_items(res: Results, task: str, method: str) -> dict[int, dict[str, floa
 
 
 def difference(res: Results, task: str, a: str | None, b: str | None) -> Difference:
-    """a minus b on `task`: mean scores over their seeds, paired over the seeds both ran."""
+    """a minus b on `task`, paired over the seeds both ran: the value, both scores and the
+    interval all come from those seeds (a method with an extra seed does not shift the value
+    while the interval ignores it). Without per-item scores: the methods' mean scores."""
     if a is None or b is None:
         return Difference(task, a or "?", b or "?", None)
     score_a, score_b = res.score(task, a), res.score(task, b)
     if score_a is None or score_b is None:
         return Difference(task, a, b, None)
+    unpaired = Difference(task, a, b, score_a - score_b, None, score_a, score_b)
     items_a, items_b = seed_items(res, task, a), seed_items(res, task, b)
     shared = sorted(set(items_a) & set(items_b))
     if not shared:
-        return Difference(task, a, b, score_a - score_b)
+        return unpaired
     xs, ys = [], []
     for s in shared:
         _, x, y = align(items_a[s], items_b[s])
         xs.append(x)
         ys.append(y)
     if len(xs[0]) < 2:
-        return Difference(task, a, b, score_a - score_b)
-    return Difference(task, a, b, score_a - score_b, paired_difference_seeds(xs, ys, seed=0))
+        return unpaired
+    paired = paired_difference_seeds(xs, ys, seed=0)
+    mean_a = sum(map(sum, xs)) / (len(xs) * len(xs[0]))
+    mean_b = sum(map(sum, ys)) / (len(ys) * len(ys[0]))
+    return Difference(task, a, b, paired.mean, paired, mean_a, mean_b)
 
 
 def floors(res: Results) -> dict[str, Floor]:

@@ -246,7 +246,7 @@ def floor_lines(res: Results, c: Claims) -> list[str]:
 def winner_lines(res: Results, c: Claims) -> list[str]:
     """FFT against LoRA per learned task: the paper's premise that the winner flips."""
     rows = [
-        [t, pts(res.score(t, d.a)), pts(res.score(t, d.b)), *_interval_cells(d), c.winners[t]]
+        [t, pts(d.score_a), pts(d.score_b), *_interval_cells(d), c.winners[t]]
         for t, d in c.fft_vs_lora.items()
     ]
     header = ["task", "FFT", "LoRA", *_INTERVAL_HEADER, "winner"]
@@ -303,7 +303,7 @@ def claim_lines(res: Results, c: Claims) -> list[str]:
     lines += winner_lines(res, c)
     rows = []
     for t, d in c.molf_gap.items():
-        rows.append([t, pts(res.score(t, d.a)), f"{registry.label(d.b)} {pts(res.score(t, d.b))}"])
+        rows.append([t, pts(d.score_a), f"{registry.label(d.b)} {pts(d.score_b)}"])
         rows[-1] += _interval_cells(d)
     lines += [
         f"### Claim 1: MoLF within {CLAIM_TOLERANCE_POINTS} points of the better of FFT and LoRA",
@@ -319,7 +319,7 @@ def claim_lines(res: Results, c: Claims) -> list[str]:
     rows = []
     for t, d in c.efficient_vs_adaptive.items():
         paper = PAPER_CLAIM2_POINTS.get(res.family(t))
-        rows.append([t, pts(res.score(t, d.a)), pts(res.score(t, d.b)), *_interval_cells(d)])
+        rows.append([t, pts(d.score_a), pts(d.score_b), *_interval_cells(d)])
         rows[-1] += [pts(paper, sign=True), c.magnitudes[t]]
     lines += [
         "### Claim 2: MoLF-E ahead of AdaLoRA",
@@ -334,7 +334,7 @@ def claim_lines(res: Results, c: Claims) -> list[str]:
         "",
     ]
     rows = [
-        [t, pts(res.score(t, d.a)), pts(res.score(t, d.b)), *_interval_cells(d)]
+        [t, pts(d.score_a), pts(d.score_b), *_interval_cells(d)]
         for t, d in c.adaptive_vs_lora.items()
     ]
     lines += [
@@ -349,7 +349,7 @@ def claim_lines(res: Results, c: Claims) -> list[str]:
     ]
     if c.same_size:
         rows = [
-            [d.task, registry.label(d.a), pts(res.score(d.task, d.a)), pts(res.score(d.task, d.b))]
+            [d.task, registry.label(d.a), pts(d.score_a), pts(d.score_b)]
             + _interval_cells(d)
             for d in c.same_size
         ]
