@@ -349,8 +349,7 @@ def claim_lines(res: Results, c: Claims) -> list[str]:
     ]
     if c.same_size:
         rows = [
-            [d.task, registry.label(d.a), pts(d.score_a), pts(d.score_b)]
-            + _interval_cells(d)
+            [d.task, registry.label(d.a), pts(d.score_a), pts(d.score_b)] + _interval_cells(d)
             for d in c.same_size
         ]
         lines += [
