@@ -2,6 +2,7 @@
 optimizer_step, optimizer_ops and train_step the way a GPU session will), routing_log and
 qlora_memory."""
 
+import importlib.util
 import os
 import subprocess
 import sys
@@ -10,6 +11,8 @@ from pathlib import Path
 
 import pytest
 import torch
+
+from tests.conftest import skip_unless
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "benchmarks" / "gpu_check.sh"
@@ -154,7 +157,7 @@ def test_routing_log_benchmark_compares_streamed_and_in_memory_logs():
 
 
 def test_qlora_memory_benchmark_runs_molf_e_and_lora_on_one_quantized_base():
-    pytest.importorskip("bitsandbytes")
+    skip_unless(importlib.util.find_spec("bitsandbytes") is not None, "bitsandbytes")
     cmd = [sys.executable, str(ROOT / "benchmarks" / "qlora_memory.py"), "--layers", "1"]
     cmd += ["--vocab", "256", "--steps", "1", "--batch", "1", "--seq", "8"]
     env = dict(_env(), PYTHONPATH=str(ROOT / "src"))

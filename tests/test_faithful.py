@@ -14,10 +14,10 @@ from molf.train import methods
 from molf.train.config import TrainConfig, load_config
 from molf.train.data import Tokenized, collate
 from molf.train.loop import _micro_step, step_loss_tokens
-from tests.conftest import VOCAB, tiny_causal_lm
+from tests.conftest import REQUIRE_ALL, VOCAB, tiny_causal_lm
 
 # every optimizer backend that can run here (the native one needs a C++ compiler)
-BACKENDS = ["eager", "device"] + (["native"] if cpu_kernels() is not None else [])
+BACKENDS = ["eager", "device"] + (["native"] if cpu_kernels() is not None or REQUIRE_ALL else [])
 
 
 # -- 7.1: LoRA alpha 32 --------------------------------------------------------------------------

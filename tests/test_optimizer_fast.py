@@ -15,13 +15,19 @@ from molf.optim.backends import BACKENDS
 from molf.optim.backends.eager import EagerBackend
 from molf.optim.backends.native import NativeBackend
 from molf.optim.scores import SCORES, Score
-from tests.conftest import tiny_causal_lm
+from tests.conftest import needs, skip_unless, tiny_causal_lm
 from tests.optim_helpers import CASES, case_id, check_against_oracle, step_on_random_grads
 
 native_available = K.cpu_kernels() is not None
-needs_native = pytest.mark.skipif(
-    not native_available, reason=f"no native kernels: {K.KERNEL_STATE['error']}"
-)
+needs_native = needs(native_available, f"the native kernels ({K.KERNEL_STATE['error']})")
+
+
+def test_the_default_cpu_backend_is_the_native_one_where_it_can_be_built():
+    """Where a compiler exists MoLFAdamW steps through the native kernels by default; without
+    one it falls back to eager, which CI must not mistake for testing the default."""
+    skip_unless(native_available, f"the native kernels ({K.KERNEL_STATE['error']})")
+    model = molf.wrap(torch.nn.Sequential(torch.nn.Linear(8, 8)), molf.MoLFConfig(lora_ranks=(2,)))
+    assert molf.MoLFAdamW(model).backend == "native"
 
 
 def _spy(monkeypatch, cls, name):

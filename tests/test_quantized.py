@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 import molf
-from tests.conftest import VOCAB, tiny_causal_lm
+from tests.conftest import VOCAB, needs, tiny_causal_lm
 
 HAS_BNB = importlib.util.find_spec("bitsandbytes") is not None
 
@@ -80,7 +80,7 @@ def test_quantized_layers_take_molf_e_and_refuse_molf(fake_bnb, kind, tokens, tm
 
 
 # -- the real bitsandbytes, on its CPU backend ----------------------------------------------------
-needs_bnb = pytest.mark.skipif(not HAS_BNB, reason="bitsandbytes not installed (extra 'quant')")
+needs_bnb = needs(HAS_BNB, "bitsandbytes (extra 'quant')")
 
 
 @pytest.fixture(scope="module")

@@ -17,6 +17,7 @@ one step: the smollm2-135m run the guide shows takes minutes).
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import re
 import shlex
@@ -27,6 +28,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.conftest import skip_unless
 from tests.runs import child_env
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -136,7 +138,7 @@ def test_every_python_block_runs_or_says_why_not():
 def test_snippet_prints_what_its_page_shows(snippet, tmp_path):
     code, shown = snippet
     if "bitsandbytes" in code.text or "BitsAndBytesConfig" in code.text:
-        pytest.importorskip("bitsandbytes")
+        skip_unless(importlib.util.find_spec("bitsandbytes") is not None, "bitsandbytes")
     proc = subprocess.run(
         [sys.executable, "-c", code.text],
         cwd=tmp_path,
