@@ -147,11 +147,26 @@ def test_molf_e_freezes_base_and_non_wrapped():
 def test_dropout_sample_is_shared_by_experts():
     torch.manual_seed(0)
     layer = MoLFLinear(nn.Linear(6, 5), molf.MoLFConfig(lora_ranks=(3, 3), lora_dropout=0.5))
+    with torch.no_grad():
+        for b in layer.lora_B:  # nonzero B, so that every expert's path shows in the output
+            b.normal_()
     seen = []
     layer.dropout.register_forward_hook(lambda mod, inp, out: seen.append(out))
     layer.train()
-    layer(torch.randn(2, 6))
+    x = torch.randn(2, 6)
+    y = layer(x)
     assert len(seen) == 1  # one dropout sample feeds every LoRA expert
+    dropped = seen[0]
+    assert not torch.equal(dropped, x)  # the sample really dropped (and rescaled) something
+    # by hand: the base layer on x, each expert on the one dropped sample, scaled
+    expected = layer.base_layer(x)
+    for a, b, s in zip(layer.lora_A, layer.lora_B, layer.scalings):
+        expected = expected + s * (dropped @ a.T) @ b.T
+    torch.testing.assert_close(y, expected)
+    # an expert fed the undropped x would give another output
+    wrong = layer.base_layer(x) + layer.scalings[0] * (x @ layer.lora_A[0].T) @ layer.lora_B[0].T
+    wrong = wrong + layer.scalings[1] * (dropped @ layer.lora_A[1].T) @ layer.lora_B[1].T
+    assert not torch.allclose(y, wrong)
 
 
 @pytest.mark.parametrize("arch", ARCHS)
@@ -169,4 +184,9 @@ def test_bf16_generate_and_gradient_checkpointing(arch, tokens):
     assert opt.state[m.lora_B[0]]["exp_avg"].dtype == torch.float32
     model.eval()
     out = model.generate(tokens[:1, :4], max_new_tokens=3, do_sample=False)
-    assert out.shape == (1, 7)
+    assert out.shape == (1, 7) and torch.equal(out[:, :4], tokens[:1, :4])
+    # greedy generation is the argmax of the wrapped model's own logits, token by token
+    with torch.no_grad():
+        for k in range(4, 7):
+            step = model(out[:, :k]).logits[:, -1].float()
+            assert int(step.argmax(-1)) == int(out[0, k])

@@ -1,6 +1,7 @@
 """Faults and interruptions: kill/resume, signals, corrupted checkpoints, non-finite gradients,
 bad input refused before compute, and the safety rules."""
 
+import ast
 import errno
 import json
 import os
@@ -320,13 +321,43 @@ def test_no_matching_target_modules(tmp_path, capsys, method):
     assert "target_modules" in capsys.readouterr().err
 
 
+def _unsafe_loads(tree: ast.AST) -> list[int]:
+    """Lines of `torch.load(...)` / `load(...)` calls (however the name was imported) without
+    `weights_only=True`, and of any `pickle.load(s)` call."""
+    found = []
+    for node in ast.walk(tree):
+        if not isinstance(node, ast.Call):
+            continue
+        func = node.func
+        name = func.attr if isinstance(func, ast.Attribute) else getattr(func, "id", "")
+        owner = getattr(func.value, "id", "") if isinstance(func, ast.Attribute) else ""
+        if owner == "pickle" and name in ("load", "loads"):
+            found.append(node.lineno)
+        elif name == "load" and owner in ("torch", ""):
+            safe = any(
+                k.arg == "weights_only"
+                and isinstance(k.value, ast.Constant)
+                and k.value.value is True
+                for k in node.keywords
+            )
+            if not safe:
+                found.append(node.lineno)
+    return found
+
+
+def test_the_unsafe_load_check_sees_every_spelling():
+    bad = "import torch\nfrom torch import load\ntorch.load(p)\nload(p, weights_only=False)\n"
+    bad += "torch.load(p, map_location='cpu',\n           weights_only=None)\nimport pickle\npickle.loads(b)\n"
+    assert _unsafe_loads(ast.parse(bad)) == [3, 4, 5, 8]
+    good = "torch.load(p, weights_only=True)\ntorch.load(\n    p, map_location='cpu', weights_only=True\n)\n"
+    assert _unsafe_loads(ast.parse(good)) == []
+
+
 def test_safety_rules_hold_in_the_source():
     for path in SRC.rglob("*.py"):
         text = path.read_text()
-        for call in re.findall(r"torch\.load\([^)]*\)", text):
-            assert "weights_only=True" in call, f"{path}: {call}"
+        assert _unsafe_loads(ast.parse(text)) == [], path
         assert "trust_remote_code=True" not in text, path
-        assert "pickle.load" not in text, path
     from molf.train.config import TrainConfig
 
     assert TrainConfig().trust_remote_code is False
