@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 PIP := $(BIN)/python -m pip
 STAMP := $(VENV)/.molf-installed
 
-.PHONY: setup test lint format docs demo bench results fact-seeds sweep clean
+.PHONY: setup test lint format docs mutants demo bench results fact-seeds sweep clean
 
 setup: $(STAMP)
 
@@ -35,6 +35,13 @@ test: setup lint docs
 # missing page or an API name that does not render fails the build.
 docs: setup
 	HF_HUB_OFFLINE=1 NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict --quiet --site-dir site
+
+# Mutation testing of stats, claims, the optimizer's maths and run directories (pyproject's
+# [tool.mutmut]); resumable (mutmut keeps its work in mutants/); long: not part of `make test`.
+mutants: setup
+	$(PIP) install -q "mutmut>=3.3"
+	HF_HUB_OFFLINE=1 OMP_NUM_THREADS=1 $(BIN)/mutmut run
+	$(BIN)/mutmut results
 
 demo: setup
 	$(BIN)/python -m molf.demo
@@ -80,4 +87,4 @@ sweep: setup
 		$(SWEEP_OUT)/predict.md $(SWEEP_OUT)/*.png docs/routing-sweep/
 
 clean:
-	rm -rf $(VENV) build site *.egg-info src/*.egg-info .pytest_cache .ruff_cache
+	rm -rf $(VENV) build site mutants *.egg-info src/*.egg-info .pytest_cache .ruff_cache

@@ -175,3 +175,100 @@ def test_exact_cases_of_the_seed_bootstrap():
     assert shifted.mean == pytest.approx(5.0)
     assert shifted.low == pytest.approx(5.0) and shifted.high == pytest.approx(5.0)
     assert shifted.se == pytest.approx(0.0, abs=1e-9)
+
+
+def _committed_items() -> dict[tuple[str, str], dict[int, dict[str, float]]]:
+    import csv
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "docs" / "results" / "items.csv"
+    out: dict[tuple[str, str], dict[int, dict[str, float]]] = {}
+    with path.open() as f:
+        for row in csv.DictReader(f):
+            seeds = out.setdefault((row["task"], row["method"]), {})
+            seeds.setdefault(int(row["seed"]), {})[row["item"]] = 100.0 * float(row["score"])
+    return out
+
+
+@pytest.mark.parametrize(
+    "task,a,b,shown",
+    [
+        ("med-icd10", "fft", "lora", "| -0.3 | [-2.8, +2.3] | 2.6 | 3 |"),
+        ("med-icd10", "molf", "lora", "| -0.9 | [-3.6, +1.8] | 2.7 | 3 |"),
+        ("med-icd10", "molf-e", "adalora", "| -1.0 | [-3.4, +1.4] | 2.4 | 3 |"),
+    ],
+)
+def test_the_committed_report_s_intervals_come_from_its_items(task, a, b, shown):
+    """The published report's paired intervals are recomputed from the committed per-item
+    scores (docs/results/items.csv) exactly: any change to the bootstrap's numbers shows."""
+    from pathlib import Path
+
+    items = _committed_items()
+    seeds = sorted(set(items[(task, a)]) & set(items[(task, b)]))
+    xs, ys = [], []
+    for s in seeds:
+        _, x, y = align(items[(task, a)][s], items[(task, b)][s])
+        xs.append(x)
+        ys.append(y)
+    r = paired_difference_seeds(xs, ys, seed=0)
+    row = f"| {r.mean:+.1f} | [{r.low:+.1f}, {r.high:+.1f}] | {r.half_width:.1f} | {r.seeds} |"
+    assert row == shown
+    report = (Path(__file__).resolve().parents[1] / "docs" / "results" / "report.md").read_text()
+    assert f"| {task} |" in report and shown in report
+
+
+def test_every_item_and_seed_can_be_drawn():
+    # only item 0 differs: a bootstrap that never draws item 0 would give [0, 0]
+    one_seed = paired_difference([100.0, 0.0], [0.0, 0.0])
+    assert (one_seed.low, one_seed.high) == (0.0, 100.0)
+    two_seeds = paired_difference_seeds([[100.0, 0.0], [100.0, 0.0]], [[0.0, 0.0], [0.0, 0.0]])
+    assert (two_seeds.low, two_seeds.high) == (0.0, 100.0)
+    # only seed 0 differs: a bootstrap that never draws seed 0 would give [0, 0]
+    by_seed = paired_difference_seeds([[100.0, 100.0], [0.0, 0.0]], [[0.0, 0.0], [0.0, 0.0]])
+    assert (by_seed.low, by_seed.high) == (0.0, 100.0)
+
+
+def test_settings_reach_the_one_seed_case_and_the_result():
+    rng = np.random.default_rng(3)
+    a, b = (rng.random(40) < 0.6).astype(float), (rng.random(40) < 0.5).astype(float)
+    for kwargs in ({"seed": 5}, {"level": 0.5}, {"resamples": 300}):
+        assert paired_difference_seeds([a], [b], **kwargs) == paired_difference(a, b, **kwargs)
+    assert paired_difference_seeds([a], [b], seed=5) != paired_difference_seeds([a], [b], seed=0)
+    assert paired_difference(a, b).level == 0.95
+    assert paired_difference_seeds([a, b], [b, a], level=0.8).level == 0.8
+    # another level is another pair of percentiles: 80% against the brute force too
+    d = _three_seeds_of_items()
+    r = paired_difference_seeds(list(d), list(np.zeros_like(d)), level=0.8)
+    rng2 = np.random.default_rng(11)
+    means = []
+    for _ in range(4000):
+        seeds = rng2.integers(0, 3, 3)
+        items = rng2.integers(0, d.shape[1], d.shape[1])
+        means.append(np.mean([d[s, items].mean() for s in seeds]))
+    assert _agrees((r.low, r.high), tuple(np.quantile(means, [0.1, 0.9])))
+
+
+@pytest.mark.parametrize("level", [0.0, 1.0, 1.5])
+def test_a_level_outside_0_1_is_refused(level):
+    with pytest.raises(MolfError, match=r"level must be in \(0, 1\)"):
+        paired_difference([1.0, 0.0], [0.0, 0.0], level=level)
+    with pytest.raises(MolfError, match=r"level must be in \(0, 1\)"):
+        paired_difference_seeds([[1.0, 0.0]] * 2, [[0.0, 0.0]] * 2, level=level)
+
+
+def test_input_problems_are_named():
+    two = paired_difference_seeds([[1.0, 0.0]] * 2, [[0.0, 0.0]] * 2)  # two items are enough
+    assert two.n == 2 and two.seeds == 2
+    with pytest.raises(MolfError, match="needs at least 2 shared items per seed"):
+        paired_difference_seeds([[1.0], [0.0]], [[0.0], [0.0]])
+    with pytest.raises(MolfError, match="a per-item score is not finite"):
+        paired_difference_seeds([[1.0, math.nan]] * 2, [[0.0, 0.0]] * 2)
+    with pytest.raises(MolfError, match="a per-item score is not finite"):
+        paired_difference([1.0, math.inf], [0.0, 0.0])
+    with pytest.raises(MolfError, match="the seeds answered different numbers of items"):
+        paired_difference_seeds([[1.0, 0.0], [1.0, 0.0, 1.0]], [[0.0, 0.0], [0.0, 0.0, 0.0]])
+
+
+def test_excludes_below_is_strict_at_the_margin():
+    at = paired_difference([0.0, 0.0], [1.5, 1.5])  # low == high == -1.5
+    assert at.low == -1.5 and not at.excludes_below(1.5) and at.excludes_below(1.6)

@@ -94,7 +94,7 @@ def _coerce(key: str, value: Any) -> Any:
             if inner is int and all(isinstance(v, int) and not isinstance(v, bool) for v in items):
                 return tuple(items) if origin is tuple else items
             if inner is str and all(isinstance(v, str) for v in items):
-                return items
+                return tuple(items) if origin is tuple else items
         if origin is dict and isinstance(value, dict):
             return value
     expected = " or ".join(getattr(t, "__name__", str(t)) for t in base) + (

@@ -285,6 +285,48 @@ def _molf_model(model: nn.Module, cfg: TrainConfig, total_steps: int) -> nn.Modu
     return molf.wrap(model, config)
 
 
+def _hybrid_model(model: nn.Module, cfg: TrainConfig, total_steps: int) -> nn.Module:
+    """MoLF's layer with the routing fixed by module type: in the types of `hybrid_fft_types`
+    only the FFT expert trains, elsewhere only the LoRA expert. MoLFAdamW then steps the one
+    expert with a gradient (the other scores -inf), so everything else is trained as MoLF
+    trains it: the ablation that asks whether per-step routing adds anything over this split."""
+    from molf.routing import module_type
+
+    model = _molf_model(model, cfg, total_steps)
+    fft_types = set(cfg.hybrid_fft_types)
+    found = {module_type(n) for n in molf.molf_modules(model)}
+    unknown = sorted(fft_types - found)
+    if unknown:
+        raise MolfError(
+            f"config key 'hybrid_fft_types': {unknown[0]!r} is not a type of this model's wrapped "
+            f"modules ({', '.join(sorted(found))})"
+        )
+    for name, m in molf.molf_modules(model).items():
+        full = module_type(name) in fft_types
+        for p in m.fft_expert():
+            p.requires_grad_(full)
+        for expert in m.lora_experts():
+            for p in expert:
+                p.requires_grad_(not full)
+    return model
+
+
+def _lora_other_model(model: nn.Module, cfg: TrainConfig, total_steps: int) -> nn.Module:
+    """A LoRA expert in every target layer, base weights frozen, and the parameters outside them
+    (embeddings, norms, a tied head) trained as MoLF trains them: the ablation that separates
+    what MoLF gains over plain LoRA from those parameters from what it gains from routing."""
+    config = molf.MoLFConfig(
+        lora_ranks=(cfg.lora_rank,),
+        lora_alphas=(cfg.lora_alpha,),
+        lora_dropout=cfg.lora_dropout,
+        use_rslora=cfg.use_rslora,
+        target_modules=cfg.target_modules,
+        train_base=False,
+        freeze_non_wrapped=False,
+    )
+    return molf.wrap(model, config)
+
+
 def molf_e_alphas(cfg: TrainConfig) -> tuple[float, ...]:
     """MoLF-E's alpha per expert: `molf_e_alphas`, else `lora_alpha` for each rank."""
     if cfg.molf_e_alphas is not None:
@@ -335,6 +377,26 @@ def _molf_adamw(model: nn.Module, cfg: TrainConfig) -> molf.MoLFAdamW:
         score_eps=cfg.score_eps,
         decay_bias=cfg.decay_bias,
         top_k=cfg.top_k,
+    )
+
+
+def _lora_other_adamw(model: nn.Module, cfg: TrainConfig) -> molf.MoLFAdamW:
+    """MoLFAdamW with the parameters outside the LoRA experts at MoLF's settings for them: the
+    FFT learning rate and weight decay (MoLF's `lr_other` default), not the LoRA ones."""
+    return molf.MoLFAdamW(
+        model,
+        lr_fft=cfg.lr_fft,
+        lr_lora=cfg.lr_lora,
+        weight_decay_fft=cfg.weight_decay_fft,
+        weight_decay_lora=cfg.weight_decay_lora,
+        lr_other=cfg.lr_fft,
+        weight_decay_other=cfg.weight_decay_fft,
+        betas=tuple(cfg.betas),
+        eps=cfg.eps,
+        score=cfg.score,
+        score_eps=cfg.score_eps,
+        decay_bias=cfg.decay_bias,
+        top_k=1,
     )
 
 
@@ -449,6 +511,34 @@ register(
         n_experts=lambda cfg: 2,
         routing="FFT expert vs LoRA expert",
         claim_roles=("mixture",),
+    )
+)
+# Ablations of MoLF (no part in the paper's claims): the routing frozen into a split by module
+# type, and LoRA with the parameters MoLF trains outside the wrapped layers.
+register(
+    Method(
+        name="hybrid",
+        label="Fixed hybrid",
+        lr_keys=("lr_fft", "lr_lora"),
+        build_model=_hybrid_model,
+        build_optimizer=_molf_adamw,
+        merge=molf.merge_and_unload,
+        lr_grids={"smoke": (1e-3,), "small": (1e-4, 5e-5), "paper": (5e-5,)},
+        n_experts=lambda cfg: 2,
+        routing="fixed by module type (hybrid_fft_types to FFT)",
+    )
+)
+register(
+    Method(
+        name="lora-other",
+        label="LoRA + embeddings/norms",
+        lr_keys=("lr_fft", "lr_lora"),
+        build_model=_lora_other_model,
+        build_optimizer=_lora_other_adamw,
+        merge=molf.merge_and_unload,
+        lr_grids={"smoke": (1e-3,), "small": (1e-4, 5e-5), "paper": (5e-5,)},
+        n_experts=lambda cfg: 1,
+        routing="none (one LoRA expert)",
     )
 )
 MOLF_E = register(

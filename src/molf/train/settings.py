@@ -118,6 +118,9 @@ class TrainConfig:
         True, "scale alpha / sqrt(rank) (rsLoRA, the paper's); false: alpha / rank"
     )
     target_modules: str | list[str] = key("all-linear", "all-linear, a list of names or a regex")
+    hybrid_fft_types: tuple[str, ...] = key(
+        ("k", "o", "down"), "method hybrid: the module types that train the FFT expert"
+    )
     # numerics and memory
     dtype: str = key("float32", "float32 or bfloat16")
     gradient_checkpointing: bool = key(False, "recompute activations in the backward pass")
@@ -171,6 +174,7 @@ class TrainConfig:
         d.pop("user_keys")
         d["betas"] = list(self.betas)
         d["molf_e_ranks"] = list(self.molf_e_ranks)
+        d["hybrid_fft_types"] = list(self.hybrid_fft_types)
         if self.molf_e_alphas is not None:
             d["molf_e_alphas"] = list(self.molf_e_alphas)
         return d
