@@ -17,7 +17,7 @@ ROOT = Path(__file__).resolve().parents[1]
 DOCS = ROOT / "docs"
 # how each result directory was produced stays in that directory's own notes
 RESULT_NOTES = {"docs/results/README.md", "docs/results-fact-geo-6seeds/README.md"}
-RESULT_NOTES |= {"docs/routing-sweep/README.md"}
+RESULT_NOTES |= {"docs/routing-sweep/README.md", "docs/results-rank8/README.md"}
 
 
 def _user_pages() -> list[Path]:

@@ -1,0 +1,74 @@
+"""Every figure the evidence pages quote comes from a committed result file: the numbers in the
+answer page and the rank page are found in (or recomputed from) the reports and per-item scores
+under docs/, and the cost figures in the performance page's measurements."""
+
+from __future__ import annotations
+
+import csv
+import re
+from pathlib import Path
+
+import pytest
+
+from molf.experiments.stats import align, paired_difference_seeds
+
+ROOT = Path(__file__).resolve().parents[1]
+DOCS = ROOT / "docs"
+REPORTS = [DOCS / d / "report.md" for d in ("results", "results-fact-geo-6seeds", "results-rank8")]
+
+
+def _items(directory: str) -> dict[tuple[str, str], dict[int, dict[str, float]]]:
+    out: dict[tuple[str, str], dict[int, dict[str, float]]] = {}
+    with (DOCS / directory / "items.csv").open() as f:
+        for row in csv.DictReader(f):
+            seeds = out.setdefault((row["task"], row["method"]), {})
+            seeds.setdefault(int(row["seed"]), {})[row["item"]] = 100.0 * float(row["score"])
+    return out
+
+
+def _difference(directory: str, task: str, a: str, b: str) -> str:
+    items = _items(directory)
+    xs, ys = [], []
+    for s in sorted(set(items[(task, a)]) & set(items[(task, b)])):
+        _, x, y = align(items[(task, a)][s], items[(task, b)][s])
+        xs.append(x)
+        ys.append(y)
+    r = paired_difference_seeds(xs, ys, seed=0)
+    return f"{r.mean:+.1f} [{r.low:+.1f}, {r.high:+.1f}]"
+
+
+def _one_line(path: Path) -> str:
+    return " ".join(path.read_text().split())
+
+
+def test_the_rank_page_s_figures_are_the_rank_8_run_s():
+    page = _one_line(DOCS / "evidence" / "rank.md")
+    report = (DOCS / "results-rank8" / "report.md").read_text()
+    for method, score in (("FFT", "83.6"), ("LoRA", "72.7"), ("MoLF", "66.4")):
+        assert f"| {method} | {score} |" in report
+        assert f"| {score} |" in page
+    assert "| base model (no training) | 18.8 |" in report
+    fft_lora = _difference("results-rank8", "fact-geo", "fft", "lora")
+    molf_fft = _difference("results-rank8", "fact-geo", "molf", "fft")
+    assert fft_lora == "+10.9 [+3.1, +19.3]"
+    assert molf_fft == "-17.2 [-25.0, -9.9]"
+    assert "+10.9 points, [+3.1, +19.3]" in page and "17.2 points, [-25.0, -9.9]" in page
+    assert "| fact-geo | 76 | 0.0% |" in report and "0.0% of its module updates" in page
+
+
+def test_every_interval_on_the_answer_page_is_in_a_committed_report():
+    page = (DOCS / "should-i-use-molf.md").read_text()
+    reports = " ".join(p.read_text() for p in REPORTS)
+    intervals = re.findall(r"\[[+-]\d+\.\d, [+-]\d+\.\d\]", page)
+    assert len(intervals) >= 6
+    for interval in intervals:
+        assert interval in reports, interval
+
+
+@pytest.mark.parametrize("figure", ["1.343x", "1.291x", "1.035x", "1.056x", "1987 MiB", "1539 MiB"])
+def test_the_answer_page_s_costs_are_the_performance_page_s(figure):
+    page = (DOCS / "should-i-use-molf.md").read_text()
+    performance = (DOCS / "performance.md").read_text().replace("**", "")
+    number = figure.split()[0].rstrip("x")
+    assert number in page
+    assert number in performance, figure
