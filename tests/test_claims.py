@@ -9,8 +9,9 @@ import json
 import numpy as np
 import pytest
 
-from molf.experiments.claims import claims, difference
+from molf.experiments.claims import Difference, _magnitude, _winner, claims, difference
 from molf.experiments.grid import load_results
+from molf.experiments.stats import PairedDifference
 from molf.experiments.tables import claim_lines, write_results
 
 TASK_NAMES = {"fact-geo": "fact-geo", "med-icd10": "med-icd10", "sql": "world-sql"}
@@ -187,3 +188,66 @@ def test_seeds_and_items_are_resampled_together(tmp_path):
         ("lora", "3"),
     }
     assert len(rows) == 7 * n
+
+
+# -- the edges of a difference and of its verdicts -------------------------------------------------
+def _paired(low: float, high: float) -> PairedDifference:
+    return PairedDifference(n=10, mean=(low + high) / 2, se=1.0, low=low, high=high, level=0.95)
+
+
+def test_above_reads_the_interval_with_strict_ends():
+    d = lambda low, high: Difference("t", "a", "b", (low + high) / 2, _paired(low, high))  # noqa: E731
+    assert d(0.1, 2.0).above(0.0) is True
+    assert d(0.0, 2.0).above(0.0) is None  # touching the line from above is not above it
+    assert d(-2.0, 0.0).above(0.0) is False  # at or below: the whole interval <= the line
+    assert d(-2.0, 0.1).above(0.0) is None
+    assert Difference("t", "a", "b", 0.0).above(0.0) is False  # unpaired: the value itself
+    assert Difference("t", "a", "b", 0.1).above(0.0) is True
+    assert Difference("t", "a", "b", None).above(0.0) is None
+
+
+def test_winner_and_magnitude_at_their_edges():
+    def w(low, high):
+        return _winner(Difference("t", "fft", "lora", (low + high) / 2, _paired(low, high)))
+
+    assert w(0.1, 3.0) == "FFT" and w(-3.0, -0.1) == "LoRA"
+    assert w(-1.0, 1.4) == "LoRA matches" and w(-1.0, 1.5) == "not resolved"
+    assert w(-3.0, 0.0) == "LoRA matches"  # high == 0 is not below 0
+    assert _winner(Difference("t", "fft", "lora", -0.5)) == "LoRA"
+    assert _winner(Difference("t", "fft", "lora", 0.0)) == "not resolved"
+    assert _winner(Difference("t", "fft", "lora", None)) == "n/a"
+
+    def m(low, high):
+        return _magnitude(Difference("t", "e", "a", (low + high) / 2, _paired(low, high)), 9.0)
+
+    assert m(1.0, 8.9) == "below" and m(9.1, 12.0) == "above" and m(1.0, 9.0) == "consistent"
+    assert m(9.0, 12.0) == "consistent"
+    assert _magnitude(Difference("t", "e", "a", 9.5), 9.0) == "above"
+    assert _magnitude(Difference("t", "e", "a", 9.0), 9.0) == "below"
+    assert _magnitude(Difference("t", "e", "a", 5.0), None) == "n/a"
+
+
+def test_a_difference_without_per_item_scores_is_the_scores_difference(tmp_path):
+    for m, scores in (("fft", [1.0, 1.0, 0.0, 0.0]), ("lora", [1.0, 0.0, 0.0, 0.0])):
+        _cell(tmp_path, "fact-geo", m, scores, before=0.0)
+    for items in (tmp_path / "cells").rglob("test_items.json"):
+        items.unlink()
+    res = load_results(tmp_path, ["fact-geo"], ["fft", "lora"])
+    d = difference(res, "fact-geo", "fft", "lora")
+    assert (d.task, d.a, d.b, d.paired) == ("fact-geo", "fft", "lora", None)
+    assert (d.score_a, d.score_b, d.value) == (50.0, 25.0, 25.0)
+    missing = difference(res, "fact-geo", None, "lora")
+    assert (missing.task, missing.a, missing.b, missing.value) == ("fact-geo", "?", "lora", None)
+    assert difference(res, "fact-geo", "fft", "molf").value is None  # molf has no cell
+
+
+def test_a_paired_difference_is_repeatable_and_needs_two_items(tmp_path):
+    _cell(tmp_path, "fact-geo", "fft", [1.0, 0.0], before=0.0)
+    _cell(tmp_path, "fact-geo", "lora", [0.0, 0.0], before=0.0)
+    res = load_results(tmp_path, ["fact-geo"], ["fft", "lora"])
+    d = difference(res, "fact-geo", "fft", "lora")
+    assert d.paired is not None and d.paired.n == 2  # two items are enough to pair
+    from molf.experiments.stats import paired_difference_seeds
+
+    assert d.paired == paired_difference_seeds([[100.0, 0.0]], [[0.0, 0.0]], seed=0)
+    assert difference(res, "fact-geo", "fft", "lora") == d
