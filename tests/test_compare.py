@@ -556,3 +556,35 @@ def test_a_cell_killed_next_to_others_runs_again_alone(tmp_path, monkeypatch, ca
     assert "killed by signal 9" in (cells[3].directory / "FAILED").read_text()
     assert not (cells[1].directory / "FAILED").exists()
     assert not any((c.directory / "RUNNING").exists() for c in cells)
+
+
+def test_an_interrupted_grid_resumes_its_cell_from_the_checkpoint(tmp_path):
+    """SIGTERM to `molf compare` while a cell trains in its own process: the cell writes a
+    checkpoint and stops, and the next invocation of the same command resumes that cell from it
+    (the reliability page's promise)."""
+    import subprocess
+    import sys
+    import time
+
+    from tests.runs import child_env
+
+    out = tmp_path / "grid"
+    cmd = [sys.executable, "-m", "molf.cli", "compare", "--budget", "smoke", "--tasks", "fact-geo"]
+    cmd += ["--methods", "lora", "--lr-grid", "off", "--seeds", "1", "--jobs", "1"]
+    cmd += ["--output-dir", str(out), "max_steps=40", "n_train=40"]
+    proc = subprocess.Popen(cmd, env=child_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    metrics = out / "cells" / "fact-geo" / "lora" / "lr-1e-3" / "metrics.jsonl"
+    t0 = time.time()
+    while time.time() - t0 < 240 and proc.poll() is None:
+        if metrics.exists() and metrics.read_text().count("\n") >= 3:
+            break
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    proc.communicate(timeout=240)
+    cell = metrics.parent
+    assert not (cell / "summary.json").exists()
+    assert list((cell / "checkpoints").glob("step-*")), "no checkpoint after SIGTERM"
+    again = subprocess.run(cmd, env=child_env(), capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, again.stdout[-2000:] + again.stderr[-2000:]
+    assert (cell / "summary.json").exists()
+    assert "resumed from" in (cell / "log.txt").read_text()
