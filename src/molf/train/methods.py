@@ -274,15 +274,17 @@ def _adalora_model(model: nn.Module, cfg: TrainConfig, total_steps: int) -> nn.M
     return _peft_model(model, AdaLoraConfig(**options))
 
 
-def _molf_model(model: nn.Module, cfg: TrainConfig, total_steps: int) -> nn.Module:
-    config = molf.MoLFConfig(
+def _molf_model(model: nn.Module, cfg: TrainConfig, total_steps: int, **config: Any) -> nn.Module:
+    """MoLF's layer on every target: an FFT expert and one LoRA expert of `lora_rank` (`config`:
+    other MoLFConfig fields, for the ablations)."""
+    settings = dict(
         lora_ranks=(cfg.lora_rank,),
         lora_alphas=(cfg.lora_alpha,),
         lora_dropout=cfg.lora_dropout,
         use_rslora=cfg.use_rslora,
         target_modules=cfg.target_modules,
     )
-    return molf.wrap(model, config)
+    return molf.wrap(model, molf.MoLFConfig(**(settings | config)))
 
 
 def _hybrid_model(model: nn.Module, cfg: TrainConfig, total_steps: int) -> nn.Module:
@@ -315,16 +317,7 @@ def _lora_other_model(model: nn.Module, cfg: TrainConfig, total_steps: int) -> n
     """A LoRA expert in every target layer, base weights frozen, and the parameters outside them
     (embeddings, norms, a tied head) trained as MoLF trains them: the ablation that separates
     what MoLF gains over plain LoRA from those parameters from what it gains from routing."""
-    config = molf.MoLFConfig(
-        lora_ranks=(cfg.lora_rank,),
-        lora_alphas=(cfg.lora_alpha,),
-        lora_dropout=cfg.lora_dropout,
-        use_rslora=cfg.use_rslora,
-        target_modules=cfg.target_modules,
-        train_base=False,
-        freeze_non_wrapped=False,
-    )
-    return molf.wrap(model, config)
+    return _molf_model(model, cfg, total_steps, train_base=False, freeze_non_wrapped=False)
 
 
 def molf_e_alphas(cfg: TrainConfig) -> tuple[float, ...]:
@@ -364,9 +357,9 @@ def _adamw(lr_key: str, decay_key: str) -> Callable[[nn.Module, TrainConfig], to
     return build
 
 
-def _molf_adamw(model: nn.Module, cfg: TrainConfig) -> molf.MoLFAdamW:
-    return molf.MoLFAdamW(
-        model,
+def _molf_adamw(model: nn.Module, cfg: TrainConfig, **overrides: Any) -> molf.MoLFAdamW:
+    """MoLFAdamW at the config's settings (`overrides` replace some of them)."""
+    settings = dict(
         lr_fft=cfg.lr_fft,
         lr_lora=cfg.lr_lora,
         weight_decay_fft=cfg.weight_decay_fft,
@@ -378,25 +371,14 @@ def _molf_adamw(model: nn.Module, cfg: TrainConfig) -> molf.MoLFAdamW:
         decay_bias=cfg.decay_bias,
         top_k=cfg.top_k,
     )
+    return molf.MoLFAdamW(model, **(settings | overrides))
 
 
 def _lora_other_adamw(model: nn.Module, cfg: TrainConfig) -> molf.MoLFAdamW:
     """MoLFAdamW with the parameters outside the LoRA experts at MoLF's settings for them: the
     FFT learning rate and weight decay (MoLF's `lr_other` default), not the LoRA ones."""
-    return molf.MoLFAdamW(
-        model,
-        lr_fft=cfg.lr_fft,
-        lr_lora=cfg.lr_lora,
-        weight_decay_fft=cfg.weight_decay_fft,
-        weight_decay_lora=cfg.weight_decay_lora,
-        lr_other=cfg.lr_fft,
-        weight_decay_other=cfg.weight_decay_fft,
-        betas=tuple(cfg.betas),
-        eps=cfg.eps,
-        score=cfg.score,
-        score_eps=cfg.score_eps,
-        decay_bias=cfg.decay_bias,
-        top_k=1,
+    return _molf_adamw(
+        model, cfg, lr_other=cfg.lr_fft, weight_decay_other=cfg.weight_decay_fft, top_k=1
     )
 
 
@@ -499,7 +481,7 @@ register(
         claim_roles=("adaptive",),
     )
 )
-register(
+MOLF = register(
     Method(
         name="molf",
         label="MoLF",
@@ -514,31 +496,27 @@ register(
     )
 )
 # Ablations of MoLF (no part in the paper's claims): the routing frozen into a split by module
-# type, and LoRA with the parameters MoLF trains outside the wrapped layers.
+# type, and LoRA with the parameters MoLF trains outside the wrapped layers; MoLF's learning rates.
 register(
-    Method(
+    dataclasses.replace(
+        MOLF,
         name="hybrid",
         label="Fixed hybrid",
-        lr_keys=("lr_fft", "lr_lora"),
         build_model=_hybrid_model,
-        build_optimizer=_molf_adamw,
-        merge=molf.merge_and_unload,
-        lr_grids={"smoke": (1e-3,), "small": (1e-4, 5e-5), "paper": (5e-5,)},
-        n_experts=lambda cfg: 2,
         routing="fixed by module type (hybrid_fft_types to FFT)",
+        claim_roles=(),
     )
 )
 register(
-    Method(
+    dataclasses.replace(
+        MOLF,
         name="lora-other",
         label="LoRA + embeddings/norms",
-        lr_keys=("lr_fft", "lr_lora"),
         build_model=_lora_other_model,
         build_optimizer=_lora_other_adamw,
-        merge=molf.merge_and_unload,
-        lr_grids={"smoke": (1e-3,), "small": (1e-4, 5e-5), "paper": (5e-5,)},
         n_experts=lambda cfg: 1,
         routing="none (one LoRA expert)",
+        claim_roles=(),
     )
 )
 MOLF_E = register(
