@@ -122,3 +122,20 @@ def test_records_from_a_device_complete_later_without_blocking():
     assert reads.blocking == [] and len(reads.non_blocking) == 6
     assert [r["step"] for r in log.records] == [1, 2]
     assert log.records[0]["scores"].dtype == torch.float32
+
+
+def test_a_streaming_log_answers_totals_and_refuses_per_step_queries(tmp_path):
+    import molf
+
+    log = RoutingLog(["a", "b"], ["fft", "lora"])
+    log.stream_to(tmp_path / "routing.jsonl")
+    for step in range(3):
+        winners = torch.tensor([[True, False], [False, True]])
+        log.append(step, winners, torch.zeros(2, 2), torch.ones(2, dtype=torch.bool))
+    assert log.overall_shares() == {"fft": 0.5, "lora": 0.5}  # the whole run, from the totals
+    for query in (log.winner_indices, log.share_over_steps, lambda: log.overall_shares(2)):
+        with pytest.raises(molf.MoLFError, match="streams its records to a file"):
+            query()
+    log.close()
+    kept = RoutingLog.read_jsonl(tmp_path / "routing.jsonl")
+    assert kept.overall_shares(2) == {"fft": 0.5, "lora": 0.5} and len(kept.share_over_steps()) == 3

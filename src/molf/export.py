@@ -112,14 +112,15 @@ def export_peft_lora(
     out_dir: str | os.PathLike,
     base_model_name_or_path: str | None = None,
 ) -> Path:
-    """Write the LoRA experts of a MoLF-E model as one standard PEFT LoRA adapter.
+    """Write the LoRA experts of a frozen-base (MoLF-E) model as one standard PEFT LoRA adapter.
 
     Experts concatenate exactly into rank R = sum r_i: A = [A_1; A_2], B = [s_1 B_1, s_2 B_2],
     lora_alpha = R (scale 1). The adapter holds float32 weights; `peft.PeftModel.from_pretrained`
     and vLLM load it as plain LoRA, also on a quantized (bitsandbytes) copy of the base.
     `base_model_name_or_path` defaults to the model's `config.name_or_path`: give a hub id or a
-    local directory, so that `AutoPeftModelForCausalLM.from_pretrained(out_dir)` finds the base. Refuses a model whose base weights were trainable (MoLF with
-    an FFT expert, or unfrozen embeddings/norms): an adapter cannot carry those changes.
+    local directory, so that `AutoPeftModelForCausalLM.from_pretrained(out_dir)` finds the base.
+    Refuses a model that trains anything outside its LoRA experts (MoLF's FFT expert, unfrozen
+    embeddings or norms), naming it: an adapter cannot carry those changes.
     """
     wrapped = molf_modules(model)
     if not wrapped:
@@ -128,8 +129,10 @@ def export_peft_lora(
     trained = [n for n, p in model.named_parameters() if p.requires_grad and id(p) not in lora_ids]
     if trained:
         raise MolfError(
-            f"export_peft_lora: base weights were trainable ({trained[0]} and {len(trained) - 1} more); "
-            "a LoRA adapter cannot carry them. Use molf.merge_and_unload for MoLF/FFT models."
+            "export_peft_lora is for frozen-base models (MoLF-E: train_base=False with "
+            f"embeddings and norms frozen), but {trained[0]} (and {len(trained) - 1} more) "
+            "trained, which a LoRA adapter cannot carry: use molf.merge_and_unload (or "
+            "molf.save_pretrained) for MoLF and other models that train base weights"
         )
     ranks = {sum(m.ranks) for m in wrapped.values()}
     if len(ranks) != 1:

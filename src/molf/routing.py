@@ -204,8 +204,19 @@ class RoutingLog:
             self._file.close()
             self._file = None
 
+    def _require_records(self, what: str) -> None:
+        """Refuse a per-record query on a streaming log, which keeps only running totals."""
+        if self.streaming:
+            raise MolfError(
+                f"RoutingLog.{what}: this log streams its records to a file (stream_to) and keeps "
+                "only running totals in memory; read the file with RoutingLog.read_jsonl(path) "
+                "for per-step queries"
+            )
+
     def winner_indices(self) -> torch.Tensor:
-        """[steps, modules] int64 index of the (first) winner, -1 where a module was inactive."""
+        """[steps, modules] int64 index of the (first) winner, -1 where a module was inactive.
+        A streaming log refuses (MoLFError): its records are in its file."""
+        self._require_records("winner_indices")
         if not self.records:
             return torch.empty(0, len(self.module_names), dtype=torch.int64)
         rows = []
@@ -288,11 +299,16 @@ class RoutingLog:
 
     def overall_shares(self, start: int = 0) -> dict[str, float]:
         """Share of module-steps won by each expert over `records[start:]` (e.g. since the last
-        time a caller logged them); with top-k > 1 the shares sum to k."""
+        time a caller logged them); with top-k > 1 the shares sum to k. A streaming log answers
+        for the whole run only (start 0) and refuses a later start."""
+        if start:
+            self._require_records(f"overall_shares(start={start})")
         return self._shares(range(len(self.module_names)), slice(start, None))
 
     def share_over_steps(self, expert: int = 0) -> list[tuple[int, float]]:
-        """(step, share of active modules where `expert` won) for every step."""
+        """(step, share of active modules where `expert` won) for every step (a streaming log
+        refuses: its records are in its file)."""
+        self._require_records("share_over_steps")
         out = []
         for r in self.records:
             act = r["active"]
