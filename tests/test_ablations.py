@@ -78,3 +78,10 @@ def test_both_run_in_molf_compare(tmp_path):
     )
     results = (tmp_path / "g" / "results.md").read_text()
     assert "| Fixed hybrid |" in results and "| LoRA + embeddings/norms |" in results
+
+
+def test_molf_pfn_is_molf_routed_by_pfn():
+    cfg, model, opt = _built("molf-pfn")
+    assert cfg.score == "pfn" and opt.score_fn.name == "pfn"
+    with pytest.raises(molf.MoLFError, match="score"):
+        load_config(None, ["method=molf-pfn", "score=epd"])  # the method stands for PFN

@@ -495,6 +495,17 @@ MOLF = register(
         claim_roles=("mixture",),
     )
 )
+# MoLF routed by the paper's other score, PFN, beside EPD in one grid.
+register(
+    dataclasses.replace(
+        MOLF,
+        name="molf-pfn",
+        label="MoLF (PFN)",
+        routing="FFT expert vs LoRA expert, by the PFN score",
+        implies={"score": "pfn"},
+        claim_roles=(),
+    )
+)
 # Ablations of MoLF (no part in the paper's claims): the routing frozen into a split by module
 # type, and LoRA with the parameters MoLF trains outside the wrapped layers; MoLF's learning rates.
 register(
