@@ -20,6 +20,29 @@ def lora_scale(alpha: float, rank: int, use_rslora: bool = True) -> float:
     return alpha / (math.sqrt(rank) if use_rslora else rank)
 
 
+# -- checks shared by the core (MoLFConfig, MoLFAdamW) and the application's config keys ----------
+# `name` is how the caller names the value: "MoLFConfig.lora_dropout", "lr_fft", "config key 'betas'".
+def check_rate(value: float, name: str) -> None:
+    """A learning rate, weight decay or eps: a finite number >= 0."""
+    if isinstance(value, bool) or not (
+        isinstance(value, (int, float)) and math.isfinite(value) and value >= 0
+    ):
+        raise MolfError(f"{name}: must be a finite number >= 0, got {value}")
+
+
+def check_dropout(value: float, name: str) -> None:
+    """A dropout probability, in [0, 1)."""
+    if not (isinstance(value, (int, float)) and 0.0 <= value < 1.0):
+        raise MolfError(f"{name}: must be in [0, 1), got {value}")
+
+
+def check_betas(betas: Sequence[float], name: str) -> None:
+    """Adam's betas: two numbers in [0, 1)."""
+    values = list(betas)
+    if len(values) != 2 or not all(isinstance(b, (int, float)) and 0.0 <= b < 1.0 for b in values):
+        raise MolfError(f"{name}: two numbers in [0, 1), got {values}")
+
+
 def check_alpha(alpha: float, name: str) -> None:
     """Refuse an alpha that is not a finite number > 0 (a 0 scale trains nothing), naming it."""
     if not (isinstance(alpha, (int, float)) and math.isfinite(alpha) and alpha > 0):
@@ -120,8 +143,7 @@ class MoLFConfig:
             )
         for a in self.lora_alphas:
             check_alpha(a, "MoLFConfig.lora_alphas")
-        if not 0.0 <= self.lora_dropout < 1.0:
-            raise MolfError(f"MoLFConfig.lora_dropout: must be in [0, 1), got {self.lora_dropout}")
+        check_dropout(self.lora_dropout, "MoLFConfig.lora_dropout")
         if not self.train_base and not self.lora_ranks:
             raise MolfError(
                 "MoLFConfig.train_base: False needs at least one LoRA expert (lora_ranks is empty)"

@@ -18,7 +18,6 @@ C++ kernels on CPU, "eager" torch ops on any device; see docs/performance.md). T
 
 from __future__ import annotations
 
-import math
 import os
 import warnings
 from collections.abc import Callable, Sequence
@@ -27,6 +26,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from molf.config import check_betas, check_rate
 from molf.errors import MolfError
 from molf.layer import molf_modules
 from molf.optim.backends import StepSettings, choose_backend
@@ -356,10 +356,8 @@ def _check_settings(
     if moments_dtype not in ("float32", "param"):
         raise MolfError(f"moments_dtype: must be 'float32' or 'param', got {moments_dtype!r}")
     for field, value in rates:
-        if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
-            raise MolfError(f"{field}: must be a finite number >= 0, got {value}")
-    if not all(0.0 <= b < 1.0 for b in betas):
-        raise MolfError(f"betas: each must be in [0, 1), got {betas}")
+        check_rate(value, field)
+    check_betas(betas, "betas")
 
 
 def _param_groups(

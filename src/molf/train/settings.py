@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from molf.config import DEFAULT_LORA_ALPHA, check_alpha
+from molf.config import DEFAULT_LORA_ALPHA, check_alpha, check_betas, check_dropout, check_rate
 from molf.errors import MolfError
 from molf.tasks.rows import FILE_SUFFIXES
 
@@ -234,9 +234,7 @@ class TrainConfig:
             "score_eps",
             "save_every_minutes",
         ):
-            value = getattr(self, key)
-            if not math.isfinite(value) or value < 0:
-                raise MolfError(f"config key '{key}': must be a finite number >= 0, got {value}")
+            check_rate(getattr(self, key), f"config key '{key}'")
         if not self.score_eps > 0:
             raise MolfError(
                 f"config key 'score_eps': must be > 0 (it keeps the score finite where a moment "
@@ -246,12 +244,8 @@ class TrainConfig:
             raise MolfError(
                 f"config key 'warmup_ratio': must be in [0, 1), got {self.warmup_ratio}"
             )
-        if not 0 <= self.lora_dropout < 1:
-            raise MolfError(
-                f"config key 'lora_dropout': must be in [0, 1), got {self.lora_dropout}"
-            )
-        if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
-            raise MolfError(f"config key 'betas': two numbers in [0, 1), got {list(self.betas)}")
+        check_dropout(self.lora_dropout, "config key 'lora_dropout'")
+        check_betas(self.betas, "config key 'betas'")
         check_alpha(self.lora_alpha, "config key 'lora_alpha'")
         if self.molf_e_alphas is not None:
             if len(self.molf_e_alphas) != len(self.molf_e_ranks):
