@@ -54,6 +54,18 @@ def test_the_rank_page_s_figures_are_the_rank_8_run_s():
     assert molf_fft == "-17.2 [-25.0, -9.9]"
     assert "+10.9 points, [+3.1, +19.3]" in page and "17.2 points, [-25.0, -9.9]" in page
     assert "| fact-geo | 76 | 0.0% |" in report and "0.0% of its module updates" in page
+    for method, score in (("Fixed hybrid", "79.4"), ("LoRA + embeddings/norms", "66.1")):
+        assert f"| {method} | {score} |" in report and f"| {score} |" in page
+    for a, b, shown in (
+        ("molf", "lora-other", "+0.3 [+0.0, +1.6]"),
+        ("hybrid", "molf", "+13.0 [+5.7, +20.8]"),
+        ("hybrid", "lora", "+6.8 [+1.6, +12.5]"),
+        ("hybrid", "fft", "-4.2 [-10.9, +2.1]"),
+        ("lora-other", "lora", "-6.5 [-15.9, +2.6]"),
+    ):
+        assert _difference("results-rank8", "fact-geo", a, b) == shown, (a, b)
+        value, interval = shown.split(" ", 1)
+        assert f"{value.lstrip('+')} {interval}" in page or f"{value} {interval}" in page
 
 
 def test_every_interval_on_the_answer_page_is_in_a_committed_report():
