@@ -62,12 +62,12 @@ results: setup
 		$(COMPARE_OUT)/items.csv $(COMPARE_OUT)/report.md $(COMPARE_OUT)/grid.json \
 		$(COMPARE_OUT)/*.png docs/results/
 
-# The rank mechanism: FFT, LoRA and MoLF (and its ablations) on fact-geo with LoRA rank 8 for the
+# The rank mechanism: FFT, LoRA and MoLF (EPD and PFN, and its ablations) on fact-geo with LoRA rank 8 for the
 # baseline and MoLF's expert alike, copied into docs/results-rank8/ (how it was run: its README).
 RANK8_OUT := runs/rank8
 results-rank8: setup
-	$(BIN)/molf compare --model smollm2-135m --tasks fact-geo --methods fft,lora,molf,hybrid,lora-other \
-		--budget small --seed-methods fft,lora,molf,hybrid,lora-other --jobs 1 --threads 1 \
+	$(BIN)/molf compare --model smollm2-135m --tasks fact-geo --methods fft,lora,molf,hybrid,lora-other,molf-pfn \
+		--budget small --seed-methods fft,lora,molf,hybrid,lora-other,molf-pfn --jobs 1 --threads 1 \
 		--output-dir $(RANK8_OUT) lora_rank=8
 	mkdir -p docs/results-rank8
 	cp $(RANK8_OUT)/results.csv $(RANK8_OUT)/results.md $(RANK8_OUT)/cells.csv $(RANK8_OUT)/items.csv \

@@ -54,7 +54,12 @@ def test_the_rank_page_s_figures_are_the_rank_8_run_s():
     assert molf_fft == "-17.2 [-25.0, -9.9]"
     assert "+10.9 points, [+3.1, +19.3]" in page and "17.2 points, [-25.0, -9.9]" in page
     assert "| fact-geo | 76 | 0.0% |" in report and "0.0% of its module updates" in page
-    for method, score in (("Fixed hybrid", "79.4"), ("LoRA + embeddings/norms", "66.1")):
+    assert "| fact-geo | 76 | 99.9% |" in report and "99.9% of its module updates" in page
+    for method, score in (
+        ("Fixed hybrid", "79.4"),
+        ("LoRA + embeddings/norms", "66.1"),
+        ("MoLF (PFN)", "83.6"),
+    ):
         assert f"| {method} | {score} |" in report and f"| {score} |" in page
     for a, b, shown in (
         ("molf", "lora-other", "+0.3 [+0.0, +1.6]"),
@@ -62,6 +67,8 @@ def test_the_rank_page_s_figures_are_the_rank_8_run_s():
         ("hybrid", "lora", "+6.8 [+1.6, +12.5]"),
         ("hybrid", "fft", "-4.2 [-10.9, +2.1]"),
         ("lora-other", "lora", "-6.5 [-15.9, +2.6]"),
+        ("molf-pfn", "fft", "+0.0 [+0.0, +0.0]"),
+        ("molf-pfn", "molf", "+17.2 [+9.9, +25.0]"),
     ):
         assert _difference("results-rank8", "fact-geo", a, b) == shown, (a, b)
         value, interval = shown.split(" ", 1)
