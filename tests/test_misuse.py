@@ -7,10 +7,10 @@ import warnings
 
 import pytest
 import torch
-from transformers import Trainer, TrainingArguments
+from transformers import Trainer
 
 import molf
-from tests.conftest import VOCAB, tiny_causal_lm
+from tests.test_integrations import arguments, dataset, wrapped
 
 
 def _wrapped(**config) -> torch.nn.Module:
@@ -55,22 +55,9 @@ def test_molf_adamw_and_unwrapped_models_do_not_warn():
 
 
 def test_a_trainer_without_use_molf_warns(tmp_path):
-    torch.manual_seed(0)
-    model = molf.wrap(tiny_causal_lm("llama"), molf.MoLFConfig(lora_ranks=(8,)))
-    g = torch.Generator().manual_seed(0)
-    ids = torch.randint(0, VOCAB, (8, 12), generator=g)
-    data = [{"input_ids": x, "labels": x} for x in ids]
-    args = TrainingArguments(
-        output_dir=str(tmp_path),
-        use_cpu=True,
-        report_to=[],
-        disable_tqdm=True,
-        max_steps=2,
-        per_device_train_batch_size=4,
-        save_strategy="no",
-    )
+    args = arguments(tmp_path, max_steps=2, save_strategy="no")
     with pytest.warns(molf.MoLFWarning, match="use_molf"):
-        Trainer(model=model, args=args, train_dataset=data).train()
+        Trainer(model=wrapped(), args=args, train_dataset=dataset(8)).train()
 
 
 def test_molf_adamw_given_parameters_says_to_pass_the_model():

@@ -6,13 +6,13 @@ compute. Nothing of the run changes: the gradients are dropped and the RNG state
 from __future__ import annotations
 
 import sys
+from collections.abc import Iterable
 
 import torch
 
 from molf.errors import MoLFError
 from molf.forecast import RoutingForecast, forecast_routing
 from molf.layer import molf_modules
-from molf.train.data import collate
 from molf.train.prepare import Setup, routed_optimizer
 
 __all__ = ["forecast_first_step", "warn_if_one_sided"]
@@ -28,23 +28,22 @@ def _applies(s: Setup) -> bool:
     return first.train_base and len(first.ranks) == 1 and s.cfg.score == "epd" and s.cfg.top_k == 1
 
 
-def forecast_first_step(s: Setup) -> RoutingForecast | None:
-    """The step-1 routing forecast of the run `s` from its first optimizer step's batches (None
-    when the guard does not apply). One forward and backward pass, in eval mode (LoRA dropout
-    acts on a path that is still zero), under a forked RNG; the gradients are then dropped."""
+def forecast_first_step(
+    s: Setup, batches: Iterable[dict[str, torch.Tensor]]
+) -> RoutingForecast | None:
+    """The step-1 routing forecast of the run `s` from `batches`, its first optimizer step's
+    micro-batches as the loop builds them (None when the guard does not apply). One forward and
+    backward pass, in eval mode (LoRA dropout acts on a path that is still zero), under a forked
+    RNG; the gradients are then dropped."""
     if not _applies(s):
         return None
-    model, pad = s.model, s.tokenizer.pad_token_id or 0
+    model = s.model
     was_training = model.training
     try:
         with torch.random.fork_rng(devices=[]):
             model.eval()
-            for idx in s.order.micro_batches(0):
-                pos = None if s.data.position_ids is None else [s.data.position_ids[i] for i in idx]
-                batch = collate(
-                    [s.data.input_ids[i] for i in idx], [s.data.labels[i] for i in idx], pad, pos
-                )
-                model(**{k: v.to(s.device) for k, v in batch.items()}).loss.backward()
+            for batch in batches:
+                model(**batch).loss.backward()
             return forecast_routing(model, s.cfg.lr_fft, s.cfg.lr_lora)
     except MoLFError:
         return None
@@ -54,9 +53,11 @@ def forecast_first_step(s: Setup) -> RoutingForecast | None:
         model.train(was_training)
 
 
-def warn_if_one_sided(s: Setup) -> RoutingForecast | None:
+def warn_if_one_sided(
+    s: Setup, batches: Iterable[dict[str, torch.Tensor]]
+) -> RoutingForecast | None:
     """Forecast the run's step-1 routing and print a warning when it is one-sided."""
-    forecast = forecast_first_step(s)
+    forecast = forecast_first_step(s, batches)
     message = None if forecast is None else forecast.message()
     if message and s.dist.is_main:
         print(f"molf: {message} (routing_forecast=false skips this check)", file=sys.stderr)

@@ -125,6 +125,11 @@ class _SignalFlag:
             signal.signal(sig, old)
 
 
+def _pad_id(s: Setup) -> int:
+    """The token padding fills micro-batches with (0 for a tokenizer without one)."""
+    return s.tokenizer.pad_token_id if s.tokenizer.pad_token_id is not None else 0
+
+
 def _micro_batch(s: Setup, idx: list[int], pad: int) -> dict[str, torch.Tensor]:
     """The tensors of training rows `idx` (packed rows keep each example's positions)."""
     pos = None if s.data.position_ids is None else [s.data.position_ids[i] for i in idx]
@@ -269,7 +274,7 @@ def train_loop(s: Setup, start_step: int, logger: MetricLogger) -> dict[str, Any
     """Run optimizer steps start_step..total_steps-1; returns loop statistics."""
     cfg, model, opt, ctx = s.cfg, s.model, s.optimizer, s.dist
     params = [p for p in model.parameters() if p.requires_grad]
-    pad = s.tokenizer.pad_token_id if s.tokenizer.pad_token_id is not None else 0
+    pad = _pad_id(s)
     stats: dict[str, Any] = {
         "skipped_steps": 0,
         "tokens": 0,
@@ -563,7 +568,8 @@ def _run(cfg: TrainConfig, resume: str, overwrite: bool, ctx: DistContext) -> di
     run_dir = cfg.run_dir
     start, keep_lines = _start(s, resume, overwrite)
     if start == 0 and cfg.routing_forecast:
-        warn_if_one_sided(s)
+        pad = _pad_id(s)
+        warn_if_one_sided(s, (_micro_batch(s, idx, pad) for idx in s.order.micro_batches(0)))
     routed = routed_optimizer(s.optimizer)
     logger = MetricLogger(cfg, keep_lines) if ctx.is_main else NoLogger(keep_lines)
     try:
