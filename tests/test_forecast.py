@@ -37,6 +37,28 @@ def test_the_forecast_is_the_optimizer_s_first_step(alpha):
         assert bool(record["winners"][i, 0]) == (forecast.ratios[name] <= 1), name
 
 
+@pytest.mark.parametrize(("alpha", "rank", "lr_lora"), [(4, 128, 5e-5), (64, 8, 5e-4)])
+def test_the_pfn_forecast_is_the_optimizer_s_first_step_at_any_setting(alpha, rank, lr_lora):
+    """PFN's step-1 ratio is sqrt(out / (in + out)) per module, measured on the optimizer's own
+    scores, whatever alpha, rank and learning rates; so every module goes to FFT, and the guard
+    says so naming PFN as the reason."""
+    model = _wrapped_after_backward(alpha, rank)
+    forecast = molf.forecast_routing(model, 5e-5, lr_lora, score="pfn")
+    opt = molf.MoLFAdamW(model, lr_fft=5e-5, lr_lora=lr_lora, score="pfn")
+    opt.step()
+    record = opt.routing_log.last()
+    modules = molf.layer.molf_modules(model)
+    for i, name in enumerate(opt.routing_log.module_names):
+        measured = float(record["scores"][i, 1] / record["scores"][i, 0])
+        m = modules[name]
+        limit = (m.out_features / (m.in_features + m.out_features)) ** 0.5
+        assert measured == pytest.approx(forecast.ratios[name], rel=1e-4), name
+        # near the large-gradient limit of docs/method.md (eps moves it where gradients are small)
+        assert measured == pytest.approx(limit, rel=0.1)
+        assert bool(record["winners"][i, 0])
+    assert forecast.one_sided() == "fft" and "the PFN score sends 100%" in forecast.message()
+
+
 def test_the_forecast_names_one_sided_settings_and_only_those():
     lora_side = molf.forecast_routing(_wrapped_after_backward(32, rank=8), 5e-5, 5e-5)
     assert lora_side.fft_share == 0 and lora_side.one_sided() == "lora"
@@ -83,6 +105,7 @@ def test_molf_train_warns_before_training_at_a_one_sided_setting(tmp_path, capsy
     assert "at this setting" not in _train(
         tmp_path / "off", capsys, lora_rank=8, routing_forecast=False
     )
+    assert "the PFN score sends" in _train(tmp_path / "pfn", capsys, lora_rank=128, score="pfn")
 
 
 def test_the_forecast_changes_nothing_in_the_run(tmp_path, capsys):

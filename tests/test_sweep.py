@@ -86,9 +86,10 @@ def test_smoke_sweep_end_to_end_and_resumable(tmp_path, capsys):
     out = tmp_path / "sweep"
     argv = ["routing-sweep", "--budget", "smoke", "--tasks", "fact-geo", "--alphas", "8,64"]
     argv += ["--lr-ratios", "1", "--seeds", "0", "--jobs", "0", "--output-dir", str(out)]
+    argv += ["--scores", "epd,pfn"]
     assert main(argv) == 0
     printed = capsys.readouterr().out
-    assert "6 of 6 cells finished" in printed
+    assert "8 of 8 cells finished" in printed
     md = (out / "sweep.md").read_text()
     assert "## Mean over seeds" in md and "## First step: the derivation" in md
     with (out / "sweep.csv").open() as f:
@@ -96,7 +97,14 @@ def test_smoke_sweep_end_to_end_and_resumable(tmp_path, capsys):
     assert set(rows) == {"fft", "lora", "molf-a8-r1", "molf-a64-r1"} | {
         "molf-e-equal-alpha",
         "molf-e-equal-scale",
+        "molf-pfn-a8-r1",
+        "molf-pfn-a64-r1",
     }
+    # PFN routes the first step to FFT at both alphas, as its derivation says
+    for alpha in ("8", "64"):
+        assert float(rows[f"molf-pfn-a{alpha}-r1"]["share_step1"]) == 1.0
+        assert rows[f"molf-pfn-a{alpha}-r1"]["score"] == "pfn"
+    assert "| PFN | 64 | 1 | 100% | 100% |" in (out / "first_step.md").read_text()
     # a larger alpha never routes more to FFT, and at 64 the LoRA expert takes everything
     assert float(rows["molf-a8-r1"]["share"]) >= float(rows["molf-a64-r1"]["share"])
     assert float(rows["molf-a64-r1"]["ratio_step1"]) > float(rows["molf-a8-r1"]["ratio_step1"])

@@ -182,6 +182,12 @@ def _sweep(args: argparse.Namespace) -> int:
     return run_sweep(args)
 
 
+def _planted(args: argparse.Namespace) -> int:
+    from molf.experiments.planted import run_planted
+
+    return run_planted(args)
+
+
 # The subcommands and their one-line help: all `molf --help` shows, without importing the
 # training stack (the full parser lists methods, tasks and budgets from their registries).
 HELP = {
@@ -190,6 +196,7 @@ HELP = {
     "compare": "run a grid of methods x tasks and write a results report",
     "routing-sweep": "what decides MoLF's routing: train MoLF over LoRA alphas and "
     "learning-rate ratios",
+    "planted": "make a synthetic teacher-student dataset with a known best expert per module",
 }
 
 
@@ -385,6 +392,9 @@ def _add_sweep(sub: Any, budgets: list[str]) -> None:
     w.add_argument("--alphas", default="8,16,32,64", help="MoLF's lora_alpha values")
     w.add_argument("--lr-ratios", default="1,5", help="lr_lora / lr_fft values (lr_fft 1e-4)")
     w.add_argument("--seeds", default="0,1", help="training seeds (the splits use seed 0)")
+    w.add_argument(
+        "--scores", default="epd", help="MoLF's routing scores to sweep, comma list (epd, pfn)"
+    )
     w.add_argument("--budget", default="small", choices=budgets)
     w.add_argument("--model", default=None, help="default: the budget's")
     w.add_argument("--output-dir", default=None, help="default: runs/routing-sweep-<budget>")
@@ -403,6 +413,43 @@ def _add_sweep(sub: Any, budgets: list[str]) -> None:
     w.set_defaults(func=_sweep)
 
 
+def _add_planted(sub: Any) -> None:
+    from molf.experiments.planted import CHANGES
+
+    p = sub.add_parser(
+        "planted",
+        help=HELP["planted"],
+        description="Make a teacher from --model by adding a change to every linear layer of its "
+        "decoder layers (full-rank or rank --rank per module type, each --strength x ||W|| in "
+        "Frobenius norm), let it continue ICD-10-CM descriptions, and write a dataset folder for "
+        "--task planted (or a --tasks entry of compare and routing-sweep). planted.json records "
+        "the change per module: the ground truth routing is scored against.",
+    )
+    p.add_argument("--model", default="smollm2-135m", help="the base model (train from it too)")
+    p.add_argument("--output-dir", required=True, help="a new folder")
+    p.add_argument(
+        "--change",
+        default="full",
+        choices=list(CHANGES),
+        help="full: every type full-rank; low: every type low-rank; mixed: q, gate, up full-rank "
+        "and k, v, o, down low-rank",
+    )
+    p.add_argument("--rank", type=int, default=4, help="rank of a low-rank change")
+    p.add_argument("--strength", type=float, default=0.3, help="||change|| / ||W|| per module")
+    p.add_argument("--n-train", type=int, default=256, help="training prompts")
+    p.add_argument("--n-val", type=int, default=32, help="validation prompts")
+    p.add_argument("--n-test", type=int, default=128, help="test prompts")
+    p.add_argument("--length", type=int, default=24, help="continuation tokens per prompt")
+    p.add_argument(
+        "--temperature",
+        type=float,
+        default=0.0,
+        help="sample the training continuations at this temperature (noisy labels); 0: greedy",
+    )
+    p.add_argument("--seed", type=int, default=0, help="the change and the prompts")
+    p.set_defaults(func=_planted)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The full parser: every subcommand with its options and the registries' choices."""
     from molf.experiments.grid import BUDGETS
@@ -416,6 +463,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_eval(sub)
     _add_compare(sub, methods.names(), tasks, list(BUDGETS))
     _add_sweep(sub, list(BUDGETS))
+    _add_planted(sub)
     return parser
 
 

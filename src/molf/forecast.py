@@ -14,6 +14,15 @@ with s the LoRA scale (alpha / sqrt(rank) under rsLoRA) and kappa = mean_o(||G_o
 ratio exceeds 1, and the step-1 split holds for the rest of a run within a few points (measured
 in docs/routing-sweep). `forecast_routing` reads G from the `.grad` a backward pass left on the
 wrapped model's FFT experts.
+
+PFN (`score="pfn"`) compares sqrt(mean over an expert's elements of (m / (sqrt(v) + eps))^2).
+At step 1 each element with a gradient contributes (1 - b1)^2 / (1 - b2) (while |g| is well
+above eps / sqrt(1 - b2)), whatever its size, and A contributes nothing, so
+
+    PFN_lora / PFN_fft = sqrt(numel(B) / (numel(A) + numel(B))) = sqrt(out / (in + out)) < 1
+
+for every module at any alpha, rank and learning rates: PFN's first step goes to the FFT
+expert everywhere, and a LoRA expert left at B = 0 keeps A's gradient at zero afterwards.
 """
 
 from __future__ import annotations
@@ -27,7 +36,14 @@ from torch import nn
 from molf.errors import MoLFError
 from molf.layer import base_layer_kind, molf_modules
 
-__all__ = ["GAUSS", "RoutingForecast", "forecast_routing", "gradient_kappa", "lora_over_fft"]
+__all__ = [
+    "GAUSS",
+    "RoutingForecast",
+    "forecast_routing",
+    "gradient_kappa",
+    "lora_over_fft",
+    "pfn_lora_over_fft",
+]
 
 # sqrt(2 / pi) / sqrt(3): E|a . x| for x uniform on +-1/sqrt(in) per unit row norm, times sqrt(in)
 GAUSS = math.sqrt(2.0 / math.pi) / math.sqrt(3.0)
@@ -49,6 +65,28 @@ def lora_over_fft(kappa: float, n_in: int, n_out: int, scale: float, lr_ratio: f
     return lr_ratio * scale * (n_out / (n_in + n_out)) * GAUSS * kappa
 
 
+def pfn_lora_over_fft(n_in: int, n_out: int) -> float:
+    """The step-1 PFN ratio LoRA / FFT of one module where every gradient is well above eps
+    (module docstring)."""
+    return math.sqrt(n_out / (n_in + n_out))
+
+
+def _pfn_step1(params: list[torch.Tensor], betas: tuple[float, float], eps: float) -> float:
+    """An expert's step-1 PFN from its parameters' gradients, eps included: with m = (1 - b1) g
+    and v = (1 - b2) g^2, sqrt(sum (m / (sqrt(v) + eps))^2 / numel); a parameter without a
+    gradient counts as zeros."""
+    total, numel = 0.0, 0
+    for p in params:
+        numel += p.numel()
+        if p.grad is None:
+            continue
+        g = p.grad.detach().double()
+        m = (1 - betas[0]) * g
+        v = (1 - betas[1]) * g * g
+        total += float((m / (v.sqrt() + eps)).pow(2).sum())
+    return math.sqrt(total / numel) if numel else math.nan
+
+
 @dataclass
 class RoutingForecast:
     """The predicted step-1 routing of a MoLF model: `ratios` (EPD_lora / EPD_fft per module;
@@ -60,6 +98,7 @@ class RoutingForecast:
     lr_fft: float
     lr_lora: float
     use_rslora: bool = True
+    score: str = "epd"
 
     @property
     def fft_share(self) -> float:
@@ -79,6 +118,15 @@ class RoutingForecast:
         side = self.one_sided()
         if side is None:
             return None
+        if self.score == "pfn":
+            return (
+                f"at this setting MoLF is an FFT at lr_fft {self.lr_fft:g}: the PFN score sends "
+                f"{100 * self.fft_share:.0f}% of the modules' first step to the FFT expert, "
+                "because it compares normalised step sizes, not their effect, and the LoRA "
+                "expert's A has no gradient while B = 0 (its score is sqrt(out / (in + out)) of "
+                "FFT's at any lora_alpha, rank and learning rates). score=epd routes by the "
+                "expected loss decrease instead"
+            )
         over = f"sqrt(rank {self.rank})" if self.use_rslora else f"rank {self.rank}"
         settings = (
             f"the LoRA scale is {self.scale:.3g} (lora_alpha / {over}) and lr_lora / lr_fft is "
@@ -101,8 +149,17 @@ class RoutingForecast:
         )
 
 
-def forecast_routing(model: nn.Module, lr_fft: float, lr_lora: float) -> RoutingForecast:
-    """Predict MoLF's step-1 routing (EPD score) from the gradients of one backward pass.
+def forecast_routing(
+    model: nn.Module,
+    lr_fft: float,
+    lr_lora: float,
+    score: str = "epd",
+    betas: tuple[float, float] = (0.9, 0.999),
+    score_eps: float = 1e-8,
+) -> RoutingForecast:
+    """Predict MoLF's step-1 routing (`score` "epd" or "pfn") from the gradients of one backward
+    pass. PFN's is computed from the experts' own gradients with the optimizer's `betas` and
+    `score_eps` (exact at step 1); EPD's from the FFT gradient by the formula above.
 
     Call it after `loss.backward()` on the first batch and before the first optimizer step (then
     `model.zero_grad()`); nothing is changed. The model must be MoLF: an FFT expert and one LoRA
@@ -117,6 +174,8 @@ def forecast_routing(model: nn.Module, lr_fft: float, lr_lora: float) -> Routing
             "forecast_routing: needs MoLF's two experts, FFT and one LoRA (train_base=True, one "
             f"rank); this model has {', '.join(first.expert_names)}"
         )
+    if score not in ("epd", "pfn"):
+        raise MoLFError(f"forecast_routing: score must be 'epd' or 'pfn', got {score!r}")
     if not (lr_fft > 0 and lr_lora >= 0):
         raise MoLFError(f"forecast_routing: lr_fft must be > 0, got {lr_fft}")
     for name, m in modules.items():
@@ -133,9 +192,15 @@ def forecast_routing(model: nn.Module, lr_fft: float, lr_lora: float) -> Routing
             )
         if base_layer_kind(m.base_layer).fan_in_fan_out:  # Conv1D keeps its weight [in, out]
             grad = grad.T
+        if score == "pfn":
+            fft = _pfn_step1(m.fft_expert(), betas, score_eps)
+            ratios[name] = _pfn_step1(m.lora_experts()[0], betas, score_eps) / fft
+            continue
         kappa = gradient_kappa(grad)
         ratios[name] = lora_over_fft(
             kappa, m.in_features, m.out_features, m.scalings[0], lr_lora / lr_fft
         )
     rslora = getattr(getattr(model, "molf_config", None), "use_rslora", True)
-    return RoutingForecast(ratios, first.ranks[0], first.scalings[0], lr_fft, lr_lora, rslora)
+    return RoutingForecast(
+        ratios, first.ranks[0], first.scalings[0], lr_fft, lr_lora, rslora, score
+    )

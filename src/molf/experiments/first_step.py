@@ -15,7 +15,7 @@ import torch
 from molf.config import lora_scale
 from molf.experiments.grid import Cell
 from molf.experiments.routing_stats import TYPE_ORDER, first_step_ratios, median
-from molf.forecast import GAUSS, gradient_kappa, lora_over_fft
+from molf.forecast import GAUSS, gradient_kappa, lora_over_fft, pfn_lora_over_fft
 from molf.layer import _is_target
 from molf.routing import RoutingLog, module_type
 
@@ -67,9 +67,11 @@ def kappa_medians(kappas: dict[str, tuple[float, int, int]]) -> dict[str, float]
 
 
 def predicted_ratios(
-    kappas: dict[str, tuple[float, int, int]], scale: float, lr_ratio: float
+    kappas: dict[str, tuple[float, int, int]], scale: float, lr_ratio: float, score: str = "epd"
 ) -> dict[str, float]:
-    """The predicted step-1 EPD ratio LoRA / FFT per module (module docstring)."""
+    """The predicted step-1 ratio LoRA / FFT of `score` (EPD or PFN) per module (`molf.forecast`)."""
+    if score == "pfn":
+        return {name: pfn_lora_over_fft(n_in, n_out) for name, (_, n_in, n_out) in kappas.items()}
     return {
         name: lora_over_fft(kappa, n_in, n_out, scale, lr_ratio)
         for name, (kappa, n_in, n_out) in kappas.items()
@@ -83,8 +85,8 @@ def derivation_check(cells: list[Cell], out: Path) -> list[str]:
     lines = [
         "Predicted: the formula of docs/method.md section 8 with kappa measured on the untrained "
         "model's first batch; measured: the step-1 scores in the cell's routing log. Ratio = "
-        "EPD(LoRA) / EPD(FFT), median over the modules of each type; share = modules routed to "
-        "FFT at step 1.",
+        "score(LoRA) / score(FFT) (EPD, or PFN for the PFN variants: sqrt(out / (in + out))), "
+        "median over the modules of each type; share = modules routed to FFT at step 1.",
         "",
     ]
     found = False
@@ -100,7 +102,7 @@ def derivation_check(cells: list[Cell], out: Path) -> list[str]:
             continue
         found = True
         kappas = module_kappas(molf_cells[0].config)
-        header = ["alpha", "lr ratio", "share pred.", "share meas."]
+        header = ["score", "alpha", "lr ratio", "share pred.", "share meas."]
         header += [f"{t} pred./meas." for t in TYPE_ORDER]
         lines += [f"### {task}", "", "| " + " | ".join(header) + " |"]
         lines.append("|" + " --- |" * len(header))
@@ -108,13 +110,13 @@ def derivation_check(cells: list[Cell], out: Path) -> list[str]:
         for cell in molf_cells:
             cfg = cell.config
             scale = lora_scale(cfg.lora_alpha, cfg.lora_rank, cfg.use_rslora)
-            pred = predicted_ratios(kappas, scale, cfg.lr_lora / cfg.lr_fft)
+            pred = predicted_ratios(kappas, scale, cfg.lr_lora / cfg.lr_fft, cfg.score)
             measured = first_step_ratios(RoutingLog.read_jsonl(cell.directory / "routing.jsonl"))
             common = [n for n in measured if n in pred]
             ratios_all += [measured[n] / pred[n] for n in common if pred[n] > 0]
             share_pred = sum(pred[n] <= 1 for n in common) / len(common)
             share_meas = sum(measured[n] <= 1 for n in common) / len(common)
-            row = [f"{cfg.lora_alpha:g}", f"{cfg.lr_lora / cfg.lr_fft:g}"]
+            row = [cfg.score.upper(), f"{cfg.lora_alpha:g}", f"{cfg.lr_lora / cfg.lr_fft:g}"]
             row += [f"{100 * share_pred:.0f}%", f"{100 * share_meas:.0f}%"]
             for t in TYPE_ORDER:
                 names = [n for n in common if module_type(n) == t]
@@ -149,14 +151,14 @@ def predict_routing(cells: list[Cell], out: Path) -> list[str]:
     per module type and the predicted step-1 FFT share at each (alpha, lr ratio) of the cells,
     without training. Since the step-1 routing holds for the rest of a run (docs/method.md
     section 8), this says before any training where MoLF's updates will go."""
-    points: dict[tuple[float, float], None] = {}
+    points: dict[tuple[str, float, float], None] = {}
     by_task: dict[str, Cell] = {}
     for c in cells:
-        points[(c.config.lora_alpha, c.config.lr_lora / c.config.lr_fft)] = None
+        points[(c.config.score, c.config.lora_alpha, c.config.lr_lora / c.config.lr_fft)] = None
         by_task.setdefault(c.task, c)
     grid = sorted(points)
     header = ["task", *[f"{t} kappa" for t in TYPE_ORDER]]
-    header += [f"a{a:g} r{r:g}" for a, r in grid]
+    header += [("" if s == "epd" else f"{s} ") + f"a{a:g} r{r:g}" for s, a, r in grid]
     lines = [
         "Predicted share of modules routed to the FFT expert at step 1 (docs/method.md section "
         "8), per lora_alpha (a) and lr_lora / lr_fft (r), from kappa measured on the untrained "
@@ -174,8 +176,9 @@ def predict_routing(cells: list[Cell], out: Path) -> list[str]:
         kappas = module_kappas(cfg)
         kap = kappa_medians(kappas)
         row = [task] + [f"{kap[t]:.2f}" if t in kap else "-" for t in TYPE_ORDER]
-        for alpha, ratio in grid:
-            pred = predicted_ratios(kappas, lora_scale(alpha, cfg.lora_rank, cfg.use_rslora), ratio)
+        for score, alpha, ratio in grid:
+            scale = lora_scale(alpha, cfg.lora_rank, cfg.use_rslora)
+            pred = predicted_ratios(kappas, scale, ratio, score)
             share = sum(v <= 1 for v in pred.values()) / max(len(pred), 1)
             row.append(f"{100 * share:.0f}%")
         lines.append("| " + " | ".join(row) + " |")

@@ -101,6 +101,8 @@ BUDGETS: dict[str, Budget] = {
             "med": {"n_train": 256, "n_val": 32, "n_test": 512, "epochs": 2.0},
             "world-sql": {"n_train": 192, "n_val": 32, "n_test": 384, "epochs": 2.0},
             "sql": {"n_train": 96, "n_val": 16, "n_test": 48, "epochs": 2.0},
+            # a planted folder (`molf planted`) fixes its own training set
+            "planted": {"n_train": None, "n_val": 32, "n_test": 128, "epochs": 2.0},
         },
         # two cells at a time with one thread each keeps both cores busy through the
         # single-threaded parts (generation, AdaLoRA's rank bookkeeping, saving)
@@ -171,10 +173,12 @@ def lr_label(lrs: dict[str, float]) -> str:
 # -- planning ------------------------------------------------------------------------------------
 def task_spec(entry: str) -> tuple[str, str, str | None]:
     """What one `--tasks` entry means: (label, task name, data path). A task or source name is
-    itself; a path (an existing file or directory, or anything that can only be a path) is the
-    `sft` task on that data, labelled by its file name without the extension."""
+    itself; a folder `molf planted` made is the `planted` task on it, labelled by its name; any
+    other path (an existing file or directory, or anything that can only be a path) is the `sft`
+    task on that data, labelled by its file name without the extension."""
     from molf._files import looks_like_path
     from molf.tasks import task_names
+    from molf.tasks.planted import is_planted_dir
 
     path = Path(entry).expanduser()
     if entry in task_names() and not looks_like_path(entry):
@@ -183,6 +187,8 @@ def task_spec(entry: str) -> tuple[str, str, str | None]:
         if not path.exists():
             raise MolfError(f"--tasks: no such file or directory: {entry}")
         label = path.name.split(".")[0] if path.is_file() else path.name
+        if path.is_dir() and is_planted_dir(path):
+            return label, "planted", str(path)
         return label or "data", "sft", str(path)
     return entry, entry, None  # an unknown name: get_task says so, listing the known ones
 

@@ -185,9 +185,24 @@ def _tasks(rows: list[dict[str, Any]]) -> list[str]:
     return list(dict.fromkeys(r["task"] for r in rows))
 
 
-def _molf(rows: list[dict[str, Any]], task: str, ratio: float) -> list[dict[str, Any]]:
+def _line_key(row: dict[str, Any]) -> tuple[str, float]:
+    """A MoLF sweep row's line: (routing score, learning-rate ratio)."""
+    return (row.get("score") or "epd", row["ratio"])
+
+
+def _lines(rows: list[dict[str, Any]]) -> list[tuple[str, float]]:
+    return sorted({_line_key(r) for r in rows if r["role"] == "mixture"})
+
+
+def _line_label(key: tuple[str, float], lines: list[tuple[str, float]]) -> str:
+    score, ratio = key
+    text = f"lr_lora / lr_fft = {ratio:g}"
+    return text if {s for s, _ in lines} == {"epd"} else f"{score.upper()}, {text}"
+
+
+def _molf(rows: list[dict[str, Any]], task: str, key: tuple[str, float]) -> list[dict[str, Any]]:
     found = [
-        r for r in rows if r["task"] == task and r["role"] == "mixture" and r["ratio"] == ratio
+        r for r in rows if r["task"] == task and r["role"] == "mixture" and _line_key(r) == key
     ]
     return sorted(found, key=lambda r: r["alpha"])
 
@@ -198,14 +213,14 @@ def plot_alpha(means: list[dict[str, Any]], cells: list[dict[str, Any]], path: P
     (line), with FFT's and LoRA's mean scores as horizontal references."""
     tasks = _tasks(means)
     fig = figure(4.6 * len(tasks), 7.0)
-    ratios = sorted({r["ratio"] for r in means if r["role"] == "mixture"})
+    keys = _lines(means)
     for j, task in enumerate(tasks):
         top = fig.add_subplot(2, len(tasks), j + 1)
         bottom = fig.add_subplot(2, len(tasks), len(tasks) + j + 1)
-        for ratio in ratios:
+        for ratio in keys:
             line = _molf(means, task, ratio)
             xs = [r["alpha"] for r in line]
-            label = f"lr_lora / lr_fft = {ratio:g}"
+            label = _line_label(ratio, keys)
             top.plot(xs, [100 * (r.get("share") or 0) for r in line], marker="o", label=label)
             (handle,) = bottom.plot(xs, [r.get("test") for r in line], marker="o", label=label)
             seeds = _molf(cells, task, ratio)
@@ -238,7 +253,7 @@ def plot_types(means: list[dict[str, Any]], path: Path) -> Path:
     import numpy as np
 
     tasks = _tasks(means)
-    ratios = sorted({r["ratio"] for r in means if r["role"] == "mixture"})
+    ratios = _lines(means)
     fig = figure(3.6 * len(ratios) * len(tasks) + 1.0, 3.6)
     image = None
     k = 0
@@ -264,7 +279,7 @@ def plot_types(means: list[dict[str, Any]], path: Path) -> Path:
             ax.set_yticks(range(len(TYPE_ORDER)))
             ax.set_yticklabels(TYPE_ORDER)
             ax.set_xlabel("lora_alpha")
-            ax.set_title(f"{task}, ratio {ratio:g}", fontsize=9)
+            ax.set_title(f"{task}, {_line_label(ratio, ratios)}", fontsize=8)
             for (i, jj), v in np.ndenumerate(matrix):
                 if np.isfinite(v):
                     ax.text(

@@ -65,6 +65,7 @@ class SweepPoint:
     values: dict[str, Any]
     alpha: float | None = None
     ratio: float | None = None
+    score: str | None = None
 
 
 def _num(value: float) -> str:
@@ -77,24 +78,37 @@ def sweep_points(
     lr_fft: float = LR_FFT,
     lr_lora: float = LR_LORA,
     ranks: tuple[int, int] = (32, 128),
+    scores: tuple[str, ...] = ("epd",),
 ) -> list[SweepPoint]:
-    """The variants: FFT and LoRA references, MoLF per (alpha, ratio), MoLF-E (`ranks`) at equal
-    alpha and at equal scale (the lower rank's scale at the default alpha a: alpha_i = a sqrt(r_i / r_1))."""
+    """The variants: FFT and LoRA references, MoLF per (routing score, alpha, ratio), MoLF-E
+    (`ranks`) at equal alpha and at equal scale (the lower rank's scale at the default alpha a:
+    alpha_i = a sqrt(r_i / r_1)). EPD variants are `molf-a<alpha>-r<ratio>`, others
+    `molf-<score>-a<alpha>-r<ratio>`."""
     points = [
         SweepPoint("fft", "fft", {"lr_fft": lr_fft}),
         SweepPoint("lora", "lora", {"lr_lora": lr_lora}),
     ]
-    for ratio in ratios:
-        for alpha in alphas:
-            points.append(
-                SweepPoint(
-                    f"molf-a{_num(alpha)}-r{_num(ratio)}",
-                    "molf",
-                    {"lora_alpha": alpha, "lr_fft": lr_fft, "lr_lora": lr_fft * ratio},
-                    alpha,
-                    ratio,
+    for score in scores:
+        prefix = "molf" if score == "epd" else f"molf-{score}"
+        for ratio in ratios:
+            for alpha in alphas:
+                values: dict[str, Any] = {
+                    "lora_alpha": alpha,
+                    "lr_fft": lr_fft,
+                    "lr_lora": lr_fft * ratio,
+                }
+                if score != "epd":
+                    values["score"] = score
+                points.append(
+                    SweepPoint(
+                        f"{prefix}-a{_num(alpha)}-r{_num(ratio)}",
+                        "molf",
+                        values,
+                        alpha,
+                        ratio,
+                        score,
+                    )
                 )
-            )
     equal_scale = [DEFAULT_LORA_ALPHA * math.sqrt(r / ranks[0]) for r in ranks]
     points.append(
         SweepPoint(
@@ -123,6 +137,7 @@ def plan_sweep(
     budget: str = "small",
     model: str | None = None,
     overrides: list[str] | None = None,
+    scores: tuple[str, ...] = ("epd",),
 ) -> list[Cell]:
     """Every cell of the sweep: task-major, then seed, then variant (so each seed's picture
     completes early). The splits come from seed 0 for every seed (`data_seed`): seeds vary the
@@ -139,7 +154,7 @@ def plan_sweep(
         task, name, data = task_spec(entry)
         family = get_task(name).name
         for seed in seeds:
-            for point in sweep_points(alphas, ratios, ranks=ranks):
+            for point in sweep_points(alphas, ratios, ranks=ranks, scores=scores):
                 values = {**b.settings, **b.per_task.get(family, {}), **point.values}
                 values.update(eval_before=False, progress=False)
                 nulls = [f"{k}=null" for k, v in values.items() if v is None]
@@ -187,6 +202,7 @@ def sweep_rows(cells: list[Cell], points: list[SweepPoint]) -> list[dict[str, An
             "role": _role(cell.config.method),
             "alpha": point.alpha if point else None,
             "ratio": point.ratio if point else None,
+            "score": point.score if point else None,
             "seed": cell.config.seed,
             "test": rec.shown("after"),
             "validation": rec.shown("validation"),
@@ -195,6 +211,11 @@ def sweep_rows(cells: list[Cell], points: list[SweepPoint]) -> list[dict[str, An
         log = read_routing_log(cell.directory)
         if log is not None:
             row.update(routing_figures(log))
+            if cell.config.task == "planted" and cell.config.data:
+                from molf.experiments.planted import read_truth, routing_accuracy
+
+                truth = routing_accuracy(log, read_truth(cell.config.data))
+                row.update({f"truth_{k}": v for k, v in truth.items()})
         rows.append(row)
     return rows
 
@@ -210,7 +231,8 @@ def mean_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
         merged: dict[str, Any] = {
             k: group[0][k] for k in ("task", "variant", "method", "role", "alpha")
         }
-        merged.update(ratio=group[0]["ratio"], metric=group[0]["metric"], seeds=len(group))
+        merged.update(ratio=group[0]["ratio"], score=group[0].get("score"))
+        merged.update(metric=group[0]["metric"], seeds=len(group))
         keys = {k for r in group for k, v in r.items() if isinstance(v, (int, float))}
         for k in sorted(keys - {"alpha", "ratio", "seed"}):
             values = [r[k] for r in group if isinstance(r.get(k), (int, float))]
@@ -234,6 +256,10 @@ def _table(rows: list[dict[str, Any]], with_seed: bool) -> list[str]:
     header = ["task", "variant"] + (["seed"] if with_seed else ["seeds"])
     header += ["test", "sd" if not with_seed else "val", "FFT / rank-32 share", "step 1"]
     header += ["step-1 ratio"] + list(TYPE_ORDER)
+    # a planted task's ground truth: full-rank modules' updates to FFT, low-rank ones' to LoRA
+    truth = any(r.get("truth_accuracy") is not None for r in rows)
+    if truth:
+        header += ["full->FFT", "low->LoRA", "right"]
     lines = ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
     for r in rows:
         cells = [r["task"], r["variant"], str(r["seed"] if with_seed else r["seeds"])]
@@ -241,6 +267,9 @@ def _table(rows: list[dict[str, Any]], with_seed: bool) -> list[str]:
         cells += [_fmt(r.get("share"), pct=True), _fmt(r.get("share_step1"), pct=True)]
         cells.append(_fmt(r.get("ratio_step1"), digits=2))
         cells += [_fmt(r.get(f"share_{t}"), pct=True) for t in TYPE_ORDER]
+        if truth:
+            keys = ("truth_full_to_fft", "truth_low_to_lora", "truth_accuracy")
+            cells += [_fmt(r.get(k), pct=True) for k in keys]
         lines.append("| " + " | ".join(cells) + " |")
     return lines
 
@@ -334,10 +363,17 @@ def run_sweep(args: argparse.Namespace) -> int:
             "give a new or empty directory"
         )
     overrides = list(args.overrides or [])
-    cells = plan_sweep(tasks, out, alphas, ratios, seeds, args.budget, args.model, overrides)
-    points = sweep_points(
-        alphas, ratios, ranks=tuple(BUDGETS[args.budget].settings.get("molf_e_ranks", (32, 128)))
+    scores = tuple(s.strip() for s in args.scores.split(",") if s.strip())
+    from molf.optim.scores import SCORES
+
+    unknown = [s for s in scores if s not in SCORES]
+    if not scores or unknown:
+        raise MolfError(f"--scores: comma list of {', '.join(sorted(SCORES))}, got {args.scores!r}")
+    cells = plan_sweep(
+        tasks, out, alphas, ratios, seeds, args.budget, args.model, overrides, scores
     )
+    ranks = tuple(BUDGETS[args.budget].settings.get("molf_e_ranks", (32, 128)))
+    points = sweep_points(alphas, ratios, ranks=ranks, scores=scores)
     if getattr(args, "predict", False):
         from molf.experiments.first_step import predict_routing
 
@@ -357,6 +393,7 @@ def run_sweep(args: argparse.Namespace) -> int:
     command = (
         f"molf routing-sweep --budget {args.budget} --tasks {','.join(tasks)} --alphas "
         f"{args.alphas} --lr-ratios {args.lr_ratios} --seeds {args.seeds} --output-dir {out}"
+        + (f" --scores {','.join(scores)}" if scores != ("epd",) else "")
         + (f" --model {args.model}" if args.model else "")
         + "".join(f" {o}" for o in overrides)
     )

@@ -19,13 +19,19 @@ __all__ = ["forecast_first_step", "warn_if_one_sided"]
 
 
 def _applies(s: Setup) -> bool:
-    """A one-process MoLF run (FFT + one LoRA expert) routed by EPD at top-1, at its start."""
+    """A one-process MoLF run (FFT + one LoRA expert) routed by EPD or PFN at top-1, at its
+    start."""
     opt = routed_optimizer(s.optimizer)
     modules = molf_modules(s.model)
     if opt is None or not modules or s.dist.enabled:
         return False
     first = next(iter(modules.values()))
-    return first.train_base and len(first.ranks) == 1 and s.cfg.score == "epd" and s.cfg.top_k == 1
+    return (
+        first.train_base
+        and len(first.ranks) == 1
+        and s.cfg.score in ("epd", "pfn")
+        and s.cfg.top_k == 1
+    )
 
 
 def forecast_first_step(
@@ -44,7 +50,7 @@ def forecast_first_step(
             model.eval()
             for batch in batches:
                 model(**batch).loss.backward()
-            return forecast_routing(model, s.cfg.lr_fft, s.cfg.lr_lora)
+            return forecast_routing(model, s.cfg.lr_fft, s.cfg.lr_lora, s.cfg.score)
     except MoLFError:
         return None
     finally:
