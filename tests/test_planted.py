@@ -20,8 +20,18 @@ from molf.train.models import load_model
 @pytest.fixture(scope="module")
 def folder(tmp_path_factory):
     out = tmp_path_factory.mktemp("planted") / "mixed"
+    # training continuations sampled (noisy labels), held-out ones greedy
     make_planted(
-        "tiny-llama", out, "mixed", rank=2, strength=0.5, n_train=6, n_val=2, n_test=3, length=5
+        "tiny-llama",
+        out,
+        "mixed",
+        rank=2,
+        strength=0.5,
+        n_train=6,
+        n_val=2,
+        n_test=3,
+        length=5,
+        temperature=1.0,
     )
     return out
 

@@ -111,7 +111,7 @@ def _continue(
     out: list[list[int]] = []
     for i in batch_starts(len(rows), 32):
         batch = left_padded(rows[i : i + 32], tokenizer.pad_token_id)
-        sample = {"do_sample": True, "temperature": temperature, "top_k": 0} if temperature else {}
+        sample = {"temperature": temperature, "top_k": 0, "top_p": 1.0} if temperature else {}
         gen = model.generate(
             **batch,
             max_new_tokens=length,
