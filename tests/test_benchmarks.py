@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.conftest import skip_unless
+from tests.conftest import REQUIRE_ALL, skip_unless
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "benchmarks" / "gpu_check.sh"
@@ -134,15 +134,58 @@ def test_gpu_check_keeps_to_its_time_limit(tmp_path):
     assert "-- train-1b: NOT RUN" in text and "-- compile-cost: NOT RUN" in text
 
 
+def _ops_rows(text: str) -> list[list[str]]:
+    """The data rows of optimizer_ops.py's tables: [backend, layers, routed, chunks, calls off,
+    calls on, reads, copies], in order."""
+    rows = []
+    for line in text.splitlines():
+        if line.startswith(("native ", "eager ", "device ")):
+            f = line.split()
+            calls = [f"{f[4]} {f[5]}", f"{f[6]} {f[7]}"]
+            reads = " ".join(f[8:11]) if f[8] != "n/a" else "CPU only"
+            copies = f[11] if f[8] != "n/a" else "CPU only"
+            rows.append([*f[:4], *calls, reads, copies])
+    return rows
+
+
+def test_the_performance_page_s_operator_counts_are_the_committed_run_s():
+    """Each row of the page's operator-count table is a row of benchmarks/results/optimizer_ops.txt
+    (the second command's device rows are the page's 'chunk 2^28' rows)."""
+    committed = _ops_rows((ROOT / "benchmarks" / "results" / "optimizer_ops.txt").read_text())
+    page = (ROOT / "docs" / "performance.md").read_text()
+    table = [
+        [c.strip() for c in line.strip().strip("|").split("|")]
+        for line in page.splitlines()
+        if line.startswith(("| native |", "| eager |", "| device |", "| device, chunk 2^28 |"))
+    ]
+    assert len(table) == len(committed) == 8
+    for shown, measured in zip(table, committed):
+        shown[0] = shown[0].removesuffix(", chunk 2^28")
+        assert shown == measured
+
+
 def test_optimizer_ops_benchmark_counts_calls_and_reads():
+    """At one layer the native and device backends make the calls the committed run made at 10
+    and 30 (device: one chunk): they do not grow with the depth; eager's do."""
+    from molf.optim.kernels import cpu_kernels
+
+    have_native = cpu_kernels() is not None
+    skip_unless(have_native or not REQUIRE_ALL, "the native CPU kernels (a C++ compiler)")
+    backends = ["eager", "device"] + (["native"] if have_native else [])
     cmd = [sys.executable, str(ROOT / "benchmarks" / "optimizer_ops.py"), "--layers", "1"]
-    cmd += ["--vocab", "512", "--backends", "eager", "device"]
+    cmd += ["--vocab", "512", "--backends", *backends]
     env = dict(_env(), PYTHONPATH=str(ROOT / "src"))
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    rows = {line.split()[0]: line.split() for line in proc.stdout.splitlines()[3:5]}
-    assert rows["device"][8:11] == ["0", "/", "0"]  # blocking reads with the log off / on
-    assert rows["eager"][8:11] == ["1", "/", "1"]
+    rows = {r[0]: r for r in _ops_rows(proc.stdout)}
+    assert rows["device"][6:] == ["0 / 0", "3"]  # blocking reads with the log off / on, copies
+    assert rows["eager"][6] == "1 / 1"
+    committed = _ops_rows((ROOT / "benchmarks" / "results" / "optimizer_ops.txt").read_text())
+    for r in committed:
+        if r[0] in rows and r[0] != "eager" and r[3] in ("1", "-"):
+            assert rows[r[0]][4:6] == r[4:6], r
+    eager_at_10 = next(r for r in committed if r[0] == "eager" and r[1] == "10")
+    assert int(rows["eager"][4].split()[0]) < int(eager_at_10[4].split()[0])
 
 
 def test_routing_log_benchmark_compares_streamed_and_in_memory_logs():
