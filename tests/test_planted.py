@@ -128,3 +128,28 @@ def test_misuse_is_one_clear_error(tmp_path, capsys):
     assert main(["planted", "--model", "tiny-llama", "--output-dir", str(tmp_path)]) == 2
     assert "not empty" in capsys.readouterr().err
     assert (tmp_path / "x").read_text() == "user file"
+
+
+def test_compare_and_the_sweep_score_routing_against_the_folder_s_truth(folder, tmp_path, capsys):
+    """A planted folder is a --tasks entry: the comparison's report and the sweep's table score
+    MoLF's routing against planted.json's ground truth."""
+    out = tmp_path / "compare"
+    argv = ["compare", "--budget", "smoke", "--tasks", str(folder), "--methods", "molf"]
+    assert main([*argv, "--seeds", "1", "--jobs", "0", "--output-dir", str(out)]) == 0
+    report = (out / "report.md").read_text()
+    assert "Against a planted task's ground truth" in report
+    truth = report[report.index("Against a planted task's ground truth") :]
+    row = next(line for line in truth.splitlines() if line.startswith("| mixed |"))
+    # MoLF at rank 8 and alpha 32 routes every module to LoRA: no full-rank module is right
+    assert row == "| mixed | 0.0% | 100.0% | 57.1% |"
+    sweep = tmp_path / "sweep"
+    argv = ["routing-sweep", "--budget", "smoke", "--tasks", str(folder), "--alphas", "8"]
+    argv += ["--lr-ratios", "1", "--seeds", "0", "--jobs", "0", "--scores", "pfn"]
+    assert main([*argv, "--no-first-step", "--output-dir", str(sweep)]) == 0
+    md = (sweep / "sweep.md").read_text()
+    assert "full->FFT" in md
+    pfn = next(
+        line for line in md.splitlines() if line.startswith("| mixed | molf-pfn-a8-r1 | 1 |")
+    )
+    assert pfn.split("|")[-4:-1] == [" 100% ", " 0% ", " 43% "]  # 3 of 7 types full-rank
+    capsys.readouterr()

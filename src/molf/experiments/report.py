@@ -142,7 +142,40 @@ def _routing_section(res: Results, method: str, out: Path) -> tuple[list[str], d
             ]
         )
     lines += md_table(header, rows) + [""]
+    truth = _truth_rows(res, method, logs)
+    if truth:
+        lines += [
+            "Against a planted task's ground truth (`molf planted`): the share of full-rank "
+            "modules' updates routed to the FFT expert, of low-rank modules' routed to a LoRA "
+            "expert, and of both together.",
+            "",
+            *md_table(["task", "full-rank -> FFT", "low-rank -> LoRA", "right"], truth),
+            "",
+        ]
     return lines, paths
+
+
+def _truth_rows(res: Results, method: str, logs: dict[str, RoutingLog]) -> list[list[str]]:
+    """One row per planted task of `logs`: its routing scored against the folder's truth."""
+    import yaml
+
+    from molf.experiments.planted import read_truth, routing_accuracy
+    from molf.tasks.planted import is_planted_dir
+
+    rows = []
+    for t, log in logs.items():
+        cell = res.chosen.get((t, method))
+        config = cell.directory / "config.yaml" if cell else None
+        if config is None or not config.exists():
+            continue
+        settings = yaml.safe_load(config.read_text()) or {}
+        data = settings.get("data")
+        if settings.get("task") != "planted" or not data or not is_planted_dir(data):
+            continue
+        acc = routing_accuracy(log, read_truth(data))
+        keys = ("full_to_fft", "low_to_lora", "accuracy")
+        rows.append([t, *[pct(acc[k]) for k in keys]])
+    return rows
 
 
 def _invocation(inv: dict[str, Any]) -> str:
