@@ -34,6 +34,11 @@ def test_plan_moves_only_alpha_and_the_learning_rate_ratio(tmp_path):
     assert scales == pytest.approx([32 / math.sqrt(32)] * 2)
     assert by[("molf-e-equal-alpha", 0)].molf_e_alphas is None
     assert {c.directory.parent.name for c in cells} >= {"fft", "lora", "molf-a32-r1"}
+    # an override wins over the budget's settings (a rank or split size of the user's)
+    mine = plan_sweep(
+        ["fact-geo"], tmp_path, (8.0,), (1.0,), (0,), "small", None, ["lora_rank=8", "n_test=5"]
+    )
+    assert {(c.config.lora_rank, c.config.n_test) for c in mine} == {(8, 5)}
     names = [p.variant for p in sweep_points((8.0,), (1.0,))]
     assert names == ["fft", "lora", "molf-a8-r1", "molf-e-equal-alpha", "molf-e-equal-scale"]
 

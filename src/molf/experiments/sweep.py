@@ -148,6 +148,8 @@ def plan_sweep(
         raise MolfError(f"--budget: must be one of {', '.join(BUDGETS)}, got {budget!r}")
     b = BUDGETS[budget]
     cells = []
+    # a key=value override is the user's choice: it wins over the budget's settings
+    user_keys = {o.split("=", 1)[0].strip() for o in overrides or [] if "=" in o}
     ranks = tuple(b.settings.get("molf_e_ranks", (32, 128)))
     for entry in tasks:
         # a task name, or a data file or directory (the sft task on it, labelled by its stem)
@@ -157,6 +159,7 @@ def plan_sweep(
             for point in sweep_points(alphas, ratios, ranks=ranks, scores=scores):
                 values = {**b.settings, **b.per_task.get(family, {}), **point.values}
                 values.update(eval_before=False, progress=False)
+                values = {k: v for k, v in values.items() if k not in user_keys}
                 nulls = [f"{k}=null" for k, v in values.items() if v is None]
                 explicit = {k: v for k, v in values.items() if v is not None}
                 directory = out / "cells" / task / point.variant / f"seed-{seed}"
