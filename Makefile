@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 PIP := $(BIN)/python -m pip
 STAMP := $(VENV)/.molf-installed
 
-.PHONY: setup test lint format docs mutants demo bench results results-rank8 fact-seeds sweep planted results-planted sweep-pfn clean
+.PHONY: setup test lint format docs mutants demo bench results results-rank8 fact-seeds sweep planted results-planted sweep-pfn answer clean
 
 setup: $(STAMP)
 
@@ -97,41 +97,52 @@ sweep: setup
 	cp $(SWEEP_OUT)/sweep.md $(SWEEP_OUT)/sweep.csv $(SWEEP_OUT)/first_step.md \
 		$(SWEEP_OUT)/predict.md $(SWEEP_OUT)/*.png docs/routing-sweep/
 
-# The planted task (synthetic): a teacher made from SmolLM2-135M with full-rank changes in q, gate
-# and up and rank-4 changes in k, v, o and down (each 0.2 x ||W||), 256 training prompts.
-PLANTED := runs/planted/mixed-s0.2
+# The planted tasks (synthetic): teachers made from SmolLM2-135M. full-s0.3: every module type
+# changed at full rank, 0.3 x ||W||; mixed-s0.2: q, gate, up at full rank and k, v, o, down at
+# rank 4, 0.2 x ||W||. 256 training prompts each.
+PLANTED := runs/planted/full-s0.3
+PLANTED_MIXED := runs/planted/mixed-s0.2
 planted: setup
-	test -f $(PLANTED)/planted.json || $(BIN)/molf planted --model smollm2-135m --change mixed \
-		--strength 0.2 --rank 4 --output-dir $(PLANTED)
+	test -f $(PLANTED)/planted.json || $(BIN)/molf planted --model smollm2-135m --change full \
+		--strength 0.3 --output-dir $(PLANTED)
+	test -f $(PLANTED_MIXED)/planted.json || $(BIN)/molf planted --model smollm2-135m \
+		--change mixed --strength 0.2 --rank 4 --output-dir $(PLANTED_MIXED)
 
-# Every method on the planted folder, LoRA rank 8, one learning rate per method, three seeds,
-# copied into docs/results-planted/ (the report scores MoLF's routing against the ground truth).
+# Every method on the planted full-rank folder, LoRA rank 8, one learning rate per method, three
+# seeds, copied into docs/results-planted/ (the report scores MoLF's routing against the truth).
 PLANTED_OUT := runs/planted-rank8
 PLANTED_METHODS := fft,lora,molf,molf-pfn,hybrid,lora-other
 results-planted: planted
 	$(BIN)/molf compare --model smollm2-135m --tasks $(PLANTED) --methods $(PLANTED_METHODS) \
-		--seed-methods $(PLANTED_METHODS) --budget small --lr-grid off --jobs 1 --threads 1 \
+		--seed-methods $(PLANTED_METHODS) --budget small --lr-grid off --jobs 2 --threads 1 \
 		--output-dir $(PLANTED_OUT) lora_rank=8
 	mkdir -p docs/results-planted
 	cp $(PLANTED_OUT)/results.csv $(PLANTED_OUT)/results.md $(PLANTED_OUT)/cells.csv \
 		$(PLANTED_OUT)/items.csv $(PLANTED_OUT)/report.md $(PLANTED_OUT)/grid.json \
 		$(PLANTED_OUT)/*.png docs/results-planted/
 
-# PFN beside EPD: MoLF at alpha 8, 32, 128 under both scores, on fact-geo (16 steps: the routing
-# and the first-step check) and on the planted folder (full runs: routing against its ground
-# truth), copied into docs/routing-sweep-pfn/{fact-geo,planted}/.
+# PFN beside EPD: MoLF at alpha 8, 32, 128 under both scores, 16 steps (the routing and the
+# first-step check, not scores), on fact-geo and on the planted mixed folder (routing against its
+# ground truth), copied into docs/routing-sweep-pfn/{fact-geo,planted}/.
 PFN_OUT := runs/pfn-sweep
 sweep-pfn: planted
 	$(BIN)/molf routing-sweep --tasks fact-geo --alphas 8,32,128 --lr-ratios 1 --scores epd,pfn \
 		--seeds 0 --jobs 1 --threads 1 --output-dir $(PFN_OUT)-fact max_steps=16
-	$(BIN)/molf routing-sweep --tasks $(PLANTED) --alphas 8,32,128 --lr-ratios 1 --scores epd,pfn \
-		--seeds 0 --jobs 1 --threads 1 --output-dir $(PFN_OUT)-planted
+	$(BIN)/molf routing-sweep --tasks $(PLANTED_MIXED) --alphas 8,32,128 --lr-ratios 1 \
+		--scores epd,pfn --seeds 0 --jobs 1 --threads 1 --output-dir $(PFN_OUT)-planted max_steps=16
 	mkdir -p docs/routing-sweep-pfn/fact-geo docs/routing-sweep-pfn/planted
 	for part in fact:fact-geo planted:planted; do \
 		cp $(PFN_OUT)-$${part%%:*}/sweep.md $(PFN_OUT)-$${part%%:*}/sweep.csv \
 			$(PFN_OUT)-$${part%%:*}/first_step.md $(PFN_OUT)-$${part%%:*}/*.png \
 			docs/routing-sweep-pfn/$${part#*:}/; \
 	done
+
+# The answer page's figure and table (docs/evidence/answer.png, answer.md): every method's score
+# per task with its interval, from the committed comparison directories.
+ANSWER_SOURCES := docs/results="rank 128" docs/results-rank8="rank 8" \
+	docs/results-planted="rank 8, synthetic"
+answer: setup
+	$(BIN)/python -m molf.experiments.answer docs/evidence $(ANSWER_SOURCES)
 
 clean:
 	rm -rf $(VENV) build site mutants *.egg-info src/*.egg-info .pytest_cache .ruff_cache

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import csv
 import re
+import shlex
 from pathlib import Path
 
 import pytest
@@ -92,3 +93,32 @@ def test_the_answer_page_s_costs_are_the_performance_page_s(figure):
     number = figure.split()[0].rstrip("x")
     assert number in page
     assert number in performance, figure
+
+
+def _answer_sources() -> list[tuple[Path, str]]:
+    """The Makefile's ANSWER_SOURCES: the comparison directories the answer page's figure reads."""
+    text = (ROOT / "Makefile").read_text().replace("\\\n", " ")
+    line = next(x for x in text.splitlines() if x.startswith("ANSWER_SOURCES :="))
+    sources = []
+    for item in shlex.split(line.split(":=", 1)[1]):
+        directory, _, label = item.partition("=")
+        sources.append((ROOT / directory, label))
+    return sources
+
+
+def test_the_answer_figure_and_table_are_the_committed_reports_(tmp_path):
+    """docs/evidence/answer.md (and its figure) is what `make answer` computes from the committed
+    comparison directories, and the answer page shows the figure and quotes the table."""
+    from molf.experiments.answer import write_answer
+
+    sources = _answer_sources()
+    assert len(sources) >= 3 and all((d / "items.csv").is_file() for d, _ in sources)
+    write_answer(tmp_path, sources)
+    committed = DOCS / "evidence" / "answer.md"
+    assert (tmp_path / "answer.md").read_text() == committed.read_text()
+    assert (DOCS / "evidence" / "answer.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    page = (DOCS / "should-i-use-molf.md").read_text()
+    assert "](evidence/answer.png)" in page
+    table = committed.read_text()
+    for row in re.findall(r"^\| ([^|]+) \| ([^|]+) \| (\d+\.\d) \| (\[[^]]+\]) \|", page, re.M):
+        assert "| " + " | ".join(row) + " |" in table, row
