@@ -122,3 +122,24 @@ def test_the_answer_figure_and_table_are_the_committed_reports_(tmp_path):
     table = committed.read_text()
     for row in re.findall(r"^\| ([^|]+) \| ([^|]+) \| (\d+\.\d) \| (\[[^]]+\]) \|", page, re.M):
         assert "| " + " | ".join(row) + " |" in table, row
+
+
+def test_the_planted_attempts_table_is_its_runs_():
+    """Each row of docs/results-planted/attempts.md is its run's committed summary and config."""
+    import json
+
+    import yaml
+
+    folder = DOCS / "results-planted" / "attempts"
+    page = (DOCS / "results-planted" / "attempts.md").read_text()
+    runs = [d for d in sorted(folder.iterdir()) if (d / "summary.json").is_file()]
+    assert len(runs) >= 9
+    for d in runs:
+        s = json.loads((d / "summary.json").read_text())
+        c = yaml.safe_load((d / "config.yaml").read_text())
+        lr = c["lr_fft"] if c["method"] == "fft" else c["lr_lora"]
+        n = "all" if c["n_train"] is None else c["n_train"]
+        scores = [100 * s[k]["agreement"] for k in ("before", "after", "validation")]
+        row = f"| {d.name} | {Path(c['data']).name} | {c['method']} | {n} | {c['epochs']:g} | "
+        row += f"{lr:g} | " + " | ".join(f"{v:.1f}" for v in scores) + " |"
+        assert row in page, row
