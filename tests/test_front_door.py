@@ -18,6 +18,7 @@ DOCS = ROOT / "docs"
 # how each result directory was produced stays in that directory's own notes
 RESULT_NOTES = {"docs/results/README.md", "docs/results-fact-geo-6seeds/README.md"}
 RESULT_NOTES |= {"docs/routing-sweep/README.md", "docs/results-rank8/README.md"}
+RESULT_NOTES |= {"docs/results-planted/README.md", "docs/routing-sweep-pfn/README.md"}
 
 
 def _user_pages() -> list[Path]:
