@@ -153,3 +153,14 @@ def test_compare_and_the_sweep_score_routing_against_the_folder_s_truth(folder, 
     )
     assert pfn.split("|")[-4:-1] == [" 100% ", " 0% ", " 43% "]  # 3 of 7 types full-rank
     capsys.readouterr()
+
+
+def test_training_from_another_model_than_the_teacher_s_is_refused(folder, tmp_path, capsys):
+    args = ["train", "--method", "fft", "--task", "planted", "--data", str(folder)]
+    args += ["--model", "tiny-qwen2", "--output-dir", str(tmp_path / "run"), "max_steps=1"]
+    assert main(args) == 2
+    assert (
+        "made from tiny-llama; the student must start from the same model"
+        in capsys.readouterr().err
+    )
+    assert not (tmp_path / "run").exists()

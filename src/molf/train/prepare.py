@@ -227,6 +227,23 @@ def prepare(
     )
 
 
+def check_base_model(base: str | None, model: str) -> None:
+    """Refuse to train on a task made from another model (a planted folder holds the token ids
+    and behaviour of the model it was made from; `base` is that model, None for other tasks)."""
+    if base is None:
+        return
+
+    def key(name: str) -> str:
+        path = Path(name).expanduser()
+        return str(path.resolve()) if path.exists() else name.strip().lower()
+
+    if key(base) != key(model):
+        raise MolfError(
+            f"--model {model}: this planted folder was made from {base}; the student must start "
+            f"from the same model (--model {base})"
+        )
+
+
 def task_and_splits(cfg: TrainConfig) -> tuple[Task, TaskSplits]:
     """The run's task and its splits (drawn with `split_seed`), as its config asks."""
     return build_task(
@@ -249,6 +266,7 @@ def _prepare_local(cfg: TrainConfig, resume: str, overwrite: bool, ctx: DistCont
     if ctx.is_main:
         check_output_dir(cfg.run_dir, resume, overwrite)
     task, splits = task_and_splits(cfg)
+    check_base_model(splits.info.get("base_model"), cfg.model)
     if cfg.eval_every and not splits.validation:
         raise MolfError(
             f"eval_every={cfg.eval_every}: task '{cfg.task}' has no validation records "
