@@ -38,6 +38,35 @@ def _difference(directory: str, task: str, a: str, b: str) -> str:
     return f"{r.mean:+.1f} [{r.low:+.1f}, {r.high:+.1f}]"
 
 
+def _difference_across(dir_a: str, method_a: str, dir_b: str, method_b: str, task: str) -> str:
+    """`_difference` between two directories whose cells share the split (same seed, sizes)."""
+    a, b = _items(dir_a)[(task, method_a)], _items(dir_b)[(task, method_b)]
+    xs, ys = [], []
+    for s in sorted(set(a) & set(b)):
+        _, x, y = align(a[s], b[s])
+        xs.append(x)
+        ys.append(y)
+    r = paired_difference_seeds(xs, ys, seed=0)
+    return f"{r.mean:+.1f} [{r.low:+.1f}, {r.high:+.1f}]"
+
+
+def test_the_rank_page_s_alpha_8_figures_are_its_run_s():
+    page = _one_line(DOCS / "evidence" / "rank.md")
+    report = (DOCS / "results-rank8-alpha8" / "report.md").read_text()
+    assert "| MoLF | 74.5 |" in (DOCS / "results-rank8-alpha8" / "results.md").read_text()
+    assert "| fact-geo | 76 | 38.8% |" in report and "38.8% of its updates" in page
+    for other, shown in (
+        ("molf", "+8.1 [+2.6, +14.1]"),
+        ("lora", "+1.8 [-5.5, +8.9]"),
+        ("fft", "-9.1 [-15.6, -2.9]"),
+        ("hybrid", "-4.9 [-9.6, -0.8]"),
+    ):
+        got = _difference_across("results-rank8-alpha8", "molf", "results-rank8", other, "fact-geo")
+        assert got == shown, other
+        value, interval = shown.split(" ", 1)
+        assert f"{value.lstrip('+-')} {interval}" in page, other
+
+
 def _one_line(path: Path) -> str:
     return " ".join(path.read_text().split())
 
