@@ -117,6 +117,17 @@ def test_routing_accuracy_counts_the_right_expert_per_kind():
     )
     assert acc == {"full_to_fft": 1.0, "low_to_lora": 0.5, "accuracy": 0.75}
     assert routing_accuracy(log, {})["accuracy"] is None
+    # a log without an FFT expert (LoRA alone, MoLF-E) is not scored
+    lora_only = RoutingLog(["l.0.q_proj"], ["lora_r8"])
+    lora_only.records.append(
+        {
+            "step": 1,
+            "winners": torch.tensor([[True]]),
+            "scores": torch.ones(1, 1),
+            "active": torch.tensor([True]),
+        }
+    )
+    assert routing_accuracy(lora_only, {"l.0.q_proj": "full"})["accuracy"] is None
 
 
 def test_misuse_is_one_clear_error(tmp_path, capsys):

@@ -93,9 +93,11 @@ def plot_answer(scores: list[Score], base: dict[str, float], path: Path) -> Path
     from molf.experiments.plots import figure, save
 
     panels = list(dict.fromkeys(s.panel for s in scores))
-    fig = figure(4.0 * len(panels), 3.6)
+    cols = min(3, len(panels))
+    rows = -(-len(panels) // cols)
+    fig = figure(4.6 * cols, 3.4 * rows)
     for j, panel in enumerate(panels):
-        ax = fig.add_subplot(1, len(panels), j + 1)
+        ax = fig.add_subplot(rows, cols, j + 1)
         mine = [s for s in scores if s.panel == panel]
         ys = list(range(len(mine)))[::-1]
         for y, s in zip(ys, mine):

@@ -234,14 +234,19 @@ def routing_accuracy(log: RoutingLog, modules: dict[str, str]) -> dict[str, floa
     """Routing against a planted ground truth, over every active module-step of `log`:
     `full_to_fft` (share of full-rank modules' updates that went to expert 0, the FFT expert),
     `low_to_lora` (share of low-rank modules' updates that went to another expert) and
-    `accuracy` (both together). None where the log has no such module."""
+    `accuracy` (both together). None where the log has no such module, and all None for a log
+    without an FFT expert (LoRA alone, MoLF-E), where the question does not arise."""
+    none: dict[str, float | None] = {"full_to_fft": None, "low_to_lora": None, "accuracy": None}
+    if "fft" not in log.expert_names:
+        return none
+    fft = log.expert_names.index("fft")
     counts = {"full": [0, 0], "low": [0, 0]}
     kind_of = [modules.get(n, "none") for n in log.module_names]
     for r in log.records:
         act, win = r["active"], r["winners"]
         for i, kind in enumerate(kind_of):
             if kind in counts and bool(act[i]):
-                right = bool(win[i, 0]) if kind == "full" else not bool(win[i, 0])
+                right = bool(win[i, fft]) if kind == "full" else not bool(win[i, fft])
                 counts[kind][0] += int(right)
                 counts[kind][1] += 1
     full, low = counts["full"], counts["low"]

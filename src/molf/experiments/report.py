@@ -173,6 +173,8 @@ def _truth_rows(res: Results, method: str, logs: dict[str, RoutingLog]) -> list[
         if settings.get("task") != "planted" or not data or not is_planted_dir(data):
             continue
         acc = routing_accuracy(log, read_truth(data))
+        if acc["accuracy"] is None:
+            continue  # no FFT expert to route to
         keys = ("full_to_fft", "low_to_lora", "accuracy")
         rows.append([t, *[pct(acc[k]) for k in keys]])
     return rows
