@@ -4,13 +4,13 @@ under docs/, and the cost figures in the performance page's measurements."""
 
 from __future__ import annotations
 
-import csv
 import re
 import shlex
 from pathlib import Path
 
 import pytest
 
+from molf.experiments.answer import read_items
 from molf.experiments.stats import align, paired_difference_seeds
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -28,12 +28,7 @@ REPORTS = [
 
 
 def _items(directory: str) -> dict[tuple[str, str], dict[int, dict[str, float]]]:
-    out: dict[tuple[str, str], dict[int, dict[str, float]]] = {}
-    with (DOCS / directory / "items.csv").open() as f:
-        for row in csv.DictReader(f):
-            seeds = out.setdefault((row["task"], row["method"]), {})
-            seeds.setdefault(int(row["seed"]), {})[row["item"]] = 100.0 * float(row["score"])
-    return out
+    return read_items(DOCS / directory)
 
 
 def _difference(directory: str, task: str, a: str, b: str) -> str:
@@ -164,7 +159,7 @@ def test_the_answer_figure_and_table_are_the_committed_reports_(tmp_path):
         panel, method, score = (c.strip() for c in line.strip("|").split("|")[:3])
         scores[(panel, method)] = score
     panels = {"planted full-rank teacher, rank 8": "full-s0.3, rank 8, synthetic"}
-    header = "| task, setting | FFT | LoRA | MoLF (EPD) | MoLF (PFN) | fixed hybrid | LoRA + emb./norms |"
+    header = "| task, setting | FFT | LoRA | MoLF | MoLF (PFN) | Fixed hybrid | LoRA + embeddings/norms |"
     assert header in page
     methods = [c.strip() for c in header.strip("|").split("|")[1:]]
     rows = page[page.index(header) :].splitlines()[2:]
@@ -179,9 +174,7 @@ def test_the_answer_figure_and_table_are_the_committed_reports_(tmp_path):
                 assert shown.split()[0] == scores[(panel, method)], (panel, method)
                 checked += 1
     assert checked >= 15
-    assert (
-        "74.5 at alpha 8" in page and scores[("fact-geo, rank 8, alpha 8", "MoLF (EPD)")] == "74.5"
-    )
+    assert "74.5 at alpha 8" in page and scores[("fact-geo, rank 8, alpha 8", "MoLF")] == "74.5"
 
 
 def test_the_planted_attempts_table_is_its_runs_():

@@ -21,20 +21,26 @@ from molf.experiments.stats import paired_difference_seeds
 
 __all__ = ["Score", "method_scores", "plot_answer", "write_answer"]
 
-# the order methods take in a panel, top to bottom; others follow in their file order
+# the order methods take in a panel, top to bottom; others follow in their file order (each
+# method is shown by its registry label, coloured by its role in the paper's claims)
 ORDER = ("fft", "lora", "molf", "molf-pfn", "hybrid", "lora-other", "lora-160", "adalora")
-LABELS = {
-    "fft": "FFT",
-    "lora": "LoRA",
-    "molf": "MoLF (EPD)",
-    "molf-pfn": "MoLF (PFN)",
-    "hybrid": "fixed hybrid",
-    "lora-other": "LoRA + emb./norms",
-    "lora-160": "LoRA r160",
-    "adalora": "AdaLoRA",
-    "molf-e": "MoLF-E",
-    "molf-e-k2": "MoLF-E top-2",
-}
+
+
+# the baselines (FFT, LoRA) in one colour, the mixtures (MoLF, MoLF-E) in another, others a third
+_COLORS = {"full": "C1", "lora": "C1", "mixture": "C0", "efficient": "C0"}
+
+
+def _role(method: str) -> str:
+    from molf.train import methods
+
+    known = methods.REGISTRY.get(method)
+    return known.claim_roles[0] if known is not None and known.claim_roles else ""
+
+
+def _label(method: str) -> str:
+    from molf.train import methods
+
+    return methods.label(method)
 
 
 @dataclass(frozen=True)
@@ -49,7 +55,8 @@ class Score:
     seeds: int
 
 
-def _items(directory: Path) -> dict[tuple[str, str], dict[int, dict[str, float]]]:
+def read_items(directory: Path) -> dict[tuple[str, str], dict[int, dict[str, float]]]:
+    """{(task, method): {seed: {item id: score in points}}} of a comparison's items.csv."""
     path = directory / "items.csv"
     if not path.is_file():
         raise MolfError(f"answer: {path} is missing (a comparison directory has items.csv)")
@@ -77,7 +84,7 @@ def floors(directory: Path) -> dict[str, float]:
 def method_scores(directory: Path, label: str) -> list[Score]:
     """Each (task, method) of a comparison directory: the mean over its seeds and items, and the
     interval of that mean (seeds and items drawn together, as the reports' differences are)."""
-    found = _items(directory)
+    found = read_items(directory)
     scores = []
     for (task, method), seeds in found.items():
         ids = sorted(set.intersection(*(set(v) for v in seeds.values())))
@@ -101,13 +108,7 @@ def plot_answer(scores: list[Score], base: dict[str, float], path: Path) -> Path
         mine = [s for s in scores if s.panel == panel]
         ys = list(range(len(mine)))[::-1]
         for y, s in zip(ys, mine):
-            color = (
-                "C0"
-                if s.method.startswith("molf")
-                else "C1"
-                if s.method in ("fft", "lora")
-                else "C2"
-            )
+            color = _COLORS.get(_role(s.method), "C2")
             ax.errorbar(
                 s.mean,
                 y,
@@ -117,7 +118,7 @@ def plot_answer(scores: list[Score], base: dict[str, float], path: Path) -> Path
                 capsize=3,
             )
         ax.set_yticks(ys)
-        ax.set_yticklabels([LABELS.get(s.method, s.method) for s in mine], fontsize=8)
+        ax.set_yticklabels([_label(s.method) for s in mine], fontsize=8)
         if panel in base:
             ax.axvline(base[panel], linestyle="--", color="k", linewidth=0.8, label="untrained")
             ax.legend(fontsize=7, loc="lower left")
@@ -144,7 +145,7 @@ def write_answer(out: Path, sources: list[tuple[Path, str]]) -> dict[str, Path]:
         if panel in base:
             lines.append(f"| {panel} | untrained model | {base[panel]:.1f} | - | - |")
         for s in (s for s in scores if s.panel == panel):
-            label = LABELS.get(s.method, s.method)
+            label = _label(s.method)
             lines.append(
                 f"| {panel} | {label} | {s.mean:.1f} | [{s.low:.1f}, {s.high:.1f}] | {s.seeds} |"
             )
