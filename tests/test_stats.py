@@ -178,16 +178,11 @@ def test_exact_cases_of_the_seed_bootstrap():
 
 
 def _committed_items() -> dict[tuple[str, str], dict[int, dict[str, float]]]:
-    import csv
     from pathlib import Path
 
-    path = Path(__file__).resolve().parents[1] / "docs" / "results" / "items.csv"
-    out: dict[tuple[str, str], dict[int, dict[str, float]]] = {}
-    with path.open() as f:
-        for row in csv.DictReader(f):
-            seeds = out.setdefault((row["task"], row["method"]), {})
-            seeds.setdefault(int(row["seed"]), {})[row["item"]] = 100.0 * float(row["score"])
-    return out
+    from molf.experiments.answer import read_items
+
+    return read_items(Path(__file__).resolve().parents[1] / "docs" / "results")
 
 
 @pytest.mark.parametrize(
