@@ -72,18 +72,21 @@ def pfn_lora_over_fft(n_in: int, n_out: int) -> float:
 
 
 def _pfn_step1(params: list[torch.Tensor], betas: tuple[float, float], eps: float) -> float:
-    """An expert's step-1 PFN from its parameters' gradients, eps included: with m = (1 - b1) g
-    and v = (1 - b2) g^2, sqrt(sum (m / (sqrt(v) + eps))^2 / numel); a parameter without a
-    gradient counts as zeros."""
-    total, numel = 0.0, 0
-    for p in params:
-        numel += p.numel()
-        if p.grad is None:
-            continue
-        g = p.grad.detach().double()
-        m = (1 - betas[0]) * g
-        v = (1 - betas[1]) * g * g
-        total += float((m / (v.sqrt() + eps)).pow(2).sum())
+    """An expert's step-1 PFN from its parameters' gradients, eps included: the optimizer's own
+    PFN partials (`molf.optim.functional`) of the step-1 moments m = (1 - b1) g and
+    v = (1 - b2) g^2, in float64; a parameter without a gradient counts as zeros."""
+    from molf.optim import functional as F
+
+    grads = [
+        p.grad.detach().double()
+        if p.grad is not None
+        else torch.zeros(p.shape, dtype=torch.float64)
+        for p in params
+    ]
+    ms = [(1 - betas[0]) * g for g in grads]
+    vs = [(1 - betas[1]) * g * g for g in grads]
+    total = float(F.kernel_partials("pfn", ms, vs, eps).sum())
+    numel = sum(p.numel() for p in params)
     return math.sqrt(total / numel) if numel else math.nan
 
 
