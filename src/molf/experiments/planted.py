@@ -16,6 +16,7 @@ went to the FFT expert and of low-rank modules' updates that went to a LoRA expe
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import random
 import sys
@@ -176,7 +177,7 @@ def make_planted(
         raise MolfError(f"--output-dir {out}: exists and is not empty; give a new folder")
     started = time.perf_counter()
     model, tokenizer = load_model(model_name)
-    base, _ = load_model(model_name)
+    base = copy.deepcopy(model)  # the untrained student, for the floor
     full, low = CHANGES[change]
     kinds = plant(model, full, low, rank, strength, seed)
     model.eval()
