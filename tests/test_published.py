@@ -150,6 +150,8 @@ def test_the_answer_figure_and_table_are_the_committed_reports_(tmp_path):
     write_answer(tmp_path, sources)
     committed = DOCS / "evidence" / "answer.md"
     assert (tmp_path / "answer.md").read_text() == committed.read_text()
+    shifts = DOCS / "evidence" / "differences.md"
+    assert (tmp_path / "differences.md").read_text() == shifts.read_text()
     assert (DOCS / "evidence" / "answer.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     page = (DOCS / "should-i-use-molf.md").read_text()
     assert "](evidence/answer.png)" in page

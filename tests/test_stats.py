@@ -267,3 +267,49 @@ def test_input_problems_are_named():
 def test_excludes_below_is_strict_at_the_margin():
     at = paired_difference([0.0, 0.0], [1.5, 1.5])  # low == high == -1.5
     assert at.low == -1.5 and not at.excludes_below(1.5) and at.excludes_below(1.6)
+
+
+def _comparison(where, rows, base):
+    """A minimal comparison directory: items.csv rows (task, method, seed, item, score) and the
+    untrained model's scores in results.csv."""
+    where.mkdir()
+    lines = ["task,method,seed,item,score"] + [",".join(map(str, r)) for r in rows]
+    (where / "items.csv").write_text("\n".join(lines) + "\n")
+    tasks = sorted(base)
+    header = ",".join(["method", *tasks, "mean"])
+    values = ",".join(["base", *(f"{base[t]:.4f}" for t in tasks), "0"])
+    (where / "results.csv").write_text(f"{header}\n{values}\n")
+    return where
+
+
+def test_directories_of_one_setting_share_a_panel_and_are_paired_item_by_item(tmp_path):
+    """A grid of ablations beside the grid it extends: same label, one panel, paired
+    differences across the two files; a method in both, or a different untrained score, is
+    refused (the items would not be the same)."""
+    from molf.experiments.answer import DIFFERENCES, differences, merged, write_answer
+
+    first = [
+        ("t", m, s, f"{i:02d}", int(i % 2 == 0))
+        for m in ("molf", "lora")
+        for s in (0, 1)
+        for i in range(10)
+    ]
+    # the hybrid gets exactly the items MoLF missed on seed 1: +50 points on seed 1, 0 on seed 0
+    later = [
+        ("t", "hybrid", s, f"{i:02d}", int(i % 2 == 0 or s == 1)) for s in (0, 1) for i in range(10)
+    ]
+    a = _comparison(tmp_path / "a", first, {"t": 20.0})
+    b = _comparison(tmp_path / "b", later, {"t": 20.0})
+    items, base = merged([a, b])
+    assert base == {"t": 20.0} and {m for _, m in items} == {"molf", "lora", "hybrid"}
+    (shift,) = [d for d in differences(items, "x", DIFFERENCES) if d.a == "hybrid"]
+    assert (shift.b, shift.mean, shift.seeds) == ("molf", 25.0, 2)
+    # a quarter of the resamples draw seed 0 twice (a difference of exactly 0)
+    assert shift.low == 0.0 and shift.high > 25.0
+    paths = write_answer(tmp_path / "out", [(a, "x"), (b, "x")])
+    assert "| t, x | Fixed hybrid - MoLF | +25.0 |" in paths["differences"].read_text()
+    assert paths["table"].read_text().count("| t, x | untrained model |") == 1
+    with pytest.raises(MolfError, match="in two directories of one setting"):
+        merged([a, _comparison(tmp_path / "c", first[:10], {"t": 20.0})])
+    with pytest.raises(MolfError, match="not the same test items"):
+        merged([a, _comparison(tmp_path / "d", later, {"t": 21.0})])

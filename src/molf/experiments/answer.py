@@ -4,8 +4,13 @@ that resamples seeds and items together, read from committed comparison director
 
     python -m molf.experiments.answer OUT_DIR DIR=LABEL [DIR=LABEL ...]
 
-writes OUT_DIR/answer.png (one panel per task and directory, methods as rows, the untrained
-model's score as a dashed line) and OUT_DIR/answer.md (the same numbers as a table).
+writes OUT_DIR/answer.png (one panel per task and label, methods as rows, the untrained model's
+score as a dashed line), OUT_DIR/answer.md (the same numbers as a table) and
+OUT_DIR/differences.md (the paired differences that decide the answer, per panel).
+
+Directories given the same label are one setting: their methods share a panel and are paired
+item by item, so a later grid that adds methods (ablations) sits beside the grid it extends. They
+must have scored the same test items: their untrained-model scores must agree, or it is refused.
 """
 
 from __future__ import annotations
@@ -19,7 +24,16 @@ from pathlib import Path
 from molf.errors import MolfError
 from molf.experiments.stats import paired_difference_seeds
 
-__all__ = ["Score", "method_scores", "plot_answer", "write_answer"]
+__all__ = [
+    "DIFFERENCES",
+    "Score",
+    "Shift",
+    "differences",
+    "merged",
+    "method_scores",
+    "plot_answer",
+    "write_answer",
+]
 
 # the order methods take in a panel, top to bottom; others follow in their file order (each
 # method is shown by its registry label, coloured by its role in the paper's claims)
@@ -28,6 +42,21 @@ ORDER = ("fft", "lora", "molf", "molf-pfn", "hybrid", "lora-other", "lora-160", 
 
 # the baselines (FFT, LoRA) in one colour, the mixtures (MoLF, MoLF-E) in another, others a third
 _COLORS = {"full": "C1", "lora": "C1", "mixture": "C0", "efficient": "C0"}
+
+# the paired differences the answer rests on, a minus b, each shown where both ran: the baselines
+# against each other, MoLF against each baseline, each ablation against what it isolates
+DIFFERENCES = (
+    ("fft", "lora"),
+    ("molf", "fft"),
+    ("molf", "lora"),
+    ("molf-pfn", "fft"),
+    ("hybrid", "molf"),
+    ("hybrid", "fft"),
+    ("lora-other", "lora"),
+    ("molf", "lora-other"),
+)
+
+Items = dict[tuple[str, str], dict[int, dict[str, float]]]
 
 
 def _role(method: str) -> str:
@@ -55,7 +84,20 @@ class Score:
     seeds: int
 
 
-def read_items(directory: Path) -> dict[tuple[str, str], dict[int, dict[str, float]]]:
+@dataclass(frozen=True)
+class Shift:
+    """a minus b on one panel, paired over the seeds both ran and the items both scored."""
+
+    panel: str
+    a: str
+    b: str
+    mean: float
+    low: float
+    high: float
+    seeds: int
+
+
+def read_items(directory: Path) -> Items:
     """{(task, method): {seed: {item id: score in points}}} of a comparison's items.csv."""
     path = directory / "items.csv"
     if not path.is_file():
@@ -81,18 +123,74 @@ def floors(directory: Path) -> dict[str, float]:
     return {}
 
 
-def method_scores(directory: Path, label: str) -> list[Score]:
-    """Each (task, method) of a comparison directory: the mean over its seeds and items, and the
-    interval of that mean (seeds and items drawn together, as the reports' differences are)."""
-    found = read_items(directory)
+def merged(directories: list[Path]) -> tuple[Items, dict[str, float]]:
+    """The items and untrained-model scores of comparison directories of one setting, as one.
+
+    A (task, method) in two of them is refused (which to show?), and so are two directories
+    whose untrained model scored a task differently: their test items are not the same."""
+    items: Items = {}
+    base: dict[str, float] = {}
+    seen: dict[str, Path] = {}
+    for directory in directories:
+        for key, seeds in read_items(directory).items():
+            if key in items:
+                raise MolfError(
+                    f"answer: {key[1]} on {key[0]} is in two directories of one setting "
+                    f"(the second is {directory}); give each a label of its own"
+                )
+            items[key] = seeds
+        for task, value in floors(directory).items():
+            if task in base and abs(base[task] - value) > 0.05:
+                raise MolfError(
+                    f"answer: {seen[task]} and {directory} disagree on the untrained model's "
+                    f"{task} score ({base[task]:.2f} vs {value:.2f}): not the same test items, "
+                    "so they cannot share a panel"
+                )
+            base.setdefault(task, value)
+            seen.setdefault(task, directory)
+    return items, base
+
+
+def _matrix(
+    seeds: dict[int, dict[str, float]], other: dict[int, dict[str, float]] | None = None
+) -> tuple[list[list[float]], list[list[float]]]:
+    """Rows per seed (shared seeds when paired), columns per item scored on every such seed."""
+    other = seeds if other is None else other
+    shared = sorted(set(seeds) & set(other))
+    ids = sorted(set.intersection(*(set(seeds[s]) & set(other[s]) for s in shared)))
+    return [[seeds[s][i] for i in ids] for s in shared], [
+        [other[s][i] for i in ids] for s in shared
+    ]
+
+
+def _scores(items: Items, label: str) -> list[Score]:
     scores = []
-    for (task, method), seeds in found.items():
-        ids = sorted(set.intersection(*(set(v) for v in seeds.values())))
-        rows = [[seeds[s][i] for i in ids] for s in sorted(seeds)]
-        r = paired_difference_seeds(rows, [[0.0] * len(ids) for _ in rows], seed=0)
+    for (task, method), seeds in items.items():
+        rows, _ = _matrix(seeds)
+        r = paired_difference_seeds(rows, [[0.0] * len(rows[0]) for _ in rows], seed=0)
         scores.append(Score(f"{task}, {label}", method, r.mean, r.low, r.high, len(rows)))
     rank = {m: i for i, m in enumerate(ORDER)}
     return sorted(scores, key=lambda s: (s.panel, rank.get(s.method, len(ORDER))))
+
+
+def method_scores(directory: Path, label: str) -> list[Score]:
+    """Each (task, method) of a comparison directory: the mean over its seeds and items, and the
+    interval of that mean (seeds and items drawn together, as the reports' differences are)."""
+    return _scores(read_items(directory), label)
+
+
+def differences(items: Items, label: str, pairs: tuple[tuple[str, str], ...]) -> list[Shift]:
+    """Each pair (a, b) of `pairs` on each task where both ran: a minus b, paired over shared
+    seeds and items, with the interval that resamples both together."""
+    out = []
+    for task in dict.fromkeys(t for t, _ in items):
+        for a, b in pairs:
+            if (task, a) not in items or (task, b) not in items:
+                continue
+            xs, ys = _matrix(items[(task, a)], items[(task, b)])
+            r = paired_difference_seeds(xs, ys, seed=0)
+            out.append(Shift(f"{task}, {label}", a, b, r.mean, r.low, r.high, len(xs)))
+    return out
 
 
 def plot_answer(scores: list[Score], base: dict[str, float], path: Path) -> Path:
@@ -129,12 +227,19 @@ def plot_answer(scores: list[Score], base: dict[str, float], path: Path) -> Path
 
 
 def write_answer(out: Path, sources: list[tuple[Path, str]]) -> dict[str, Path]:
-    """answer.png and answer.md in `out` from the comparison directories `sources`."""
-    scores: list[Score] = []
-    base: dict[str, float] = {}
+    """answer.png, answer.md and differences.md in `out` from the comparison directories
+    `sources` (directory, label); directories with one label are merged (see `merged`)."""
+    groups: dict[str, list[Path]] = {}
     for directory, label in sources:
-        scores += method_scores(directory, label)
-        base.update({f"{t}, {label}": v for t, v in floors(directory).items()})
+        groups.setdefault(label, []).append(directory)
+    scores: list[Score] = []
+    shifts: list[Shift] = []
+    base: dict[str, float] = {}
+    for label, directories in groups.items():
+        items, floor = merged(directories)
+        scores += _scores(items, label)
+        shifts += differences(items, label, DIFFERENCES)
+        base.update({f"{t}, {label}": v for t, v in floor.items()})
     out.mkdir(parents=True, exist_ok=True)
     png = plot_answer(scores, base, out / "answer.png")
     lines = [
@@ -151,7 +256,18 @@ def write_answer(out: Path, sources: list[tuple[Path, str]]) -> dict[str, Path]:
             )
     md = out / "answer.md"
     md.write_text("\n".join(lines) + "\n")
-    return {"figure": png, "table": md}
+    rows = [
+        "| task, setting | difference | points | 95% interval | seeds |",
+        "| --- | --- | --- | --- | --- |",
+    ]
+    for d in shifts:
+        name = f"{_label(d.a)} - {_label(d.b)}"
+        rows.append(
+            f"| {d.panel} | {name} | {d.mean:+.1f} | [{d.low:+.1f}, {d.high:+.1f}] | {d.seeds} |"
+        )
+    diff = out / "differences.md"
+    diff.write_text("\n".join(rows) + "\n")
+    return {"figure": png, "table": md, "differences": diff}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -168,7 +284,7 @@ def main(argv: list[str] | None = None) -> int:
             raise SystemExit(f"answer: {item!r}: expected DIR=LABEL")
         sources.append((Path(directory), label))
     paths = write_answer(Path(args.out), sources)
-    print(f"written: {paths['figure']} and {paths['table']}")
+    print(f"written: {paths['figure']}, {paths['table']} and {paths['differences']}")
     return 0
 
 
