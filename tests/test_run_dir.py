@@ -256,3 +256,81 @@ def test_peft_export_does_not_replace_a_directory_of_user_files(tmp_path):
     molf.export_peft_lora(model, fresh)
     molf.export_peft_lora(model, fresh)  # an earlier export may be replaced
     assert (fresh / "adapter_config.json").exists()
+
+
+def _made_run(run):
+    """A run directory as molf leaves it, without training: marker, ledger, recorded files."""
+    from molf.train.run_dir import mark_run_dir, record
+
+    mark_run_dir(run)
+    (run / "final" / "model").mkdir(parents=True)
+    (run / "final" / "model" / "model.safetensors").write_text("weights")
+    (run / "config.yaml").write_text("method: lora\n")
+    record(run, "config.yaml", run / "final")
+    return run
+
+
+def test_only_molf_s_own_temporary_names_count_as_its_leftovers(tmp_path):
+    """Clearing a run removes the leftovers of molf's atomic writes (`.tmp-<name>-<random>`,
+    `.<name>.tmp`), at the top and inside recorded folders, and keeps every other unrecorded
+    name, hidden or `.tmp`-suffixed ones included: they are the user's."""
+    from molf.train.run_dir import foreign_files
+
+    run = _made_run(tmp_path / "run")
+    leftovers = [run / ".tmp-final-x1y2", run / ".config.yaml.tmp", run / "final" / ".tmp-model-z"]
+    for p in leftovers[::2]:
+        p.mkdir()
+        (p / "part.bin").write_text("half-written")
+    leftovers[1].write_text("half-written")
+    mine = {".env": "KEY=1", "notes.tmp": "draft", ".tmpnotes": "x", "final/.cache": "c"}
+    for rel, text in mine.items():
+        (run / rel).write_text(text)
+    assert foreign_files(run) == sorted(mine)
+    assert clear_run_dir(run) == sorted(mine)
+    assert not any(p.exists() for p in leftovers)
+    assert {rel: (run / rel).read_text() for rel in mine} == mine
+    assert not (run / "config.yaml").exists() and not (run / "final" / "model").exists()
+
+
+def test_overwrite_is_blocked_only_by_a_user_file_inside_a_folder_it_replaces(tmp_path):
+    """A user's file deep in a folder of their own, or a leftover of molf's inside `final/`, does
+    not block `--overwrite`; user files inside `final/model` do, and the refusal names the first
+    and counts the rest."""
+    from molf.train.run_dir import check_output_dir
+
+    run = _made_run(tmp_path / "run")
+    (run / "mine" / "deep").mkdir(parents=True)
+    (run / "mine" / "deep" / "keep.txt").write_text("mine")
+    (run / "final" / "model" / ".tmp-shard-ab").mkdir()
+    (run / "final" / "model" / ".tmp-shard-ab" / "x.bin").write_text("half")
+    check_output_dir(run, "none", overwrite=True)
+    (run / "final" / "model" / "a.txt").write_text("mine")
+    with pytest.raises(MolfError, match=r"final/model/a\.txt: move it out of the run first"):
+        check_output_dir(run, "none", overwrite=True)
+    (run / "final" / "model" / "b.txt").write_text("mine")
+    with pytest.raises(MolfError, match=r"a\.txt \(and 1 more\): move it out"):
+        check_output_dir(run, "none", overwrite=True)
+
+
+def test_refusals_name_what_they_found_and_what_to_do(tmp_path):
+    """A non-run directory's refusal lists three of its names and counts the rest; a run marked
+    by a molf without a ledger (or a marker molf cannot read) is refused with the way out, and
+    one holding nothing but its marker may be reused."""
+    from molf.train.run_dir import check_output_dir
+
+    user = tmp_path / "user"
+    user.mkdir()
+    for name in "abcde":
+        (user / f"{name}.txt").write_text(name)
+    with pytest.raises(MolfError, match=r"holds a\.txt, b\.txt, c\.txt and 2 more\)"):
+        check_output_dir(user, "none", overwrite=True)
+    for marker in ('{"molf_version": "0.1.0"}\n', "not json\n"):
+        old = tmp_path / f"old{len(marker)}"
+        old.mkdir()
+        (old / MARKER).write_text(marker)
+        check_output_dir(old, "none", overwrite=True)  # nothing but the marker: nothing to lose
+        (old / "config.yaml").write_text("method: lora\n")
+        with pytest.raises(
+            MolfError, match=r"remove the directory yourself or give another --output-dir$"
+        ):
+            check_output_dir(old, "none", overwrite=True)

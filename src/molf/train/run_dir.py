@@ -50,10 +50,10 @@ TEST_ITEMS = "test_items.json"  # per-item headline scores of the final test eva
 _REPLACED_WHOLE = ("final", "checkpoints")
 
 
-def _molf_leftover(rel: str) -> bool:
-    """Leftovers of molf's atomic writes that a crash left behind before they were recorded:
-    `.tmp-<name>-<random>` directories and files, `.<name>.tmp` files."""
-    name = rel.rstrip("/").rsplit("/", 1)[-1]
+def _molf_leftover(name: str) -> bool:
+    """Whether the file or directory name `name` is a leftover of molf's atomic writes that a
+    crash left behind before it was recorded: `.tmp-<name>-<random>` directories and files,
+    `.<name>.tmp` files. Anything else unrecorded is the user's."""
     return name.startswith(".tmp-") or (name.startswith(".") and name.endswith(".tmp"))
 
 
