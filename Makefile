@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 PIP := $(BIN)/python -m pip
 STAMP := $(VENV)/.molf-installed
 
-.PHONY: setup test lint format docs mutants demo bench results results-rank8 fact-seeds sweep planted results-planted sweep-pfn results-rank8-alpha8 answer clean
+.PHONY: setup test lint format docs mutants demo bench results results-rank8 fact-seeds sweep planted results-planted sweep-pfn results-rank8-alpha8 results-ablations answer clean
 
 setup: $(STAMP)
 
@@ -46,9 +46,27 @@ mutants: setup
 demo: setup
 	$(BIN)/python -m molf.demo
 
+# Every benchmark docs/performance.md quotes, one thread, CPU-time clock where it has one, each
+# command's output written to benchmarks/results/ (tests/test_benchmarks.py checks the page's
+# tables against those files). About 20 minutes on a 2-core CPU.
+BENCH_OUT := benchmarks/results
+BENCH_ENV := OMP_NUM_THREADS=1 HF_HUB_OFFLINE=1 MOLF_OPTIMIZER_BACKEND=native
 bench: setup
-	$(BIN)/python benchmarks/optimizer_step.py
-	$(BIN)/python benchmarks/train_step.py
+	mkdir -p $(BENCH_OUT)
+	$(BENCH_ENV) $(BIN)/python benchmarks/optimizer_step.py --backend native --threads 1 --clock cpu \
+		> $(BENCH_OUT)/optimizer_step.txt
+	$(BENCH_ENV) $(BIN)/python benchmarks/optimizer_step.py --backend eager --layers 4 --steps 5 \
+		--threads 1 --clock cpu > $(BENCH_OUT)/optimizer_step_eager.txt
+	$(BENCH_ENV) $(BIN)/python benchmarks/optimizer_step.py --backend device --layers 10 --steps 5 \
+		--threads 1 --clock cpu > $(BENCH_OUT)/optimizer_step_device.txt
+	$(BENCH_ENV) $(BIN)/python benchmarks/train_step.py --threads 1 --clock cpu > $(BENCH_OUT)/train_step.txt
+	$(BENCH_ENV) $(BIN)/python benchmarks/compile_cost.py --layers 1 --vocab 512 --threads 1 \
+		> $(BENCH_OUT)/compile_cost.txt
+	$(BENCH_ENV) $(BIN)/python benchmarks/routing_log.py > $(BENCH_OUT)/routing_log.txt
+	$(BENCH_ENV) $(BIN)/python benchmarks/optimizer_ops.py > $(BENCH_OUT)/optimizer_ops.txt
+	$(BENCH_ENV) $(BIN)/python benchmarks/optimizer_ops.py --backends device \
+		--chunk-elements 268435456 >> $(BENCH_OUT)/optimizer_ops.txt
+	cat $(BENCH_OUT)/*.txt
 
 # The published comparison: the small-budget grid (resumable, finished cells are skipped; its cost
 # per task is in docs/compare.md), three seeds for the methods of the paper's claims, and its
@@ -61,6 +79,19 @@ results: setup
 	cp $(COMPARE_OUT)/results.csv $(COMPARE_OUT)/results.md $(COMPARE_OUT)/cells.csv \
 		$(COMPARE_OUT)/items.csv $(COMPARE_OUT)/report.md $(COMPARE_OUT)/grid.json \
 		$(COMPARE_OUT)/*.png docs/results/
+
+# The ablations (hybrid, lora-other) on the published comparison's three tasks at its settings
+# (rank 128, LR grid, three seeds), copied into docs/results-ablations/; `make answer` pairs them
+# item by item with docs/results/ (same tasks, same test items).
+ABLATIONS_OUT := runs/ablations128
+results-ablations: setup
+	$(BIN)/molf compare --model smollm2-135m --tasks fact-geo,med-icd10,world-sql \
+		--methods hybrid,lora-other --seed-methods hybrid,lora-other --budget small --jobs 2 --threads 1 \
+		--output-dir $(ABLATIONS_OUT)
+	mkdir -p docs/results-ablations
+	cp $(ABLATIONS_OUT)/results.csv $(ABLATIONS_OUT)/results.md $(ABLATIONS_OUT)/cells.csv \
+		$(ABLATIONS_OUT)/items.csv $(ABLATIONS_OUT)/report.md $(ABLATIONS_OUT)/grid.json \
+		$(ABLATIONS_OUT)/*.png docs/results-ablations/
 
 # The rank mechanism: FFT, LoRA and MoLF (EPD and PFN, and its ablations) on fact-geo with LoRA rank 8 for the
 # baseline and MoLF's expert alike, copied into docs/results-rank8/ (how it was run: its README).

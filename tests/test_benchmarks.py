@@ -4,6 +4,7 @@ qlora_memory."""
 
 import importlib.util
 import os
+import re
 import subprocess
 import sys
 import time
@@ -212,3 +213,71 @@ def test_qlora_memory_benchmark_runs_molf_e_and_lora_on_one_quantized_base():
     rows = [line.split() for line in out.splitlines() if "MiB" in line]
     assert [r[0] for r in rows] == ["lora", "lora", "molf-e"]  # r128, r160, MoLF-E
     assert "vs lora r128: time" in out and "vs lora r160: time" in out
+
+
+def _fixed_width_tables(text: str) -> dict[tuple[str, str], list[dict[str, str]]]:
+    """The rows of a benchmark output's tables, by (section, first cell), in order: {column:
+    cell}. A table is a header line over a line of dash runs, which give the columns; a section
+    is the line that opens a model's part ('MoLF-E (...): ...' -> 'MoLF-E'), '' before any."""
+    lines = text.splitlines()
+    rows: dict[tuple[str, str], list[dict[str, str]]] = {}
+    section = ""
+    for i, line in enumerate(lines):
+        if "trainable tensors" in line and not line.startswith(" "):
+            section = line.split(" (", 1)[0]
+        if i == 0 or not re.fullmatch(r"-+( +-+)*", line.rstrip()):
+            continue
+        spans = [m.span() for m in re.finditer(r"-+", line)]
+        starts = [s for s, _ in spans] + [10**6]
+
+        def cells(text: str, starts: list[int] = starts) -> list[str]:
+            return [text[a:b].strip() for a, b in zip(starts, starts[1:])]
+
+        header = cells(lines[i - 1])
+        for row in lines[i + 1 :]:
+            if not row.strip() or row.startswith(" "):
+                break
+            values = cells(row)
+            rows.setdefault((section, values[0]), []).append(dict(zip(header, values)))
+    return rows
+
+
+# the performance page's measured tables, each under its command's committed output file
+MEASURED = ["optimizer_step.txt", "optimizer_step_eager.txt", "optimizer_step_device.txt"]
+MEASURED += ["train_step.txt", "compile_cost.txt", "routing_log.txt"]
+
+
+@pytest.mark.parametrize("name", MEASURED)
+def test_the_performance_page_s_tables_are_the_committed_benchmark_output(name):
+    """Below 'Output: `benchmarks/results/NAME`' the page's table shows rows of that file:
+    every cell is the file's under the same column (a row whose other cells are empty names the
+    file's section)."""
+    text = (ROOT / "benchmarks" / "results" / name).read_text()
+    measured = _fixed_width_tables(text)
+    page = (ROOT / "docs" / "performance.md").read_text().replace("**", "")
+    marker = f"Output: `benchmarks/results/{name}`"
+    assert page.count(marker) == 1, marker
+    after = page[page.index(marker) :].splitlines()
+    start = next(i for i, line in enumerate(after) if line.startswith("|"))
+    table = []
+    for line in after[start:]:
+        if not line.startswith("|"):
+            break
+        table.append([c.strip() for c in line.strip().strip("|").split("|")])
+    header, rows = table[0], table[2:]
+    section, checked, seen = "", 0, {}
+    for row in rows:
+        if not any(row[1:]):
+            section = row[0].split(" (", 1)[0]
+            continue
+        # the n-th row of a name on the page is the n-th row of that name in the file
+        n = seen[(section, row[0])] = seen.get((section, row[0]), -1) + 1
+        found = measured[(section, row[0])][n]
+        for column, shown in zip(header[1:], row[1:]):
+            assert shown == found[column], (name, section, row[0], column)
+            checked += 1
+    assert checked >= 6, name
+    if name == "train_step.txt":  # the targets' ratios the page quotes below the table
+        flops = re.search(r"(\d+\.\d+)x the FLOP ratio", text).group(1)
+        lora = re.search(r"molf-e time / lora r160 time = (\d+\.\d+)", text).group(1)
+        assert f"{flops}x the FLOP ratio" in page and f"{lora}x the time of a LoRA" in page
