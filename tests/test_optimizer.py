@@ -263,3 +263,33 @@ def test_modules_without_gradient_are_not_stepped():
     assert all(torch.equal(p, q) for p, q in zip(net["b"].parameters(), before))
     assert not opt.state[net["b"].base_layer.weight]
     assert opt.routing_log.records[0]["active"].tolist() == [True, False]
+
+
+def test_functional_partials_in_batches_equal_the_formula_per_tensor(monkeypatch):
+    """kernel_partials batches tensors by element count: any batch size gives each tensor's
+    own partial (EPD sum m^2/(sqrt(v)+eps), PFN sum (m/(sqrt(v)+eps))^2), in order, none
+    skipped; no tensors give an empty result; bad input is refused by name."""
+    from molf.optim import functional as F
+
+    gen = torch.Generator().manual_seed(0)
+    sizes = [5, 1, 7, 3, 12, 2]
+    ms = [torch.randn(n, generator=gen, dtype=torch.float64) for n in sizes]
+    vs = [torch.rand(n, generator=gen, dtype=torch.float64) for n in sizes]
+    eps = 1e-3
+    want = {
+        "epd": [float((m * m / (v.sqrt() + eps)).sum()) for m, v in zip(ms, vs)],
+        "pfn": [float(((m / (v.sqrt() + eps)) ** 2).sum()) for m, v in zip(ms, vs)],
+    }
+    for batch in (1, 6, 10, 10**9):
+        monkeypatch.setattr(F, "PARTIAL_BATCH_ELEMENTS", batch)
+        for kernel, expected in want.items():
+            got = F.kernel_partials(kernel, ms, vs, eps)
+            assert got.tolist() == pytest.approx(expected, rel=1e-12), (kernel, batch)
+    assert F.kernel_partials("epd", [], [], eps).shape == (0,)
+    with pytest.raises(ValueError, match="unknown score kernel 'bogus'"):
+        F.kernel_partials("bogus", ms, vs, eps)
+    with pytest.raises(ValueError, match="unknown score kernel 'bogus'"):
+        F.finalize_scores("bogus", torch.ones(1, 2), torch.ones(1, 2), torch.ones(1, 2))
+    won = torch.ones(1, dtype=torch.bool)
+    with pytest.raises(ValueError, match="a mask of winners needs scratch memory"):
+        F.adam_update(ms[:1], ms[:1], vs[:1], [1.0], [0.1], [0.0], 0.9, 0.999, eps, won=won)
