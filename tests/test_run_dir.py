@@ -4,6 +4,7 @@ A run directory is molf's only if it carries the marker; `--overwrite`, checkpoi
 the end of a run remove exactly the files the run recorded in its ledger."""
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -334,3 +335,70 @@ def test_refusals_name_what_they_found_and_what_to_do(tmp_path):
             MolfError, match=r"remove the directory yourself or give another --output-dir$"
         ):
             check_output_dir(old, "none", overwrite=True)
+
+
+def test_the_ledger_records_every_folder_molf_made_and_forgets_what_it_removed(
+    tmp_path, monkeypatch
+):
+    """record() lists a file's parent folders (ending in '/') and a folder's whole tree, for a
+    path given relative to the run or with the run's own prefix, and refuses one outside it;
+    remove_recorded() empties nested folders deepest first, skips a recorded folder the user
+    already deleted, and drops the removed entries from the ledger."""
+    from molf.train.run_dir import LEDGER, mark_run_dir, record, recorded, remove_recorded
+
+    monkeypatch.chdir(tmp_path)
+    run = tmp_path / "a" / "b" / "run"
+    mark_run_dir(run)  # makes its parents too
+    marker = json.loads((run / MARKER).read_text())
+    assert marker["ledger"] is True and isinstance(marker["molf_version"], str)
+    deep = run / "checkpoints" / "step-2" / "opt"
+    deep.mkdir(parents=True)
+    (deep / "state.safetensors").write_text("x")
+    (run / "checkpoints" / "step-2" / "model.safetensors").write_text("x")
+    record(run, "checkpoints/step-2")
+    record(Path("a/b/run"), Path("a/b/run/config.yaml"))  # the run's prefix, as given
+    (run / "config.yaml").write_text("c")
+    assert recorded(run) == {
+        "checkpoints/",
+        "checkpoints/step-2/",
+        "checkpoints/step-2/opt/",
+        "checkpoints/step-2/opt/state.safetensors",
+        "checkpoints/step-2/model.safetensors",
+        "config.yaml",
+    }
+    with pytest.raises(ValueError, match="is not inside the run directory"):
+        record(run, tmp_path / "elsewhere.txt")
+    (run / "checkpoints" / "step-3").mkdir()
+    record(run, "checkpoints/step-3/")
+    (run / "checkpoints" / "step-3").rmdir()  # the user removed it already
+    remove_recorded(run, "checkpoints/step-3")  # while the ledger still lists it
+    remove_recorded(run, "checkpoints/step-2/")
+    assert not (run / "checkpoints" / "step-2").exists()
+    assert recorded(run) == {"checkpoints/", "config.yaml"}
+    assert sorted((run / LEDGER).read_text().splitlines()) == ["checkpoints/", "config.yaml"]
+
+
+def test_each_output_directory_refusal_says_what_to_do(tmp_path):
+    """The refusals of check_output_dir and of a bad --resume, word for word where they advise."""
+    from molf.train.run_dir import SUMMARY, check_output_dir, check_resume_value
+
+    with pytest.raises(MolfError, match=r"--resume .*nowhere: expected .*\(no such directory\)"):
+        check_resume_value(str(tmp_path / "nowhere"))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(MolfError, match=r"empty: expected 'auto', 'none' or a checkpoint"):
+        check_resume_value(str(tmp_path / "empty"))
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(MolfError, match=r"^output directory .*afile is not a directory$"):
+        check_output_dir(tmp_path / "afile", "none", overwrite=False)
+    run = _made_run(tmp_path / "run")
+    with pytest.raises(MolfError, match=r"unfinished run \(use --resume auto to continue it, or "):
+        check_output_dir(run, "none", overwrite=False)
+    (run / SUMMARY).write_text("{}")
+    finished = r"finished run \(use --overwrite to replace it; only files molf wrote are removed\)"
+    with pytest.raises(MolfError, match=finished):
+        check_output_dir(run, "auto", overwrite=False)
+    user = tmp_path / "user"
+    user.mkdir()
+    (user / "a.txt").write_text("a")
+    with pytest.raises(MolfError, match=r"\(it holds a\.txt\); .* give another --output-dir$"):
+        check_output_dir(user, "none", overwrite=False)
