@@ -273,22 +273,31 @@ def _made_run(run):
 
 def test_only_molf_s_own_temporary_names_count_as_its_leftovers(tmp_path):
     """Clearing a run removes the leftovers of molf's atomic writes (`.tmp-<name>-<random>`,
-    `.<name>.tmp`), at the top and inside recorded folders, and keeps every other unrecorded
-    name, hidden or `.tmp`-suffixed ones included: they are the user's."""
-    from molf.train.run_dir import foreign_files
+    `.tmp-<name>`, `.<name>.tmp`) written for a path molf recorded or a checkpoint, at the top and
+    inside recorded folders, and keeps every other name, even one of those forms written for a
+    name of the user's (`.notes.tmp`, a `.tmp-mine` folder): they are the user's."""
+    from molf.train.run_dir import foreign_files, record
 
     run = _made_run(tmp_path / "run")
-    leftovers = [run / ".tmp-final-x1y2", run / ".config.yaml.tmp", run / "final" / ".tmp-model-z"]
-    for p in leftovers[::2]:
+    (run / "checkpoints" / "step-1").mkdir(parents=True)
+    (run / "checkpoints" / "step-1" / "model.safetensors").write_text("weights")
+    record(run, "checkpoints/step-1")
+    dirs = [run / ".tmp-final-ab12cd34", run / "final" / ".tmp-model-zz99yy88"]
+    dirs.append(run / "checkpoints" / ".tmp-step-5-abcdefgh")
+    for p in dirs:
         p.mkdir()
         (p / "part.bin").write_text("half-written")
-    leftovers[1].write_text("half-written")
+    files = [run / ".config.yaml.tmp", run / "..molf-files.tmp", run / ".tmp-config.yaml"]
+    for p in files:
+        p.write_text("half-written")
     mine = {".env": "KEY=1", "notes.tmp": "draft", ".tmpnotes": "x", "final/.cache": "c"}
+    mine |= {".notes.tmp": "mine", ".tmp-mine/a.txt": "mine", "checkpoints/.tmp-x": "mine"}
+    (run / ".tmp-mine").mkdir()
     for rel, text in mine.items():
         (run / rel).write_text(text)
     assert foreign_files(run) == sorted(mine)
     assert clear_run_dir(run) == sorted(mine)
-    assert not any(p.exists() for p in leftovers)
+    assert not any(p.exists() for p in dirs + files)
     assert {rel: (run / rel).read_text() for rel in mine} == mine
     assert not (run / "config.yaml").exists() and not (run / "final" / "model").exists()
 
@@ -302,8 +311,7 @@ def test_overwrite_is_blocked_only_by_a_user_file_inside_a_folder_it_replaces(tm
     run = _made_run(tmp_path / "run")
     (run / "mine" / "deep").mkdir(parents=True)
     (run / "mine" / "deep" / "keep.txt").write_text("mine")
-    (run / "final" / "model" / ".tmp-shard-ab").mkdir()
-    (run / "final" / "model" / ".tmp-shard-ab" / "x.bin").write_text("half")
+    (run / "final" / "model" / ".model.safetensors.tmp").write_text("half")
     check_output_dir(run, "none", overwrite=True)
     (run / "final" / "model" / "a.txt").write_text("mine")
     with pytest.raises(MolfError, match=r"final/model/a\.txt: move it out of the run first"):

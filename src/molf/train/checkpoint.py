@@ -29,7 +29,7 @@ from molf.train import distributed
 from molf.train.distributed import DistContext
 from molf.train.manifest import verify, write_manifest
 from molf.train.prepare import Setup, keeps_best, routed_optimizer
-from molf.train.run_dir import record, remove_recorded
+from molf.train.run_dir import is_leftover, record, recorded, remove_recorded
 
 
 def signed_directory(
@@ -74,8 +74,9 @@ def prune_checkpoints(run_dir: Path, keep: int, protect: Path | None = None) -> 
     `keep_best` exports at the end); drop leftovers of interrupted writes."""
     root = run_dir / "checkpoints"
     if root.exists():
+        known = recorded(run_dir)
         for p in root.iterdir():
-            if p.name.startswith(".tmp-"):
+            if p.is_dir() and is_leftover(f"checkpoints/{p.name}", known):
                 shutil.rmtree(p, ignore_errors=True)
     if keep > 0:
         for old in list_checkpoints(run_dir)[:-keep]:

@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import shutil
 from collections.abc import Iterable
 from pathlib import Path
@@ -34,6 +35,7 @@ __all__ = [
     "check_resume_value",
     "clear_run_dir",
     "foreign_files",
+    "is_leftover",
     "is_run_dir",
     "mark_run_dir",
     "record",
@@ -50,11 +52,40 @@ TEST_ITEMS = "test_items.json"  # per-item headline scores of the final test eva
 _REPLACED_WHOLE = ("final", "checkpoints")
 
 
-def _molf_leftover(name: str) -> bool:
-    """Whether the file or directory name `name` is a leftover of molf's atomic writes that a
-    crash left behind before it was recorded: `.tmp-<name>-<random>` directories and files,
-    `.<name>.tmp` files. Anything else unrecorded is the user's."""
-    return name.startswith(".tmp-") or (name.startswith(".") and name.endswith(".tmp"))
+# the random part tempfile.mkdtemp adds to a temporary directory's prefix
+_RANDOM_SUFFIX = re.compile(r"(.+)-[a-z0-9_]{8}")
+_CHECKPOINT = re.compile(r"step-\d+")
+
+
+def _leftover_targets(name: str) -> set[str]:
+    """The names a temporary of molf's atomic writes called `name` could have been written for:
+    `.tmp-<target>-<random>` (a directory), `.tmp-<target>` or `.<target>.tmp` (a file)."""
+    targets = set()
+    if name.startswith(".tmp-") and len(name) > 5:
+        targets.add(name[5:])
+        m = _RANDOM_SUFFIX.fullmatch(name[5:])
+        if m:
+            targets.add(m.group(1))
+    if name.startswith(".") and name.endswith(".tmp") and len(name) > 5:
+        targets.add(name[1:-4])
+    return targets
+
+
+def is_leftover(rel: str, known: set[str]) -> bool:
+    """Whether the run's path `rel` is a leftover of one of molf's atomic writes that a crash
+    left behind: its name has a temporary's form and what it was written for is molf's (in the
+    ledger `known`, the ledger itself, or a checkpoint `checkpoints/step-N`). A name of that
+    form whose target is not molf's is the user's, and stays."""
+    parent, _, name = rel.rstrip("/").rpartition("/")
+    prefix = parent + "/" if parent else ""
+    for target in _leftover_targets(name):
+        if prefix + target in known or prefix + target + "/" in known:
+            return True
+        if not parent and target == LEDGER:
+            return True
+        if parent == "checkpoints" and _CHECKPOINT.fullmatch(target):
+            return True
+    return False
 
 
 def is_run_dir(directory: Path) -> bool:
@@ -123,10 +154,14 @@ def foreign_files(run_dir: Path, under: str = "") -> list[str]:
     return [
         rel
         for rel in _all_files(root, run_dir)
-        if rel not in known
-        and rel not in (MARKER, LEDGER)
-        and not any(_molf_leftover(part) for part in rel.split("/"))
+        if rel not in known and rel not in (MARKER, LEDGER) and not _under_leftover(rel, known)
     ]
+
+
+def _under_leftover(rel: str, known: set[str]) -> bool:
+    """Whether `rel` is a leftover of molf's or lies inside one."""
+    parts = rel.split("/")
+    return any(is_leftover("/".join(parts[: i + 1]), known) for i in range(len(parts)))
 
 
 def _blocking(run_dir: Path) -> list[str]:
@@ -219,6 +254,7 @@ def _check_clearable(run_dir: Path) -> None:
 def _remove_entries(run_dir: Path, entries: Iterable[str]) -> None:
     """Remove the recorded `entries` (files first, then directories left empty, deepest first)
     and molf's temporary leftovers beside them."""
+    known = recorded(run_dir)
     entries = sorted(set(entries))
     dirs = [e.rstrip("/") for e in entries if e.endswith("/")]
     for rel in entries:
@@ -229,7 +265,7 @@ def _remove_entries(run_dir: Path, entries: Iterable[str]) -> None:
         path = run_dir / rel
         if path.is_dir() and not path.is_symlink():
             for leftover in path.iterdir():
-                if _molf_leftover(leftover.name):
+                if is_leftover(f"{rel}/{leftover.name}", known):
                     _remove_path(leftover)
             with contextlib.suppress(OSError):  # not empty: it holds the user's files
                 path.rmdir()
@@ -276,9 +312,10 @@ def clear_run_dir(run_dir: Path) -> list[str]:
     if any(run_dir.iterdir()) and not is_run_dir(run_dir):
         raise MolfError(f"{run_dir} is not a molf run directory: nothing removed")
     _check_clearable(run_dir)
-    _remove_entries(run_dir, recorded(run_dir))
+    known = recorded(run_dir)
+    _remove_entries(run_dir, known)
     for leftover in run_dir.iterdir():
-        if _molf_leftover(leftover.name):
+        if is_leftover(leftover.name, known):
             _remove_path(leftover)
     _rewrite_ledger(run_dir)
     return foreign_files(run_dir)
