@@ -285,6 +285,13 @@ def test_functional_partials_in_batches_equal_the_formula_per_tensor(monkeypatch
         for kernel, expected in want.items():
             got = F.kernel_partials(kernel, ms, vs, eps)
             assert got.tolist() == pytest.approx(expected, rel=1e-12), (kernel, batch)
+    # bfloat16 moments are scored in float32, not in their own precision
+    low_m = [m.to(torch.bfloat16) for m in ms]
+    low_v = [v.to(torch.bfloat16) for v in vs]
+    got = F.kernel_partials("pfn", low_m, low_v, eps)
+    up = [(m.double(), v.double()) for m, v in zip(low_m, low_v)]
+    exact = [float(((m / (v.float().sqrt().double() + eps)) ** 2).sum()) for m, v in up]
+    assert got.dtype == torch.float32 and got.tolist() == pytest.approx(exact, rel=1e-5)
     assert F.kernel_partials("epd", [], [], eps).shape == (0,)
     with pytest.raises(ValueError, match="unknown score kernel 'bogus'"):
         F.kernel_partials("bogus", ms, vs, eps)
