@@ -54,18 +54,21 @@ BENCH_ENV := OMP_NUM_THREADS=1 HF_HUB_OFFLINE=1 MOLF_OPTIMIZER_BACKEND=native
 bench: setup
 	mkdir -p $(BENCH_OUT)
 	$(BENCH_ENV) $(BIN)/python benchmarks/optimizer_step.py --backend native --threads 1 --clock cpu \
-		> $(BENCH_OUT)/optimizer_step.txt
+		> $(BENCH_OUT)/optimizer_step.txt.tmp
 	$(BENCH_ENV) $(BIN)/python benchmarks/optimizer_step.py --backend eager --layers 4 --steps 5 \
-		--threads 1 --clock cpu > $(BENCH_OUT)/optimizer_step_eager.txt
+		--threads 1 --clock cpu > $(BENCH_OUT)/optimizer_step_eager.txt.tmp
 	$(BENCH_ENV) $(BIN)/python benchmarks/optimizer_step.py --backend device --layers 10 --steps 5 \
-		--threads 1 --clock cpu > $(BENCH_OUT)/optimizer_step_device.txt
-	$(BENCH_ENV) $(BIN)/python benchmarks/train_step.py --threads 1 --clock cpu > $(BENCH_OUT)/train_step.txt
+		--threads 1 --clock cpu > $(BENCH_OUT)/optimizer_step_device.txt.tmp
+	$(BENCH_ENV) $(BIN)/python benchmarks/train_step.py --threads 1 --clock cpu \
+		> $(BENCH_OUT)/train_step.txt.tmp
 	$(BENCH_ENV) $(BIN)/python benchmarks/compile_cost.py --layers 1 --vocab 512 --threads 1 \
-		> $(BENCH_OUT)/compile_cost.txt
-	$(BENCH_ENV) $(BIN)/python benchmarks/routing_log.py > $(BENCH_OUT)/routing_log.txt
-	$(BENCH_ENV) $(BIN)/python benchmarks/optimizer_ops.py > $(BENCH_OUT)/optimizer_ops.txt
+		> $(BENCH_OUT)/compile_cost.txt.tmp
+	$(BENCH_ENV) $(BIN)/python benchmarks/routing_log.py > $(BENCH_OUT)/routing_log.txt.tmp
+	$(BENCH_ENV) $(BIN)/python benchmarks/optimizer_ops.py > $(BENCH_OUT)/optimizer_ops.txt.tmp
 	$(BENCH_ENV) $(BIN)/python benchmarks/optimizer_ops.py --backends device \
-		--chunk-elements 268435456 >> $(BENCH_OUT)/optimizer_ops.txt
+		--chunk-elements 268435456 >> $(BENCH_OUT)/optimizer_ops.txt.tmp
+	# only a complete set replaces the committed outputs
+	for f in $(BENCH_OUT)/*.txt.tmp; do mv "$$f" "$${f%.tmp}"; done
 	cat $(BENCH_OUT)/*.txt
 
 # The published comparison: the small-budget grid (resumable, finished cells are skipped; its cost

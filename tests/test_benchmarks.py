@@ -267,8 +267,10 @@ def test_the_performance_page_s_tables_are_the_committed_benchmark_output(name):
     header, rows = table[0], table[2:]
     section, checked, seen = "", 0, {}
     for row in rows:
-        if not any(row[1:]):
+        if not any(row[1:]):  # a section: its parameter count is the file's
             section = row[0].split(" (", 1)[0]
+            opening = next(x for x in text.splitlines() if x.startswith(f"{section} ("))
+            assert opening.endswith(row[0].rsplit(", ", 1)[-1]), (name, row[0])
             continue
         # the n-th row of a name on the page is the n-th row of that name in the file
         n = seen[(section, row[0])] = seen.get((section, row[0]), -1) + 1

@@ -269,10 +269,14 @@ def test_excludes_below_is_strict_at_the_margin():
     assert at.low == -1.5 and not at.excludes_below(1.5) and at.excludes_below(1.6)
 
 
-def _comparison(where, rows, base):
-    """A minimal comparison directory: items.csv rows (task, method, seed, item, score) and the
-    untrained model's scores in results.csv."""
+def _comparison(where, rows, base, overrides=()):
+    """A minimal comparison directory: items.csv rows (task, method, seed, item, score), the
+    untrained model's scores in results.csv and the grid's settings in grid.json."""
+    import json
+
     where.mkdir()
+    grid = {"model": "m", "budget": "small", "seed": 0, "overrides": list(overrides)}
+    (where / "grid.json").write_text(json.dumps(grid))
     lines = ["task,method,seed,item,score"] + [",".join(map(str, r)) for r in rows]
     (where / "items.csv").write_text("\n".join(lines) + "\n")
     tasks = sorted(base)
@@ -302,7 +306,7 @@ def test_directories_of_one_setting_share_a_panel_and_are_paired_item_by_item(tm
     b = _comparison(tmp_path / "b", later, {"t": 20.0})
     items, base = merged([a, b])
     assert base == {"t": 20.0} and {m for _, m in items} == {"molf", "lora", "hybrid"}
-    (shift,) = [d for d in differences(items, "x", DIFFERENCES) if d.a == "hybrid"]
+    (shift,) = [d for d in differences(items, "x", DIFFERENCES) if (d.a, d.b) == ("hybrid", "molf")]
     assert (shift.b, shift.mean, shift.seeds) == ("molf", 25.0, 2)
     # a quarter of the resamples draw seed 0 twice (a difference of exactly 0)
     assert shift.low == 0.0 and shift.high > 25.0
@@ -313,3 +317,16 @@ def test_directories_of_one_setting_share_a_panel_and_are_paired_item_by_item(tm
         merged([a, _comparison(tmp_path / "c", first[:10], {"t": 20.0})])
     with pytest.raises(MolfError, match="not the same test items"):
         merged([a, _comparison(tmp_path / "d", later, {"t": 21.0})])
+    other = _comparison(tmp_path / "e", later, {"t": 20.0}, overrides=["lora_rank=8"])
+    with pytest.raises(
+        MolfError, match=r"different settings \(overrides: \[\] vs \['lora_rank=8'\]\)"
+    ):
+        merged([a, other])
+    (b / "grid.json").unlink()
+    with pytest.raises(MolfError, match="has no grid.json"):
+        merged([a, b])
+    apart = {("t", "hybrid"): {5: {"00": 1.0}}, ("t", "molf"): {0: {"00": 1.0}}}
+    with pytest.raises(
+        MolfError, match=r"no training seed in common to pair \(seeds \[5\] and \[0\]\)"
+    ):
+        differences(apart, "x", DIFFERENCES)

@@ -50,8 +50,10 @@ DIFFERENCES = (
     ("molf", "fft"),
     ("molf", "lora"),
     ("molf-pfn", "fft"),
+    ("molf-pfn", "molf"),
     ("hybrid", "molf"),
     ("hybrid", "fft"),
+    ("hybrid", "lora"),
     ("lora-other", "lora"),
     ("molf", "lora-other"),
 )
@@ -123,6 +125,38 @@ def floors(directory: Path) -> dict[str, float]:
     return {}
 
 
+# what a comparison's grid.json records that must agree for its items to pair with another's
+_SETTING = ("model", "budget", "seed", "overrides")
+
+
+def _check_same_setting(directories: list[Path]) -> None:
+    """Refuse directories of one label whose grids ran another model, budget, data seed or
+    overrides (a rank-8 grid is not the rank-128 one), or that do not say (no grid.json, or no
+    untrained-model row to compare the test items by)."""
+    import json
+
+    settings = {}
+    for directory in directories:
+        path = directory / "grid.json"
+        if not path.is_file() or not floors(directory):
+            raise MolfError(
+                f"answer: {directory} has no grid.json or no untrained-model row in results.csv, "
+                "so it cannot be shown as one setting with another directory"
+            )
+        grid = json.loads(path.read_text())
+        settings[directory] = {k: grid.get(k) for k in _SETTING}
+        settings[directory]["overrides"] = sorted(settings[directory]["overrides"] or [])
+    first, *rest = directories
+    for directory in rest:
+        for key in _SETTING:
+            if settings[directory][key] != settings[first][key]:
+                raise MolfError(
+                    f"answer: {first} and {directory} ran different settings ({key}: "
+                    f"{settings[first][key]!r} vs {settings[directory][key]!r}); give each a "
+                    "label of its own"
+                )
+
+
 def merged(directories: list[Path]) -> tuple[Items, dict[str, float]]:
     """The items and untrained-model scores of comparison directories of one setting, as one.
 
@@ -131,6 +165,8 @@ def merged(directories: list[Path]) -> tuple[Items, dict[str, float]]:
     items: Items = {}
     base: dict[str, float] = {}
     seen: dict[str, Path] = {}
+    if len(directories) > 1:
+        _check_same_setting(directories)
     for directory in directories:
         for key, seeds in read_items(directory).items():
             if key in items:
@@ -157,6 +193,11 @@ def _matrix(
     """Rows per seed (shared seeds when paired), columns per item scored on every such seed."""
     other = seeds if other is None else other
     shared = sorted(set(seeds) & set(other))
+    if not shared:
+        raise MolfError(
+            f"answer: no training seed in common to pair (seeds {sorted(seeds)} and "
+            f"{sorted(other)})"
+        )
     ids = sorted(set.intersection(*(set(seeds[s]) & set(other[s]) for s in shared)))
     return [[seeds[s][i] for i in ids] for s in shared], [
         [other[s][i] for i in ids] for s in shared
