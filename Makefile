@@ -184,7 +184,7 @@ results-rank8-alpha8: setup
 
 # The answer page's figure and table (docs/evidence/answer.png, answer.md): every method's score
 # per task with its interval, from the committed comparison directories.
-ANSWER_SOURCES := docs/results="rank 128" docs/results-rank8="rank 8" \
+ANSWER_SOURCES := docs/results="rank 128" docs/results-ablations="rank 128" docs/results-rank8="rank 8" \
 	docs/results-rank8-alpha8="rank 8, alpha 8" docs/results-planted="rank 8, synthetic"
 answer: setup
 	$(BIN)/python -m molf.experiments.answer docs/evidence $(ANSWER_SOURCES)
