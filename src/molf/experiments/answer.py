@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import json
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -129,16 +130,14 @@ def floors(directory: Path) -> dict[str, float]:
 _SETTING = ("model", "budget", "seed", "overrides")
 
 
-def _check_same_setting(directories: list[Path]) -> None:
+def _check_same_setting(directories: list[Path], floor: dict[Path, dict[str, float]]) -> None:
     """Refuse directories of one label whose grids ran another model, budget, data seed or
     overrides (a rank-8 grid is not the rank-128 one), or that do not say (no grid.json, or no
-    untrained-model row to compare the test items by)."""
-    import json
-
+    untrained-model row in `floor` to compare the test items by)."""
     settings = {}
     for directory in directories:
         path = directory / "grid.json"
-        if not path.is_file() or not floors(directory):
+        if not path.is_file() or not floor[directory]:
             raise MolfError(
                 f"answer: {directory} has no grid.json or no untrained-model row in results.csv, "
                 "so it cannot be shown as one setting with another directory"
@@ -165,8 +164,9 @@ def merged(directories: list[Path]) -> tuple[Items, dict[str, float]]:
     items: Items = {}
     base: dict[str, float] = {}
     seen: dict[str, Path] = {}
+    floor = {directory: floors(directory) for directory in directories}
     if len(directories) > 1:
-        _check_same_setting(directories)
+        _check_same_setting(directories, floor)
     for directory in directories:
         for key, seeds in read_items(directory).items():
             if key in items:
@@ -175,7 +175,7 @@ def merged(directories: list[Path]) -> tuple[Items, dict[str, float]]:
                     f"(the second is {directory}); give each a label of its own"
                 )
             items[key] = seeds
-        for task, value in floors(directory).items():
+        for task, value in floor[directory].items():
             if task in base and abs(base[task] - value) > 0.05:
                 raise MolfError(
                     f"answer: {seen[task]} and {directory} disagree on the untrained model's "

@@ -251,10 +251,9 @@ def _check_clearable(run_dir: Path) -> None:
         )
 
 
-def _remove_entries(run_dir: Path, entries: Iterable[str]) -> None:
+def _remove_entries(run_dir: Path, entries: Iterable[str], known: set[str]) -> None:
     """Remove the recorded `entries` (files first, then directories left empty, deepest first)
-    and molf's temporary leftovers beside them."""
-    known = recorded(run_dir)
+    and molf's temporary leftovers beside them; `known` is the run's ledger."""
     entries = sorted(set(entries))
     dirs = [e.rstrip("/") for e in entries if e.endswith("/")]
     for rel in entries:
@@ -294,8 +293,9 @@ def remove_recorded(run_dir: Path, under: str) -> None:
     of the user's there stays, and so do the directories that hold it."""
     run_dir = Path(run_dir)
     prefix = under.rstrip("/") + "/"
-    entries = [e for e in recorded(run_dir) if e == under or e.startswith(prefix)]
-    _remove_entries(run_dir, entries)
+    known = recorded(run_dir)
+    entries = [e for e in known if e == under or e.startswith(prefix)]
+    _remove_entries(run_dir, entries, known)
     _rewrite_ledger(run_dir)
 
 
@@ -313,7 +313,7 @@ def clear_run_dir(run_dir: Path) -> list[str]:
         raise MolfError(f"{run_dir} is not a molf run directory: nothing removed")
     _check_clearable(run_dir)
     known = recorded(run_dir)
-    _remove_entries(run_dir, known)
+    _remove_entries(run_dir, known, known)
     for leftover in run_dir.iterdir():
         if is_leftover(leftover.name, known):
             _remove_path(leftover)
