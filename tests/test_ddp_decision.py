@@ -52,6 +52,8 @@ def _worker(out: Path, reducer: bool) -> None:
         opt.zero_grad()
         winners.append(opt.routing_log.last()["winners"][:, 0].tolist())  # FFT won, per module
     (out / f"rank{rank}.json").write_text(json.dumps(winners))
+    # both ranks reach the teardown together: gloo can abort a rank whose peer tore down first
+    dist.barrier()
     dist.destroy_process_group()
 
 
