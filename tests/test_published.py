@@ -182,6 +182,23 @@ def test_the_answer_figure_and_table_are_the_committed_reports_(tmp_path):
     assert "74.5 at alpha 8" in page and scores[("fact-geo, rank 8, alpha 8", "MoLF")] == "74.5"
 
 
+def test_the_results_notes_give_molf_e_s_seed_0_scores_from_its_items():
+    """The committed report's MoLF-E vs LoRA-160 rows show MoLF-E's three-seed mean beside a
+    seed-0 difference; the notes give the seed-0 scores, recomputed here from items.csv, and the
+    report's differences are seed 0's."""
+    notes = _one_line(DOCS / "results" / "README.md")
+    report = (DOCS / "results" / "report.md").read_text()
+    items = _items("results")
+    tasks = ("fact-geo", "med-icd10", "world-sql")
+    seed0 = [sum(items[(t, "molf-e")][0].values()) / len(items[(t, "molf-e")][0]) for t in tasks]
+    said = "are {:.1f} on fact-geo, {:.1f} on med-icd10 and {:.1f} on world-sql".format(*seed0)
+    assert said in notes
+    for t in tasks:
+        value, interval = _difference("results", t, "molf-e", "lora-160").split(" ", 1)
+        row = next(r for r in report.splitlines() if r.startswith(f"| {t} | MoLF-E | "))
+        assert f"| {value} | {interval} |" in row
+
+
 def test_the_planted_attempts_table_is_its_runs_():
     """Each row of docs/results-planted/attempts.md is its run's committed summary and config."""
     import json
