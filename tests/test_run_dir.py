@@ -333,6 +333,10 @@ def test_refusals_name_what_they_found_and_what_to_do(tmp_path):
         (user / f"{name}.txt").write_text(name)
     with pytest.raises(MolfError, match=r"holds a\.txt, b\.txt, c\.txt and 2 more\)"):
         check_output_dir(user, "none", overwrite=True)
+    (user / "d.txt").unlink()
+    (user / "e.txt").unlink()
+    with pytest.raises(MolfError, match=r"holds a\.txt, b\.txt, c\.txt\)"):  # no "and 0 more"
+        check_output_dir(user, "none", overwrite=True)
     for marker in ('{"molf_version": "0.1.0"}\n', "not json\n"):
         old = tmp_path / f"old{len(marker)}"
         old.mkdir()
@@ -410,3 +414,27 @@ def test_each_output_directory_refusal_says_what_to_do(tmp_path):
     (user / "a.txt").write_text("a")
     with pytest.raises(MolfError, match=r"\(it holds a\.txt\); .* give another --output-dir$"):
         check_output_dir(user, "none", overwrite=False)
+
+
+def test_removing_a_leftover_is_best_effort(tmp_path, monkeypatch):
+    """A temporary of molf's that cannot be removed (or is already gone) does not stop clearing
+    the run; what could not be removed is named among the files kept, not deleted later."""
+    import os
+
+    from molf.train.run_dir import _remove_path, clear_run_dir
+
+    _remove_path(tmp_path / "gone")  # removed meanwhile: no error
+    run = _made_run(tmp_path / "run")
+    stuck = run / ".tmp-final-0123abcd"
+    stuck.mkdir()
+    (stuck / "half.safetensors").write_text("half")
+    real_unlink = os.unlink
+
+    def refuse(path, *args, **kwargs):
+        if str(path).endswith("half.safetensors"):
+            raise PermissionError(path)
+        return real_unlink(path, *args, **kwargs)
+
+    monkeypatch.setattr(os, "unlink", refuse)
+    assert clear_run_dir(run) == [".tmp-final-0123abcd/half.safetensors"]
+    assert not (run / "final").exists() and (stuck / "half.safetensors").exists()
