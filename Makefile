@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 PIP := $(BIN)/python -m pip
 STAMP := $(VENV)/.molf-installed
 
-.PHONY: setup test lint format docs mutants demo bench results results-rank8 results-rank8-med fact-seeds sweep planted results-planted sweep-pfn results-rank8-alpha8 results-ablations answer clean
+.PHONY: setup test lint format docs mutants demo bench results results-rank8 results-rank8-med results-rank8-sql results-scarce32 results-volume608 fact-seeds sweep planted results-planted sweep-pfn results-rank8-alpha8 results-ablations answer clean
 
 setup: $(STAMP)
 
@@ -118,6 +118,40 @@ results-rank8-med: setup
 		$(RANK8_MED_OUT)/items.csv $(RANK8_MED_OUT)/report.md $(RANK8_MED_OUT)/grid.json \
 		$(RANK8_MED_OUT)/*.png docs/results-rank8-med/
 
+# The rank mechanism on world-sql: FFT and a rank-8 LoRA, copied into docs/results-rank8-sql/
+# (how it was run: its README).
+RANK8_SQL_OUT := runs/rank8-sql
+results-rank8-sql: setup
+	$(BIN)/molf compare --model smollm2-135m --tasks world-sql --methods fft,lora --budget small \
+		--seed-methods fft,lora --jobs 2 --threads 1 --output-dir $(RANK8_SQL_OUT) lora_rank=8
+	mkdir -p docs/results-rank8-sql
+	cp $(RANK8_SQL_OUT)/results.csv $(RANK8_SQL_OUT)/results.md $(RANK8_SQL_OUT)/cells.csv \
+		$(RANK8_SQL_OUT)/items.csv $(RANK8_SQL_OUT)/report.md $(RANK8_SQL_OUT)/grid.json \
+		$(RANK8_SQL_OUT)/*.png docs/results-rank8-sql/
+
+# Data scarcity on real data, a one-seed screen: FFT and a rank-8 LoRA on 32 training examples
+# for 8 epochs, copied into docs/results-scarce32/ (how it was run: its README).
+SCARCE_OUT := runs/scarce32
+results-scarce32: setup
+	$(BIN)/molf compare --model smollm2-135m --tasks med-icd10,world-sql --methods fft,lora \
+		--budget small --seeds 1 --jobs 2 --threads 1 --output-dir $(SCARCE_OUT) \
+		lora_rank=8 n_train=32 epochs=8
+	mkdir -p docs/results-scarce32
+	cp $(SCARCE_OUT)/results.csv $(SCARCE_OUT)/results.md $(SCARCE_OUT)/cells.csv \
+		$(SCARCE_OUT)/items.csv $(SCARCE_OUT)/report.md $(SCARCE_OUT)/grid.json \
+		$(SCARCE_OUT)/*.png docs/results-scarce32/
+
+# Knowledge volume, a one-seed screen: FFT and LoRA (the paper's rank 128, one learning rate
+# each) on fact-geo with four times the training facts, copied into docs/results-volume608/.
+VOLUME_OUT := runs/volume608
+results-volume608: setup
+	$(BIN)/molf compare --model smollm2-135m --tasks fact-geo --methods fft,lora --budget small \
+		--seeds 1 --lr-grid off --jobs 2 --threads 1 --output-dir $(VOLUME_OUT) n_train=608
+	mkdir -p docs/results-volume608
+	cp $(VOLUME_OUT)/results.csv $(VOLUME_OUT)/results.md $(VOLUME_OUT)/cells.csv \
+		$(VOLUME_OUT)/items.csv $(VOLUME_OUT)/report.md $(VOLUME_OUT)/grid.json \
+		$(VOLUME_OUT)/*.png docs/results-volume608/
+
 # More training seeds where three could not separate FFT from LoRA: fact-geo, FFT, LoRA and MoLF
 # at six seeds (the learning rates chosen as in `results`), copied into docs/results-fact-geo-6seeds/.
 FACT_OUT := runs/compare-factgeo-6seeds
@@ -195,7 +229,8 @@ results-rank8-alpha8: setup
 
 # The answer page's figure and table (docs/evidence/answer.png, answer.md): every method's score
 # per task with its interval, from the committed comparison directories.
-ANSWER_SOURCES := docs/results="rank 128" docs/results-ablations="rank 128" docs/results-rank8="rank 8" docs/results-rank8-med="rank 8" \
+ANSWER_SOURCES := docs/results="rank 128" docs/results-ablations="rank 128" docs/results-rank8="rank 8" \
+	docs/results-rank8-med="rank 8" docs/results-rank8-sql="rank 8" \
 	docs/results-rank8-alpha8="rank 8, alpha 8" docs/results-planted="rank 8, synthetic"
 answer: setup
 	$(BIN)/python -m molf.experiments.answer docs/evidence $(ANSWER_SOURCES)

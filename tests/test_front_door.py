@@ -20,7 +20,8 @@ RESULT_NOTES = {"docs/results/README.md", "docs/results-fact-geo-6seeds/README.m
 RESULT_NOTES |= {"docs/routing-sweep/README.md", "docs/results-rank8/README.md"}
 RESULT_NOTES |= {"docs/results-planted/README.md", "docs/routing-sweep-pfn/README.md"}
 RESULT_NOTES |= {"docs/results-rank8-alpha8/README.md", "docs/results-ablations/README.md"}
-RESULT_NOTES |= {"docs/results-rank8-med/README.md"}
+RESULT_NOTES |= {"docs/results-rank8-med/README.md", "docs/results-scarce32/README.md"}
+RESULT_NOTES |= {"docs/results-rank8-sql/README.md", "docs/results-volume608/README.md"}
 
 
 def _user_pages() -> list[Path]:
