@@ -218,3 +218,56 @@ def test_the_planted_attempts_table_is_its_runs_():
         row = f"| {d.name} | {Path(c['data']).name} | {c['method']} | {n} | {c['epochs']:g} | "
         row += f"{lr:g} | " + " | ".join(f"{v:.1f}" for v in scores) + " |"
         assert row in page, row
+
+
+def test_every_attempt_on_the_lora_search_page_is_its_report_s_row():
+    """Each row of docs/evidence/lora-search.md is the "FFT against LoRA" row of the report it
+    links: the same task, scores, difference, interval and number of seeds."""
+    page = (DOCS / "evidence" / "lora-search.md").read_text()
+    header = (
+        "| mechanism | task, setting | FFT | LoRA | FFT - LoRA | 95% interval | seeds | report |"
+    )
+    rows = page[page.index(header) :].splitlines()[2:]
+    checked = 0
+    for line in rows:
+        if not line.startswith("|"):
+            break
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        task = cells[1].split(",")[0]
+        link = re.fullmatch(r"\[[^]]+\]\(\.\./([^)]+)\)", cells[7])
+        assert link, cells[7]
+        report = (DOCS / link.group(1)).read_text()
+        table = report[report.index("### FFT against LoRA") :]
+        want = f"| {task} | {' | '.join(cells[2:6])} | "
+        row = next((r for r in table.splitlines() if r.startswith(want)), None)
+        assert row is not None, want
+        assert row.split("|")[7].strip() == cells[6], (task, cells[6])
+        checked += 1
+    assert checked >= 9
+
+
+def _chosen_seed_0(directory: str, task: str, method: str) -> str:
+    """The test score of `method`'s chosen learning rate at seed 0, as the reports round it."""
+    import csv
+
+    with open(DOCS / directory / "cells.csv", newline="") as f:
+        rows = [r for r in csv.DictReader(f) if (r["task"], r["method"]) == (task, method)]
+    (row,) = [r for r in rows if r["seed"] == "0" and r["chosen"] == "1"]
+    return f"{float(row['test']):.1f}"
+
+
+def test_the_lora_search_page_s_scarcity_figures_are_the_cells_():
+    page = _one_line(DOCS / "evidence" / "lora-search.md")
+    for task, full in (("med-icd10", "results-rank8-med"), ("world-sql", "results-rank8-sql")):
+        few = [_chosen_seed_0("results-scarce32", task, m) for m in ("fft", "lora")]
+        many = [_chosen_seed_0(full, task, m) for m in ("fft", "lora")]
+        assert f"on {task} {few[0]} and {few[1]} against {many[0]} and {many[1]}" in page
+
+
+def test_the_lora_search_page_s_volume_figures_are_the_cells_():
+    page = _one_line(DOCS / "evidence" / "lora-search.md")
+    for method in ("fft", "lora"):
+        few, many = (
+            _chosen_seed_0(d, "fact-geo", method) for d in ("results", "results-volume608")
+        )
+        assert f"from {few} to {many}" in page
