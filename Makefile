@@ -71,6 +71,10 @@ bench: setup
 	for f in $(BENCH_OUT)/*.txt.tmp; do mv "$$f" "$${f%.tmp}"; done
 	cat $(BENCH_OUT)/*.txt
 
+# A comparison's records, report and plots, from its grid directory $(1) into docs/$(2)/.
+publish = mkdir -p docs/$(2) && cp $(1)/results.csv $(1)/results.md $(1)/cells.csv $(1)/items.csv \
+	$(1)/report.md $(1)/grid.json $(1)/*.png docs/$(2)/
+
 # The published comparison: the small-budget grid (resumable, finished cells are skipped; its cost
 # per task is in docs/compare.md), three seeds for the methods of the paper's claims, and its
 # report, plots and records (per-item scores included) copied into docs/results/.
@@ -78,10 +82,7 @@ COMPARE_OUT := runs/compare-small
 results: setup
 	$(BIN)/molf compare --model smollm2-135m --tasks fact-geo,med-icd10,world-sql \
 		--methods fft,lora,lora-160,adalora,molf,molf-e,molf-e-k2 --budget small --output-dir $(COMPARE_OUT)
-	mkdir -p docs/results
-	cp $(COMPARE_OUT)/results.csv $(COMPARE_OUT)/results.md $(COMPARE_OUT)/cells.csv \
-		$(COMPARE_OUT)/items.csv $(COMPARE_OUT)/report.md $(COMPARE_OUT)/grid.json \
-		$(COMPARE_OUT)/*.png docs/results/
+	$(call publish,$(COMPARE_OUT),results)
 
 # The ablations (hybrid, lora-other) on the published comparison's three tasks at its settings
 # (rank 128, LR grid, three seeds), copied into docs/results-ablations/; `make answer` pairs them
@@ -91,10 +92,7 @@ results-ablations: setup
 	$(BIN)/molf compare --model smollm2-135m --tasks fact-geo,med-icd10,world-sql \
 		--methods hybrid,lora-other --seed-methods hybrid,lora-other --budget small --jobs 2 --threads 1 \
 		--output-dir $(ABLATIONS_OUT)
-	mkdir -p docs/results-ablations
-	cp $(ABLATIONS_OUT)/results.csv $(ABLATIONS_OUT)/results.md $(ABLATIONS_OUT)/cells.csv \
-		$(ABLATIONS_OUT)/items.csv $(ABLATIONS_OUT)/report.md $(ABLATIONS_OUT)/grid.json \
-		$(ABLATIONS_OUT)/*.png docs/results-ablations/
+	$(call publish,$(ABLATIONS_OUT),results-ablations)
 
 # The rank mechanism: FFT, LoRA and MoLF (EPD and PFN, and its ablations) on fact-geo with LoRA rank 8 for the
 # baseline and MoLF's expert alike, copied into docs/results-rank8/ (how it was run: its README).
@@ -103,9 +101,7 @@ results-rank8: setup
 	$(BIN)/molf compare --model smollm2-135m --tasks fact-geo --methods fft,lora,molf,hybrid,lora-other,molf-pfn \
 		--budget small --seed-methods fft,lora,molf,hybrid,lora-other,molf-pfn --jobs 1 --threads 1 \
 		--output-dir $(RANK8_OUT) lora_rank=8
-	mkdir -p docs/results-rank8
-	cp $(RANK8_OUT)/results.csv $(RANK8_OUT)/results.md $(RANK8_OUT)/cells.csv $(RANK8_OUT)/items.csv \
-		$(RANK8_OUT)/report.md $(RANK8_OUT)/grid.json $(RANK8_OUT)/*.png docs/results-rank8/
+	$(call publish,$(RANK8_OUT),results-rank8)
 
 # The rank mechanism on a task that needs what the model already knew: med-icd10 with FFT and a
 # rank-8 LoRA, copied into docs/results-rank8-med/ (how it was run: its README).
@@ -113,10 +109,7 @@ RANK8_MED_OUT := runs/rank8-med
 results-rank8-med: setup
 	$(BIN)/molf compare --model smollm2-135m --tasks med-icd10 --methods fft,lora --budget small \
 		--seed-methods fft,lora --jobs 2 --threads 1 --output-dir $(RANK8_MED_OUT) lora_rank=8
-	mkdir -p docs/results-rank8-med
-	cp $(RANK8_MED_OUT)/results.csv $(RANK8_MED_OUT)/results.md $(RANK8_MED_OUT)/cells.csv \
-		$(RANK8_MED_OUT)/items.csv $(RANK8_MED_OUT)/report.md $(RANK8_MED_OUT)/grid.json \
-		$(RANK8_MED_OUT)/*.png docs/results-rank8-med/
+	$(call publish,$(RANK8_MED_OUT),results-rank8-med)
 
 # The rank mechanism on world-sql: FFT and a rank-8 LoRA, copied into docs/results-rank8-sql/
 # (how it was run: its README).
@@ -124,10 +117,7 @@ RANK8_SQL_OUT := runs/rank8-sql
 results-rank8-sql: setup
 	$(BIN)/molf compare --model smollm2-135m --tasks world-sql --methods fft,lora --budget small \
 		--seed-methods fft,lora --jobs 2 --threads 1 --output-dir $(RANK8_SQL_OUT) lora_rank=8
-	mkdir -p docs/results-rank8-sql
-	cp $(RANK8_SQL_OUT)/results.csv $(RANK8_SQL_OUT)/results.md $(RANK8_SQL_OUT)/cells.csv \
-		$(RANK8_SQL_OUT)/items.csv $(RANK8_SQL_OUT)/report.md $(RANK8_SQL_OUT)/grid.json \
-		$(RANK8_SQL_OUT)/*.png docs/results-rank8-sql/
+	$(call publish,$(RANK8_SQL_OUT),results-rank8-sql)
 
 # Data scarcity on real data, a one-seed screen: FFT and a rank-8 LoRA on 32 training examples
 # for 8 epochs, copied into docs/results-scarce32/ (how it was run: its README).
@@ -136,10 +126,7 @@ results-scarce32: setup
 	$(BIN)/molf compare --model smollm2-135m --tasks med-icd10,world-sql --methods fft,lora \
 		--budget small --seeds 1 --jobs 2 --threads 1 --output-dir $(SCARCE_OUT) \
 		lora_rank=8 n_train=32 epochs=8
-	mkdir -p docs/results-scarce32
-	cp $(SCARCE_OUT)/results.csv $(SCARCE_OUT)/results.md $(SCARCE_OUT)/cells.csv \
-		$(SCARCE_OUT)/items.csv $(SCARCE_OUT)/report.md $(SCARCE_OUT)/grid.json \
-		$(SCARCE_OUT)/*.png docs/results-scarce32/
+	$(call publish,$(SCARCE_OUT),results-scarce32)
 
 # Knowledge volume, a one-seed screen: FFT and LoRA (the paper's rank 128, one learning rate
 # each) on fact-geo with four times the training facts, copied into docs/results-volume608/.
@@ -147,10 +134,7 @@ VOLUME_OUT := runs/volume608
 results-volume608: setup
 	$(BIN)/molf compare --model smollm2-135m --tasks fact-geo --methods fft,lora --budget small \
 		--seeds 1 --lr-grid off --jobs 2 --threads 1 --output-dir $(VOLUME_OUT) n_train=608
-	mkdir -p docs/results-volume608
-	cp $(VOLUME_OUT)/results.csv $(VOLUME_OUT)/results.md $(VOLUME_OUT)/cells.csv \
-		$(VOLUME_OUT)/items.csv $(VOLUME_OUT)/report.md $(VOLUME_OUT)/grid.json \
-		$(VOLUME_OUT)/*.png docs/results-volume608/
+	$(call publish,$(VOLUME_OUT),results-volume608)
 
 # More training seeds where three could not separate FFT from LoRA: fact-geo, FFT, LoRA and MoLF
 # at six seeds (the learning rates chosen as in `results`), copied into docs/results-fact-geo-6seeds/.
@@ -158,9 +142,7 @@ FACT_OUT := runs/compare-factgeo-6seeds
 fact-seeds: setup
 	$(BIN)/molf compare --model smollm2-135m --tasks fact-geo --methods fft,lora,molf --budget small \
 		--seeds 6 --seed-methods fft,lora,molf --output-dir $(FACT_OUT)
-	mkdir -p docs/results-fact-geo-6seeds
-	cp $(FACT_OUT)/results.csv $(FACT_OUT)/results.md $(FACT_OUT)/cells.csv $(FACT_OUT)/items.csv \
-		$(FACT_OUT)/report.md $(FACT_OUT)/grid.json $(FACT_OUT)/*.png docs/results-fact-geo-6seeds/
+	$(call publish,$(FACT_OUT),results-fact-geo-6seeds)
 
 # What decides MoLF's routing (issue #20): MoLF over LoRA alphas and learning-rate ratios, MoLF-E
 # at equal alpha and equal scale, FFT and LoRA beside them, two seeds, on fact-geo and world-sql
@@ -195,10 +177,7 @@ results-planted: planted
 	$(BIN)/molf compare --model smollm2-135m --tasks $(PLANTED) --methods $(PLANTED_METHODS) \
 		--seed-methods $(PLANTED_METHODS) --budget small --lr-grid off --jobs 2 --threads 1 \
 		--output-dir $(PLANTED_OUT) lora_rank=8
-	mkdir -p docs/results-planted
-	cp $(PLANTED_OUT)/results.csv $(PLANTED_OUT)/results.md $(PLANTED_OUT)/cells.csv \
-		$(PLANTED_OUT)/items.csv $(PLANTED_OUT)/report.md $(PLANTED_OUT)/grid.json \
-		$(PLANTED_OUT)/*.png docs/results-planted/
+	$(call publish,$(PLANTED_OUT),results-planted)
 
 # PFN beside EPD: MoLF at alpha 8, 32, 128 under both scores, 16 steps (the routing and the
 # first-step check, not scores), on fact-geo and on the planted mixed folder (routing against its
@@ -222,10 +201,7 @@ ALPHA8_OUT := runs/rank8-alpha8
 results-rank8-alpha8: setup
 	$(BIN)/molf compare --model smollm2-135m --tasks fact-geo --methods molf --seed-methods molf \
 		--budget small --lr-grid off --jobs 1 --threads 1 --output-dir $(ALPHA8_OUT) lora_rank=8 lora_alpha=8
-	mkdir -p docs/results-rank8-alpha8
-	cp $(ALPHA8_OUT)/results.csv $(ALPHA8_OUT)/results.md $(ALPHA8_OUT)/cells.csv \
-		$(ALPHA8_OUT)/items.csv $(ALPHA8_OUT)/report.md $(ALPHA8_OUT)/grid.json \
-		$(ALPHA8_OUT)/*.png docs/results-rank8-alpha8/
+	$(call publish,$(ALPHA8_OUT),results-rank8-alpha8)
 
 # The answer page's figure and table (docs/evidence/answer.png, answer.md): every method's score
 # per task with its interval, from the committed comparison directories.

@@ -132,6 +132,17 @@ def test_the_answer_page_s_costs_are_the_performance_page_s(figure):
     assert number in performance, figure
 
 
+def _table_rows(page: str, header: str) -> list[list[str]]:
+    """The cells of each row of the markdown table under `header` in `page`."""
+    assert header in page
+    rows = []
+    for line in page[page.index(header) :].splitlines()[2:]:
+        if not line.startswith("|"):
+            break
+        rows.append([c.strip() for c in line.strip("|").split("|")])
+    return rows
+
+
 def _answer_sources() -> list[tuple[Path, str]]:
     """The Makefile's ANSWER_SOURCES: the comparison directories the answer page's figure reads."""
     text = (ROOT / "Makefile").read_text().replace("\\\n", " ")
@@ -165,14 +176,9 @@ def test_the_answer_figure_and_table_are_the_committed_reports_(tmp_path):
         scores[(panel, method)] = score
     panels = {"planted full-rank teacher, rank 8": "full-s0.3, rank 8, synthetic"}
     header = "| task, setting | FFT | LoRA | MoLF | MoLF (PFN) | Fixed hybrid | LoRA + embeddings/norms |"
-    assert header in page
     methods = [c.strip() for c in header.strip("|").split("|")[1:]]
-    rows = page[page.index(header) :].splitlines()[2:]
     checked = 0
-    for line in rows:
-        if not line.startswith("|"):
-            break
-        cells = [c.strip() for c in line.strip("|").split("|")]
+    for cells in _table_rows(page, header):
         panel = panels.get(cells[0], cells[0])
         for method, shown in zip(methods, cells[1:]):
             if shown != "-":
@@ -227,12 +233,8 @@ def test_every_attempt_on_the_lora_search_page_is_its_report_s_row():
     header = (
         "| mechanism | task, setting | FFT | LoRA | FFT - LoRA | 95% interval | seeds | report |"
     )
-    rows = page[page.index(header) :].splitlines()[2:]
     checked = 0
-    for line in rows:
-        if not line.startswith("|"):
-            break
-        cells = [c.strip() for c in line.strip("|").split("|")]
+    for cells in _table_rows(page, header):
         task = cells[1].split(",")[0]
         link = re.fullmatch(r"\[[^]]+\]\(\.\./([^)]+)\)", cells[7])
         assert link, cells[7]
