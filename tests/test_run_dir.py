@@ -438,3 +438,49 @@ def test_removing_a_leftover_is_best_effort(tmp_path, monkeypatch):
     monkeypatch.setattr(os, "unlink", refuse)
     assert clear_run_dir(run) == [".tmp-final-0123abcd/half.safetensors"]
     assert not (run / "final").exists() and (stuck / "half.safetensors").exists()
+
+
+def test_a_complete_checkpoint_is_a_resume_value_and_a_broken_one_is_named(tmp_path):
+    """`--resume PATH` takes a checkpoint whose manifest verifies, and names what is wrong with
+    one that does not (a missing directory, a changed file)."""
+    from molf.train.manifest import write_manifest
+    from molf.train.run_dir import check_resume_value
+
+    ckpt = tmp_path / "step-4"
+    ckpt.mkdir()
+    (ckpt / "state.safetensors").write_text("weights")
+    write_manifest(ckpt)
+    check_resume_value(str(ckpt))
+    with pytest.raises(MolfError, match=r"checkpoint directory \(no such directory\)$"):
+        check_resume_value(str(tmp_path / "step-5"))
+    (ckpt / "state.safetensors").write_text("changed")
+    with pytest.raises(MolfError, match=r"--resume .*step-4: expected 'auto', 'none' or a"):
+        check_resume_value(str(ckpt))
+
+
+def test_names_that_only_contain_a_recorded_name_are_the_user_s(tmp_path):
+    """A temporary's form is exact: `.tmp-<name>`, `.tmp-<name>-<random>`, `.<name>.tmp` with a
+    non-empty <name>. A file of the user's that merely contains a recorded name, or is a bare
+    `.tmp-`, stays; leftovers written for a one-letter recorded name go; removing a checkpoint
+    removes the leftovers inside it."""
+    from molf.train.run_dir import clear_run_dir, record, remove_recorded
+
+    run = _made_run(tmp_path / "run")
+    (run / "a").write_text("one letter")
+    record(run, "a")
+    theirs = ["12345config.yaml", "xconfig.yamlabcd", ".config.yaml.bak", "final/.tmp-"]
+    theirs += ["final/..tmp", ".tmp-finalX"]
+    for name in theirs:
+        (run / name).parent.mkdir(exist_ok=True)
+        (run / name).write_text("mine")
+    for leftover in (".tmp-a", ".a.tmp"):
+        (run / leftover).write_text("half")
+    assert sorted(clear_run_dir(run)) == sorted(theirs)
+    assert not (run / ".tmp-a").exists() and not (run / ".a.tmp").exists()
+    ckpt = run / "checkpoints" / "step-2"
+    ckpt.mkdir(parents=True)
+    (ckpt / "model.safetensors").write_text("weights")
+    record(run, "checkpoints/step-2")
+    (ckpt / ".model.safetensors.tmp").write_text("half")
+    remove_recorded(run, "checkpoints/step-2")
+    assert not ckpt.exists()
