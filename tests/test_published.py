@@ -32,14 +32,8 @@ def _items(directory: str) -> dict[tuple[str, str], dict[int, dict[str, float]]]
 
 
 def _difference(directory: str, task: str, a: str, b: str) -> str:
-    items = _items(directory)
-    xs, ys = [], []
-    for s in sorted(set(items[(task, a)]) & set(items[(task, b)])):
-        _, x, y = align(items[(task, a)][s], items[(task, b)][s])
-        xs.append(x)
-        ys.append(y)
-    r = paired_difference_seeds(xs, ys, seed=0)
-    return f"{r.mean:+.1f} [{r.low:+.1f}, {r.high:+.1f}]"
+    """a - b on `task` over the seeds both ran, as the reports print it."""
+    return _difference_across(directory, a, directory, b, task)
 
 
 def _difference_across(dir_a: str, method_a: str, dir_b: str, method_b: str, task: str) -> str:
